@@ -1,0 +1,158 @@
+"""The ``kdray`` command line.
+
+    kdray validate examples/fmnist_cnn_to_mlp_hinton.yaml
+    kdray run examples/fmnist_cnn_to_mlp_hinton.yaml stages.teacher.optim.epochs=1 --force
+    kdray schema > kdray.schema.json
+    kdray ls models
+    kdray show file://./runs/fmnist-cnn-to-mlp/teacher/<key>
+
+Bad input (a spec, a path, a bucket, a checkpoint) is reported as one paragraph on stderr with
+exit code 2 and no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Optional
+
+import typer
+
+from kdray.errors import KdrayError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="kdray: knowledge distillation, transfer and domain adaptation on Ray.")
+
+
+def fail(err: KdrayError) -> None:
+    typer.echo(f"error: {err}", err=True)
+    raise typer.Exit(err.exit_code)
+
+
+def guarded(fn):
+    """Turn a KdrayError into its message and exit code 2; let real bugs keep their traceback."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except KdrayError as e:
+            fail(e)
+
+    return wrapper
+
+
+@app.command()
+@guarded
+def validate(spec: str = typer.Argument(..., help="pipeline YAML file"),
+             overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value overrides")) -> None:
+    """Check a pipeline spec (fields, registry names, stage references) without running it."""
+    from kdray.specs import load_pipeline
+
+    p = load_pipeline(spec, overrides or [])
+    typer.echo(f"{spec}: OK — pipeline {p.name!r}, {len(p.stages)} stages: "
+               + ", ".join(f"{s.name} ({s.kind})" for s in p.stages))
+
+
+@app.command()
+@guarded
+def run(spec: str = typer.Argument(..., help="pipeline YAML file"),
+        overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value overrides"),
+        force: bool = typer.Option(False, "--force", help="rerun stages even if their artifact exists"),
+        only: Optional[list[str]] = typer.Option(None, "--only", help="run only this stage (repeatable)"),
+        json_out: bool = typer.Option(False, "--json", help="print the stage outcomes as JSON")) -> None:
+    """Run a pipeline here: embedded Ray (or run.address), artifacts to the spec's storage."""
+    from kdray.pipeline import run_pipeline
+    from kdray.specs import load_pipeline
+
+    p = load_pipeline(spec, overrides or [])
+    outcomes = run_pipeline(p, force=force, only=only or None, log=lambda m: typer.echo(m, err=True))
+    if json_out:
+        typer.echo(json.dumps([o.to_json() for o in outcomes], indent=2))
+        return
+    for o in outcomes:
+        typer.echo(f"{o.stage:<16} {o.kind:<9} {o.status:<7} {o.seconds:7.1f}s  {o.uri}")
+    reports = [o for o in outcomes if o.kind == "evaluate"]
+    for o in reports:
+        from kdray.checkpoint import open_artifact
+
+        typer.echo("")
+        typer.echo(open_artifact(o.uri).store.read_bytes("report.md").decode())
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of pipeline specs (for editor validation of YAML)."""
+    from kdray.specs import json_schema
+
+    typer.echo(json.dumps(json_schema(), indent=2))
+
+
+REGISTRIES = ("models", "datasets", "losses", "stages", "shifts", "adapt-methods")
+
+
+@app.command("ls")
+@guarded
+def ls(what: str = typer.Argument("models", help=f"one of: {', '.join(REGISTRIES)}, or a storage URI")) -> None:
+    """List registered names (models, datasets, losses, ...) or the finished artifacts under a storage URI."""
+    if "://" in what or what.startswith(("/", ".")):
+        from kdray.checkpoint import read_artifact
+        from kdray.storage import Storage
+
+        store = Storage(what)
+        for rel in store.list(recursive=True):
+            if rel.endswith("/manifest.json"):
+                art = read_artifact(store.child(rel.rsplit("/", 1)[0]))
+                if art:
+                    m = art.manifest
+                    typer.echo(f"{m['pipeline']}/{m['stage']}  {m['kind']:<9} {m['key']}  {art.uri}")
+        return
+    reg = registry(what)
+    for name in reg.names():
+        doc = (getattr(reg.get(name), "__doc__", None) or "").strip().splitlines()
+        typer.echo(f"{name:<22} {doc[0] if doc else ''}")
+
+
+def registry(what: str):
+    from kdray.registry import did_you_mean
+
+    if what == "models":
+        from kdray.models import MODELS as reg
+    elif what == "datasets":
+        from kdray.data import DATASETS as reg
+    elif what == "losses":
+        from kdray.losses import LOSSES as reg
+    elif what == "stages":
+        from kdray.stages import STAGES as reg
+    elif what == "shifts":
+        from kdray.shifts import SHIFTS as reg
+    elif what == "adapt-methods":
+        from kdray.adapt import ADAPT_METHODS as reg
+    else:
+        raise KdrayError(f"nothing to list called {what!r}; {did_you_mean(what, list(REGISTRIES))}")
+    return reg
+
+
+@app.command()
+@guarded
+def show(uri: str = typer.Argument(..., help="artifact URI (a stage's output folder)")) -> None:
+    """Print an artifact's manifest (and its report, for an evaluate stage)."""
+    from kdray.checkpoint import open_artifact
+
+    art = open_artifact(uri)
+    typer.echo(json.dumps(art.manifest, indent=2, default=str))
+    if art.store.exists("report.md"):
+        typer.echo(art.store.read_bytes("report.md").decode())
+
+
+def main() -> None:
+    try:
+        app()
+    except KdrayError as e:  # raised outside a command (argument parsing, imports)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""User-facing errors.
+
+A ``KdrayError`` is bad input or a bad environment that the user can fix: the CLI prints its
+message as one paragraph and exits with code 2, without a traceback. Everything else is a bug
+and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class KdrayError(Exception):
+    """A problem the user can fix. The message names the field or path and how to fix it."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, where: str | None = None, hint: str | None = None):
+        self.where = where
+        self.hint = hint
+        parts = [f"{where}: {message}" if where else message]
+        if hint:
+            parts.append(hint)
+        super().__init__(" ".join(p.rstrip() for p in parts))
+
+
+class SpecError(KdrayError):
+    """A pipeline spec that does not validate."""
+
+
+class DataError(KdrayError):
+    """Missing or malformed data files."""
+
+
+class StorageError(KdrayError):
+    """Unreachable storage, a missing bucket, a missing or corrupt artifact."""
+
+
+class CheckpointMismatch(KdrayError):
+    """Weights that do not fit the model they are loaded into."""

@@ -1,0 +1,102 @@
+"""Run a pipeline: stages in order, each keyed by its spec and its parents, finished ones skipped.
+
+A stage's key is the hash of its spec and its parents' keys (or, for an artifact URI parent, its
+weights hash), so changing one stage reruns it and its descendants only. A stage whose key
+already has a manifest is "cached" and not run again, unless ``force``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from kdray.checkpoint import Artifact, open_artifact, read_artifact
+from kdray.errors import KdrayError
+from kdray.specs import PipelineSpec, is_artifact_uri, spec_hash
+from kdray.stages import STAGES, StageContext
+from kdray.storage import Storage
+
+KEY_LENGTH = 12
+
+
+@dataclass
+class StageOutcome:
+    stage: str
+    kind: str
+    key: str
+    uri: str
+    status: str  # "ran" | "cached"
+    seconds: float
+    metrics: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def stage_key(stage: Any, parent_keys: dict[str, str]) -> str:
+    """The content key of a stage: its spec (without the run placement) and its parents' keys."""
+    spec = stage.model_dump(mode="json", exclude={"run"})
+    return spec_hash({"spec": spec, "parents": parent_keys})[:KEY_LENGTH]
+
+
+def plan(spec: PipelineSpec) -> dict[str, str]:
+    """Stage name -> key, for the whole pipeline (no I/O except reading URI parents' manifests)."""
+    keys: dict[str, str] = {}
+    for stage in spec.stages:
+        parents = {}
+        for _, ref in stage.references():
+            parents[ref] = open_artifact(ref).manifest["key"] if is_artifact_uri(ref) else keys[ref]
+        seed = spec.run_for(stage).seed  # the seed changes results, so it is part of the key
+        keys[stage.name] = stage_key(stage, {**parents, "_seed": str(seed)})
+    return keys
+
+
+def artifact_store(root: Storage, pipeline: str, stage: str, key: str) -> Storage:
+    return root.child(f"{pipeline}/{stage}/{key}")
+
+
+def run_pipeline(spec: PipelineSpec, *, force: bool | list[str] = False, only: list[str] | None = None,
+                 log: Callable[[str], None] = print) -> list[StageOutcome]:
+    """Run every stage (or ``only`` these) in order; ``force`` reruns all (True) or the named stages."""
+    root = Storage(spec.storage.uri)
+    root.check_writable()
+    keys = plan(spec)
+    done: dict[str, Artifact] = {}
+    outcomes = []
+    for stage in spec.stages:
+        key = keys[stage.name]
+        store = artifact_store(root, spec.name, stage.name, key)
+        parents = {ref: done[ref] if ref in done else _existing(root, spec, ref, keys)
+                   for _, ref in stage.references()}
+        forced = force is True or (isinstance(force, list) and stage.name in force)
+        if only is not None and stage.name not in only:
+            art = read_artifact(store)
+            if art is not None:
+                done[stage.name] = art
+            continue
+        t0 = time.perf_counter()
+        art = None if forced else read_artifact(store)
+        status = "cached"
+        if art is None:
+            log(f"[{spec.name}] stage {stage.name} ({stage.kind}) -> {store.uri()}")
+            ctx = StageContext(spec, stage, key, store, root, parents, log)
+            art = STAGES.get(stage.kind)(ctx)
+            status = "ran"
+        else:
+            log(f"[{spec.name}] stage {stage.name}: cached at {store.uri()}")
+        done[stage.name] = art
+        outcomes.append(StageOutcome(stage.name, stage.kind, key, art.uri, status,
+                                     round(time.perf_counter() - t0, 3), art.manifest.get("metrics", {})))
+    return outcomes
+
+
+def _existing(root: Storage, spec: PipelineSpec, ref: str, keys: dict[str, str]) -> Artifact:
+    """A parent that was not run in this call: an artifact URI, or an earlier stage's finished output."""
+    if is_artifact_uri(ref):
+        return open_artifact(ref)
+    art = read_artifact(artifact_store(root, spec.name, ref, keys[ref]))
+    if art is None:
+        raise KdrayError(f"stage {ref!r} has no finished artifact for key {keys[ref]}",
+                         hint=f"Run it first (kdray run SPEC without --only, or --only {ref}).")
+    return art

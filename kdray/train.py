@@ -1,0 +1,411 @@
+"""Training on Ray Train: one loop, read top to bottom, and ``fit`` that runs it as a TorchTrainer.
+
+``train_loop_per_worker(config)`` runs on every worker: it loads its shard of the data, builds
+the model and the stage's method, resumes from Ray's latest checkpoint if there is one, trains,
+and every epoch reports metrics from every rank (a barrier) with a checkpoint from rank 0.
+
+``fit(job)`` builds ``TorchTrainer(train_loop_per_worker, ScalingConfig, RunConfig)``. The run
+name is deterministic (pipeline, stage, key), so building the trainer again with the same
+``RunConfig(name, storage_path)`` resumes the run where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from kdray import data as kdata
+from kdray.checkpoint import bytes_to_state, state_to_bytes
+from kdray.errors import KdrayError
+
+# Settings that make a small Ray Train fit start in seconds on a laptop (see docs/architecture.md).
+RAY_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION": "0",
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # otherwise every worker line is printed twice
+}
+
+
+def quiet_ray_logs() -> None:
+    """Keep Ray Train's per-report INFO lines (and a state-API warning without a dashboard) out of the log.
+
+    Runs in every Ray worker process (``worker_process_setup_hook``) and in the driver.
+    """
+    import logging
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+
+
+@dataclass
+class Job:
+    """Everything a worker needs, as plain JSON-able values (it crosses process boundaries)."""
+
+    pipeline: str
+    stage: dict[str, Any]
+    run: dict[str, Any]
+    key: str
+    parents: dict[str, str] = field(default_factory=dict)  # reference -> artifact URI
+    extras: dict[str, Any] = field(default_factory=dict)   # stage-specific inputs (e.g. a teacher cache URI)
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.pipeline}-{self.stage['name']}-{self.key}"
+
+    def to_config(self) -> dict[str, Any]:
+        return {"job": json.loads(json.dumps(self.__dict__))}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "Job":
+        return cls(**config["job"])
+
+
+# --------------------------------------------------------------------------- pieces of the loop
+
+
+def stage_spec(job: Job) -> Any:
+    from pydantic import TypeAdapter
+
+    from kdray.specs import Stage
+
+    return TypeAdapter(Stage).validate_python(job.stage)
+
+
+def build_optimizer(spec: Any, groups: list[dict[str, Any]], steps: int):
+    """AdamW/Adam/SGD over param groups (a group's ``lr_scale`` multiplies the lr); cosine or constant."""
+    for g in groups:
+        g["lr"] = spec.lr * g.pop("lr_scale", 1.0)
+    if spec.name == "sgd":
+        opt = torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay, nesterov=True)
+    else:
+        cls = torch.optim.AdamW if spec.name == "adamw" else torch.optim.Adam
+        opt = cls(groups, lr=spec.lr, weight_decay=spec.weight_decay)
+    if spec.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    return opt, sched
+
+
+def shard(n: int, rank: int, world: int) -> range:
+    """Rank ``rank``'s contiguous slice of ``n`` examples; every rank gets ``n // world``."""
+    per = n // world
+    return range(rank * per, (rank + 1) * per)
+
+
+def batches(indices: torch.Tensor, batch_size: int, epoch: int, seed: int):
+    """The shard's indices in a seeded random order, in full batches (the last partial batch too)."""
+    order = indices[torch.randperm(len(indices), generator=torch.Generator().manual_seed(seed * 1000 + epoch))]
+    for i in range(0, len(order), batch_size):
+        yield order[i:i + batch_size]
+
+
+def autocast(device: torch.device, enabled: bool):
+    if device.type == "cuda" and enabled:
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast(device.type, enabled=False)
+
+
+class Progress:
+    """A one-line progress bar on an interactive terminal; one line per epoch otherwise."""
+
+    def __init__(self, enabled: bool, title: str):
+        self.enabled = enabled
+        self.tty = enabled and sys.stderr.isatty()
+        self.title = title
+
+    def update(self, epoch: int, epochs: int, done: int, total: int, loss: float, rate: float) -> None:
+        if self.tty:
+            frac = done / max(total, 1)
+            bar = "#" * int(24 * frac) + "." * (24 - int(24 * frac))
+            sys.stderr.write(f"\r{self.title} epoch {epoch + 1}/{epochs} [{bar}] {frac:4.0%} "
+                             f"loss {loss:.4f} {rate:,.0f} samples/s ")
+            sys.stderr.flush()
+
+    def epoch_done(self, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if self.tty:
+            sys.stderr.write("\r" + " " * 100 + "\r")
+        shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
+                          if k in ("epoch", "train_loss", "train_acc", "test_acc", "samples_per_s"))
+        print(f"[{self.title}] {shown}", file=sys.stderr, flush=True)
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
+                   batch_size: int = 1024) -> tuple[float, float, int]:
+    """(summed loss, correct, count) over labelled rows of ``x``; the caller all-reduces across ranks."""
+    was_training = model.training
+    model.eval()
+    loss = correct = count = 0.0
+    for i in range(0, len(y), batch_size):
+        xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+        logits = model(xb).float()
+        keep = yb >= 0
+        loss += float(nn.functional.cross_entropy(logits[keep], yb[keep], reduction="sum")) if keep.any() else 0.0
+        correct += float((logits.argmax(1)[keep] == yb[keep]).sum())
+        count += float(keep.sum())
+    model.train(was_training)
+    return loss, correct, int(count)
+
+
+def all_reduce(values: list[float], device: torch.device) -> list[float]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def save_train_state(folder: str, method: nn.Module, opt, sched, epoch: int, history: list[dict]) -> None:
+    with open(os.path.join(folder, "method.safetensors"), "wb") as f:
+        f.write(state_to_bytes(method.state_dict()))
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch},
+               os.path.join(folder, "train_state.pt"))  # read back with weights_only=True
+    with open(os.path.join(folder, "history.json"), "w") as f:
+        json.dump(history, f)
+
+
+def load_train_state(folder: str, method: nn.Module, opt, sched) -> tuple[int, list[dict]]:
+    with open(os.path.join(folder, "method.safetensors"), "rb") as f:
+        method.load_state_dict(bytes_to_state(f.read(), folder))
+    state = torch.load(os.path.join(folder, "train_state.pt"), weights_only=True)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    with open(os.path.join(folder, "history.json")) as f:
+        history = json.load(f)
+    return int(state["epoch"]) + 1, history
+
+
+def inject_fault(fault: dict[str, Any] | None, epoch: int, step: int, rank: int) -> None:
+    """Fail once at (epoch, step) on one rank: how fault-tolerance tests break a run for real.
+
+    ``fault = {"epoch": 1, "step": 3, "rank": 0, "marker": "/tmp/x", "how": "raise" | "kill"}``; the
+    marker file makes it fire only on the first attempt. ``kill`` ends the worker process abruptly.
+    """
+    if not fault or (epoch, step, rank) != (fault["epoch"], fault.get("step", 0), fault.get("rank", 0)):
+        return
+    if os.path.exists(fault["marker"]):
+        return
+    open(fault["marker"], "w").close()
+    if fault.get("how") == "kill":
+        os.kill(os.getpid(), 9)
+    raise RuntimeError(f"injected fault at epoch {epoch}, step {step}, rank {rank}")
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from kdray.stages import build_method  # the stage kind decides what is optimised
+
+    job = Job.from_config(config)
+    spec, run = stage_spec(job), job.run
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if run["use_gpu"] else torch.device("cpu")
+    torch.set_num_threads(max(1, int(run["cpus_per_worker"])))
+    torch.manual_seed(run["seed"])  # same initial weights on every rank
+
+    # 1. Data: this rank's shard of the training set, the whole test set for monitoring.
+    train = kdata.load(spec.data, "train")
+    test = kdata.load(spec.data, "test")
+    x_train, x_test = kdata.normalize(train.x, train), kdata.normalize(test.x, test)
+    mine = torch.tensor(list(shard(len(train), rank, world)))
+    per_rank_batch = max(1, spec.optim.batch_size // world)
+    steps_per_epoch = math.ceil(len(mine) / per_rank_batch)
+
+    # 2. Model and method (the method holds the trainable model, plus frozen helpers such as a teacher).
+    method = build_method(job, spec, train, x_train, mine)
+    method.to_device(device)
+    groups = method.param_groups() if hasattr(method, "param_groups") else [
+        {"params": [p for p in method.parameters() if p.requires_grad]}]
+    opt, sched = build_optimizer(spec.optim, groups, spec.optim.epochs * steps_per_epoch)
+    net = ray.train.torch.prepare_model(method, move_to_device=False) if world > 1 else method
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and run["amp"]
+                                  and not torch.cuda.is_bf16_supported())
+
+    # 3. Resume from the latest checkpoint of this run (after a worker failure or a rerun).
+    quiet_ray_logs()
+    start, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            start, history = load_train_state(folder, method, opt, sched)
+    resumed = (history[-1]["resumed"] + 1) if history else 0  # how many times this run has resumed
+
+    progress = Progress(rank == 0, f"{job.pipeline}/{spec.name}")
+    for epoch in range(start, spec.optim.epochs):
+        # 4. One epoch over this rank's shard.
+        net.train()
+        method.on_epoch_start(epoch, epoch / spec.optim.epochs)
+        t0, seen, loss_sum, correct, labelled = time.perf_counter(), 0, 0.0, 0.0, 0
+        for step, idx in enumerate(batches(mine, per_rank_batch, epoch, run["seed"])):
+            batch = {"x": x_train[idx].to(device, non_blocking=True), "y": train.y[idx].to(device), "index": idx}
+            with autocast(device, run["amp"]):
+                out = net(batch)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(out["loss"]).backward()
+            if spec.optim.grad_clip:
+                scaler.unscale_(opt)
+                nn.utils.clip_grad_norm_(method.parameters(), spec.optim.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            inject_fault(job.extras.get("fault"), epoch, step, rank)
+            seen += len(idx)
+            loss_sum += float(out["loss"].detach()) * len(idx)
+            keep = batch["y"] >= 0
+            correct += float((out["logits"].detach().argmax(1)[keep] == batch["y"][keep]).sum())
+            labelled += int(keep.sum())
+            if step % 20 == 0:
+                progress.update(epoch, spec.optim.epochs, step + 1, steps_per_epoch, loss_sum / seen,
+                                seen * world / (time.perf_counter() - t0))
+        train_seconds = time.perf_counter() - t0
+
+        # 5. Metrics, summed over ranks: train loss/accuracy, and test accuracy for monitoring only.
+        test_part = shard(len(test), rank, world)
+        t_loss, t_correct, t_count = evaluate_model(method.model, x_test[test_part.start:test_part.stop],
+                                                    test.y[test_part.start:test_part.stop], device)
+        totals = all_reduce([loss_sum, correct, labelled, seen, t_loss, t_correct, t_count], device)
+        metrics = {"epoch": epoch + 1, "resumed": resumed, "train_loss": totals[0] / max(totals[3], 1),
+                   "train_acc": totals[1] / max(totals[2], 1), "test_loss": totals[4] / max(totals[6], 1),
+                   "test_acc": totals[5] / max(totals[6], 1), "samples_per_s": totals[3] / train_seconds,
+                   "epoch_seconds": train_seconds, "lr": sched.get_last_lr()[0]}
+        history.append(metrics)
+        progress.epoch_done(metrics)
+
+        # 6. Report from every rank (a barrier); rank 0 attaches the checkpoint.
+        folder = tempfile.mkdtemp(prefix="kdray-ckpt-")
+        try:
+            ckpt = None
+            if rank == 0:
+                save_train_state(folder, method, opt, sched, epoch, history)
+                ckpt = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(metrics, checkpoint=ckpt)
+        finally:
+            if run["workers"] > 0:  # Ray has copied it to storage; local mode hands back this folder
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- the driver side
+
+
+@dataclass
+class FitResult:
+    model_state: dict[str, torch.Tensor]
+    history: list[dict[str, Any]]
+    run_path: str | None
+    seconds: float
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.history[-1] if self.history else {}
+
+
+def ensure_ray(run: dict[str, Any]) -> None:
+    """Start embedded Ray (or connect to ``run.address``) once per process, with laptop-friendly settings."""
+    for k, v in RAY_ENV.items():
+        os.environ.setdefault(k, v)
+    import ray
+
+    if ray.is_initialized():
+        return
+    runtime_env = {"worker_process_setup_hook": "kdray.train.quiet_ray_logs"}
+    if run.get("address"):
+        ray.init(address=run["address"], runtime_env=runtime_env)
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, runtime_env=runtime_env,
+                 object_store_memory=256 * 1024 ** 2, logging_level="WARNING")
+
+
+def fit(job: Job, storage: Any, on_report: Callable[[dict], None] | None = None) -> FitResult:
+    """Run the job's training loop as a Ray Train ``TorchTrainer`` and return the trained weights.
+
+    ``run.workers == 0`` runs the loop in this process (Ray Train's local mode: fastest, but no
+    checkpoint reaches storage, so it cannot resume). Otherwise the trainer runs ``workers``
+    Ray actors and resumes from ``<storage>/_ray/<run name>`` if an earlier attempt left one.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    run = job.run
+    t0 = time.perf_counter()
+    quiet_ray_logs()
+    if run["workers"] == 0:
+        scaling = ScalingConfig(num_workers=0)
+    else:
+        ensure_ray(run)
+        scaling = ScalingConfig(num_workers=run["workers"], use_gpu=run["use_gpu"],
+                                resources_per_worker={"CPU": run["cpus_per_worker"],
+                                                      **({"GPU": 1} if run["use_gpu"] else {})})
+    storage_path, filesystem = storage.ray_storage()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=job.to_config(),
+        scaling_config=scaling,
+        run_config=RunConfig(name=job.run_name, storage_path=storage_path, storage_filesystem=filesystem,
+                             failure_config=FailureConfig(max_failures=run["max_failures"]),
+                             checkpoint_config=CheckpointConfig(num_to_keep=run["keep_checkpoints"])),
+    )
+    threads = torch.get_num_threads()  # local mode runs the loop here, and the loop sets its own
+    try:
+        result = trainer.fit()
+    except Exception as e:  # Ray wraps worker errors; surface a user error as itself
+        cause = _user_error(e)
+        if cause is not None:
+            raise cause from None
+        raise
+    finally:
+        torch.set_num_threads(threads)
+    if result.checkpoint is None:
+        raise KdrayError(f"stage {job.stage['name']!r} finished without a checkpoint")
+    with result.checkpoint.as_directory() as folder:
+        with open(os.path.join(folder, "method.safetensors"), "rb") as f:
+            method_state = bytes_to_state(f.read(), folder)
+        with open(os.path.join(folder, "history.json")) as f:
+            history = json.load(f)
+    if run["workers"] == 0:
+        shutil.rmtree(result.checkpoint.path, ignore_errors=True)
+    model_state = {k[len("model."):]: v for k, v in method_state.items() if k.startswith("model.")}
+    return FitResult(model_state, history, result.path, time.perf_counter() - t0)
+
+
+def _user_error(e: BaseException) -> KdrayError | None:
+    """Find a KdrayError raised inside a worker, through Ray's wrappers and tracebacks."""
+    seen = set()
+    stack = [e]
+    while stack:
+        err = stack.pop()
+        if id(err) in seen or err is None:
+            continue
+        seen.add(id(err))
+        if isinstance(err, KdrayError):
+            return err
+        stack += [err.__cause__, err.__context__]
+        stack += [v for v in getattr(err, "worker_failures", {}).values()] if isinstance(
+            getattr(err, "worker_failures", None), dict) else []
+    text = str(e)
+    if "KdrayError" in text or "SpecError" in text or "DataError" in text or "CheckpointMismatch" in text:
+        line = next((ln for ln in reversed(text.splitlines()) if "Error:" in ln), text.splitlines()[-1])
+        return KdrayError(line.split("Error: ", 1)[-1])
+    return None

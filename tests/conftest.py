@@ -1,0 +1,69 @@
+"""Shared fixtures: one real local Ray for the session, temporary storage, data availability.
+
+Environment settings keep Ray and Prefect quiet and fast on a 2-core machine and make them write
+only under temporary folders (no $HOME/.ray, no $HOME/.prefect).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_TMP = tempfile.mkdtemp(prefix="kdray-tests-")
+for key, value in {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION": "0",
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    "PREFECT_HOME": os.path.join(_TMP, "prefect"),
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+}.items():
+    os.environ.setdefault(key, value)
+
+REPO = Path(__file__).resolve().parent.parent
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+needs_fmnist = pytest.mark.skipif(not (FMNIST / "train-images-idx3-ubyte.gz").exists(),
+                                  reason="Debian package dataset-fashion-mnist is not installed")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray with 2 CPUs, shared by every test that starts Ray Train actors."""
+    import ray
+
+    from kdray.train import ensure_ray
+
+    if not ray.is_initialized():
+        ensure_ray({"address": None})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def store(tmp_path):
+    from kdray.storage import Storage
+
+    return Storage(f"file://{tmp_path}/store")
+
+
+def synthetic_pipeline(tmp_path: Path, *, workers: int = 0, epochs: int = 2, extra_stages=(), **run) -> dict:
+    """A small, fast pipeline document on the synthetic dataset (learnable in a few steps)."""
+    data = {"name": "synthetic", "options": {"num_samples": 256, "image_size": 8, "num_classes": 4}}
+    return {
+        "name": "synth",
+        "storage": {"uri": f"file://{tmp_path}/runs"},
+        "run": {"workers": workers, **run},
+        "stages": [
+            {"name": "teacher", "kind": "train", "model": {"name": "cnn_small"}, "data": data,
+             "optim": {"epochs": epochs, "batch_size": 32, "lr": 3e-3}},
+            *extra_stages,
+        ],
+    }
