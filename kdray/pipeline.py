@@ -62,33 +62,39 @@ def run_pipeline(spec: PipelineSpec, *, force: bool | list[str] = False, only: l
     root = Storage(spec.storage.uri)
     root.check_writable()
     keys = plan(spec)
-    done: dict[str, Artifact] = {}
     outcomes = []
     for stage in spec.stages:
-        key = keys[stage.name]
-        store = artifact_store(root, spec.name, stage.name, key)
-        parents = {ref: done[ref] if ref in done else _existing(root, spec, ref, keys)
-                   for _, ref in stage.references()}
-        forced = force is True or (isinstance(force, list) and stage.name in force)
         if only is not None and stage.name not in only:
-            art = read_artifact(store)
-            if art is not None:
-                done[stage.name] = art
             continue
-        t0 = time.perf_counter()
-        art = None if forced else read_artifact(store)
-        status = "cached"
-        if art is None:
-            log(f"[{spec.name}] stage {stage.name} ({stage.kind}) -> {store.uri()}")
-            ctx = StageContext(spec, stage, key, store, root, parents, log)
-            art = STAGES.get(stage.kind)(ctx)
-            status = "ran"
-        else:
-            log(f"[{spec.name}] stage {stage.name}: cached at {store.uri()}")
-        done[stage.name] = art
-        outcomes.append(StageOutcome(stage.name, stage.kind, key, art.uri, status,
-                                     round(time.perf_counter() - t0, 3), art.manifest.get("metrics", {})))
+        forced = force is True or (isinstance(force, list) and stage.name in force)
+        outcomes.append(run_stage(spec, stage.name, force=forced, keys=keys, log=log))
     return outcomes
+
+
+def run_stage(spec: PipelineSpec, name: str, *, force: bool = False, keys: dict[str, str] | None = None,
+              log: Callable[[str], None] = print) -> StageOutcome:
+    """Run one stage whose parents are finished (or return its cached artifact).
+
+    This is the unit a Prefect task runs: it needs nothing from the caller but the spec, so a
+    retry (or another process) can run it again and Ray resumes from the stage's last checkpoint.
+    """
+    root = Storage(spec.storage.uri)
+    keys = keys or plan(spec)
+    stage = spec.stage(name)
+    key = keys[name]
+    store = artifact_store(root, spec.name, name, key)
+    t0 = time.perf_counter()
+    art = None if force else read_artifact(store)
+    status = "cached"
+    if art is None:
+        parents = {ref: _existing(root, spec, ref, keys) for _, ref in stage.references()}
+        log(f"[{spec.name}] stage {name} ({stage.kind}) -> {store.uri()}")
+        art = STAGES.get(stage.kind)(StageContext(spec, stage, key, store, root, parents, log))
+        status = "ran"
+    else:
+        log(f"[{spec.name}] stage {name}: cached at {store.uri()}")
+    return StageOutcome(name, stage.kind, key, art.uri, status, round(time.perf_counter() - t0, 3),
+                        art.manifest.get("metrics", {}))
 
 
 def _existing(root: Storage, spec: PipelineSpec, ref: str, keys: dict[str, str]) -> Artifact:

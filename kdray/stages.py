@@ -76,8 +76,15 @@ def publish_trained(ctx: StageContext, job: Any, result: Any, extra_files: dict[
 
 
 def make_job(ctx: StageContext, **extras: Any) -> Any:
+    """The worker's view of this stage. ``KDRAY_INJECT_FAULT`` (JSON, with a ``stage`` name) adds a
+    one-time fault for resilience tests of whole flows; see ``kdray.train.inject_fault``."""
+    import os
+
     from kdray.train import Job
 
+    fault = json.loads(os.environ.get("KDRAY_INJECT_FAULT") or "null")
+    if fault and fault.get("stage") == ctx.stage.name:
+        extras.setdefault("fault", fault)
     return Job(pipeline=ctx.pipeline.name, stage=ctx.stage.model_dump(mode="json"),
                run=ctx.run.model_dump(mode="json"), key=ctx.key,
                parents={ref: art.uri for ref, art in ctx.parents.items()},

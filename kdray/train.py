@@ -213,44 +213,65 @@ def inject_fault(fault: dict[str, Any] | None, epoch: int, step: int, rank: int)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """What every Ray Train worker runs: Ray supplies rank, device, checkpoints and reporting."""
     import ray.train
     import ray.train.torch
 
+    job = Job.from_config(config)
+    quiet_ray_logs()
+    ctx = ray.train.get_context()
+    device = ray.train.torch.get_device() if job.run["use_gpu"] else torch.device("cpu")
+    resume_from = None
+    if ray.train.get_checkpoint():
+        resume_from = ray.train.get_checkpoint().to_directory(tempfile.mkdtemp(prefix="kdray-resume-"))
+
+    def report(metrics: dict[str, Any], folder: str | None) -> None:
+        ckpt = ray.train.Checkpoint.from_directory(folder) if folder else None
+        ray.train.report(metrics, checkpoint=ckpt)  # every rank calls it: it is a barrier
+        if folder and job.run["workers"] > 0:  # Ray copied it to storage; local mode hands this folder back
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def wrap(method: nn.Module) -> nn.Module:
+        return ray.train.torch.prepare_model(method, move_to_device=False)
+
+    train(job, rank=ctx.get_world_rank(), world=ctx.get_world_size(), device=device,
+          resume_from=resume_from, report=report, wrap=wrap)
+
+
+def train(job: Job, *, rank: int = 0, world: int = 1, device: torch.device = torch.device("cpu"),
+          resume_from: str | None = None, report: Callable[[dict[str, Any], str | None], None],
+          wrap: Callable[[nn.Module], nn.Module] = lambda m: m) -> None:
+    """The training loop, top to bottom. ``report(metrics, checkpoint_folder)`` is called every
+    epoch on every rank (rank 0 passes a folder); ``wrap`` makes the method data-parallel."""
     from kdray.stages import build_method  # the stage kind decides what is optimised
 
-    job = Job.from_config(config)
     spec, run = stage_spec(job), job.run
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device() if run["use_gpu"] else torch.device("cpu")
     torch.set_num_threads(max(1, int(run["cpus_per_worker"])))
     torch.manual_seed(run["seed"])  # same initial weights on every rank
 
     # 1. Data: this rank's shard of the training set, the whole test set for monitoring.
-    train = kdata.load(spec.data, "train")
+    train_set = kdata.load(spec.data, "train")
     test = kdata.load(spec.data, "test")
-    x_train, x_test = kdata.normalize(train.x, train), kdata.normalize(test.x, test)
-    mine = torch.tensor(list(shard(len(train), rank, world)))
+    x_train, x_test = kdata.normalize(train_set.x, train_set), kdata.normalize(test.x, test)
+    mine = torch.tensor(list(shard(len(train_set), rank, world)))
     per_rank_batch = max(1, spec.optim.batch_size // world)
     steps_per_epoch = math.ceil(len(mine) / per_rank_batch)
 
     # 2. Model and method (the method holds the trainable model, plus frozen helpers such as a teacher).
-    method = build_method(job, spec, train, x_train, mine)
+    method = build_method(job, spec, train_set, x_train, mine)
     method.to_device(device)
     groups = method.param_groups() if hasattr(method, "param_groups") else [
         {"params": [p for p in method.parameters() if p.requires_grad]}]
     opt, sched = build_optimizer(spec.optim, groups, spec.optim.epochs * steps_per_epoch)
-    net = ray.train.torch.prepare_model(method, move_to_device=False) if world > 1 else method
+    net = wrap(method) if world > 1 else method
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and run["amp"]
                                   and not torch.cuda.is_bf16_supported())
 
     # 3. Resume from the latest checkpoint of this run (after a worker failure or a rerun).
-    quiet_ray_logs()
     start, history = 0, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            start, history = load_train_state(folder, method, opt, sched)
+    if resume_from:
+        start, history = load_train_state(resume_from, method, opt, sched)
+        shutil.rmtree(resume_from, ignore_errors=True)
     resumed = (history[-1]["resumed"] + 1) if history else 0  # how many times this run has resumed
 
     progress = Progress(rank == 0, f"{job.pipeline}/{spec.name}")
@@ -260,7 +281,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         method.on_epoch_start(epoch, epoch / spec.optim.epochs)
         t0, seen, loss_sum, correct, labelled = time.perf_counter(), 0, 0.0, 0.0, 0
         for step, idx in enumerate(batches(mine, per_rank_batch, epoch, run["seed"])):
-            batch = {"x": x_train[idx].to(device, non_blocking=True), "y": train.y[idx].to(device), "index": idx}
+            batch = {"x": x_train[idx].to(device, non_blocking=True), "y": train_set.y[idx].to(device),
+                     "index": idx, "progress": (epoch + step / steps_per_epoch) / spec.optim.epochs}
             with autocast(device, run["amp"]):
                 out = net(batch)
             opt.zero_grad(set_to_none=True)
@@ -294,17 +316,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         history.append(metrics)
         progress.epoch_done(metrics)
 
-        # 6. Report from every rank (a barrier); rank 0 attaches the checkpoint.
-        folder = tempfile.mkdtemp(prefix="kdray-ckpt-")
-        try:
-            ckpt = None
-            if rank == 0:
-                save_train_state(folder, method, opt, sched, epoch, history)
-                ckpt = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report(metrics, checkpoint=ckpt)
-        finally:
-            if run["workers"] > 0:  # Ray has copied it to storage; local mode hands back this folder
-                shutil.rmtree(folder, ignore_errors=True)
+        # 6. Report from every rank; rank 0 hands over a checkpoint folder.
+        folder = None
+        if rank == 0:
+            folder = tempfile.mkdtemp(prefix="kdray-ckpt-")
+            save_train_state(folder, method, opt, sched, epoch, history)
+        report(metrics, folder)
 
 
 # --------------------------------------------------------------------------- the driver side
