@@ -29,6 +29,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationEr
 
 from kdray.errors import SpecError
 from kdray.registry import Registry, did_you_mean
+from kdray.transfer import TransferSpec  # the transfer block's models live beside their logic
 
 SCHEMA_VERSION = 1
 DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -254,6 +255,37 @@ class DistillStage(StageBase):
         return [("teacher", self.teacher)]
 
 
+class TransferStage(StageBase):
+    """Initialise ``model`` (the target) from ``source`` and train it on ``data`` (the target task).
+
+    ``source`` is a stage name, an artifact URI, or ``auto``: then every stage in ``candidates`` is
+    scored on the target training data (LogME) and the best one is used.
+    """
+
+    kind: Literal["transfer"] = "transfer"
+    source: str
+    candidates: list[str] = Field(default_factory=list)
+    model: ModelSpec
+    data: DataSpec = Field(default_factory=DataSpec)
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    transfer: TransferSpec = Field(default_factory=TransferSpec)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    score: Literal["logme", "leep"] = "logme"
+
+    @model_validator(mode="after")
+    def _auto(self) -> "TransferStage":
+        if self.source == "auto" and len(self.candidates) < 2:
+            raise ValueError("source: auto picks the best of 'candidates'; list at least two source stages or URIs")
+        if self.source != "auto" and self.candidates:
+            raise ValueError("candidates are only read with source: auto; remove them or set source: auto")
+        return self
+
+    def references(self) -> list[tuple[str, str]]:
+        if self.source == "auto":
+            return [(f"candidates[{i}]", c) for i, c in enumerate(self.candidates)]
+        return [("source", self.source)]
+
+
 class EvaluateStage(StageBase):
     """Evaluate trained stages on a test split and write ``report.json``, ``report.md`` and plots."""
 
@@ -268,8 +300,8 @@ class EvaluateStage(StageBase):
         return [(f"models[{i}]", m) for i, m in enumerate(self.models)]
 
 
-Stage = Annotated[Union[TrainStage, DistillStage, EvaluateStage], Field(discriminator="kind")]
-STAGE_KINDS = ("train", "distill", "evaluate")
+Stage = Annotated[Union[TrainStage, DistillStage, TransferStage, EvaluateStage], Field(discriminator="kind")]
+STAGE_KINDS = ("train", "distill", "transfer", "evaluate")
 
 
 def is_artifact_uri(ref: str) -> bool:

@@ -132,4 +132,4 @@ def run_evaluate(ctx: StageContext) -> Artifact:
 
 
 # Stage kinds defined in their own modules register themselves on import.
-from kdray import distill  # noqa: E402,F401
+from kdray import distill, transfer_stage  # noqa: E402,F401

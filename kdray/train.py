@@ -275,6 +275,7 @@ def train(job: Job, *, rank: int = 0, world: int = 1, device: torch.device = tor
     resumed = (history[-1]["resumed"] + 1) if history else 0  # how many times this run has resumed
 
     progress = Progress(rank == 0, f"{job.pipeline}/{spec.name}")
+    loop_started = time.time()  # wall clock, so the driver can tell start-up from training
     for epoch in range(start, spec.optim.epochs):
         # 4. One epoch over this rank's shard.
         net.train()
@@ -312,7 +313,7 @@ def train(job: Job, *, rank: int = 0, world: int = 1, device: torch.device = tor
         metrics = {"epoch": epoch + 1, "resumed": resumed, "train_loss": totals[0] / max(totals[3], 1),
                    "train_acc": totals[1] / max(totals[2], 1), "test_loss": totals[4] / max(totals[6], 1),
                    "test_acc": totals[5] / max(totals[6], 1), "samples_per_s": totals[3] / train_seconds,
-                   "epoch_seconds": train_seconds, "lr": sched.get_last_lr()[0]}
+                   "epoch_seconds": train_seconds, "lr": sched.get_last_lr()[0], "loop_started": loop_started}
         history.append(metrics)
         progress.epoch_done(metrics)
 

@@ -1,0 +1,105 @@
+"""The ``transfer`` stage: initialise a target network from a source network, then train it.
+
+Driver side (``run_transfer``): pick the source (a stage, a URI, or the best of ``candidates`` by
+LogME), plan the weight mapping on a fresh target model so that a mapping that cannot hold fails
+before any worker starts, log the transfer report, ``fit``, and publish the model with
+``transfer_report.json``. Worker side (``Transfer``): apply the mapping, the layer rules (freeze,
+``lr_scale``, re-init), the BatchNorm mode after every ``train()``, and L2-SP toward the source.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kdray import data as kdata
+from kdray.checkpoint import Artifact, open_artifact
+from kdray.methods import METHODS, Method
+from kdray.models import create_model
+from kdray.scoring import score_sources
+from kdray.stages import STAGES, WORKER_METHODS, StageContext, make_job, publish_trained
+from kdray.transfer import (L2SP, TransferReport, TransferSpec, apply_batchnorm_rules, apply_layer_rules,
+                            apply_transfer, plan_transfer)
+
+
+@METHODS.register("transfer")
+class Transfer(Method):
+    """Cross-entropy on the target task, plus L2-SP toward the source weights when configured."""
+
+    def __init__(self, model: nn.Module, spec: TransferSpec, source_state: dict[str, torch.Tensor],
+                 source_arch: str, target_arch: str, label_smoothing: float = 0.0):
+        super().__init__(model)
+        self.spec, self.label_smoothing = spec, label_smoothing
+        plan = plan_transfer(source_state, model, spec, source_arch=source_arch, target_arch=target_arch)
+        self.report: TransferReport = apply_transfer(model, source_state, plan)
+        self.groups = apply_layer_rules(model, spec)
+        self.l2sp = self.keep_frozen("l2sp", L2SP(model, source_state, plan)) if spec.l2sp else None
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.groups
+
+    def train(self, mode: bool = True) -> "Transfer":
+        super().train(mode)
+        if mode:
+            apply_batchnorm_rules(self.model, self.spec)  # eval/frozen BatchNorm stays so in training
+        return self
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        logits = self.model(batch["x"])
+        y = batch["y"]
+        ce = (F.cross_entropy(logits, y, ignore_index=-1, label_smoothing=self.label_smoothing)
+              if bool((y >= 0).any()) else logits.sum() * 0.0)
+        out = {"logits": logits, "cross_entropy": ce.detach()}
+        if self.l2sp is not None:
+            reg = self.l2sp(self.model)
+            out["l2sp"] = reg.detach()
+            ce = ce + reg
+        return {"loss": ce, **out}
+
+
+def _worker_method(job: Any, spec: Any, train: kdata.Split, x_train: torch.Tensor, mine: torch.Tensor) -> Transfer:
+    source = open_artifact(job.extras["source_uri"])
+    model = create_model(spec.model.name, **job.extras["model_kwargs"])
+    return Transfer(model, spec.transfer, source.state_dict(), source.manifest["model"]["name"], spec.model.name,
+                    spec.label_smoothing)
+
+
+WORKER_METHODS["transfer"] = _worker_method
+
+
+def choose_source(ctx: StageContext) -> tuple[Artifact, list[dict[str, Any]]]:
+    """The stage's source, or (``source: auto``) the candidate with the best score on the target data."""
+    stage = ctx.stage
+    if stage.source != "auto":
+        return ctx.parents[stage.source], []
+    rows = score_sources({ref: ctx.parents[ref] for ref in stage.candidates}, stage.data)
+    rows.sort(key=lambda r: -r[stage.score])
+    for r in rows:
+        ctx.log(f"[{stage.name}] candidate {r['ref']:<16} LogME {r['logme']:+.4f}  LEEP {r['leep']:+.4f}")
+    best = rows[0]["ref"]
+    ctx.log(f"[{stage.name}] source: auto -> {best!r} (best {stage.score})")
+    return ctx.parents[best], rows
+
+
+@STAGES.register("transfer")
+def run_transfer(ctx: StageContext) -> Artifact:
+    from kdray.train import fit
+
+    source, ranking = choose_source(ctx)
+    job = make_job(ctx, source_uri=source.uri)
+    # Plan on the driver: a mapping that cannot hold fails here, naming both sides, before Ray starts.
+    dry = Transfer(create_model(ctx.stage.model.name, **job.extras["model_kwargs"]), ctx.stage.transfer,
+                   source.state_dict(), source.manifest["model"]["name"], ctx.stage.model.name)
+    ctx.log(f"[{ctx.stage.name}] transfer from {source.manifest['model']['name']} ({source.uri}):\n"
+            + dry.report.to_table())
+    result = fit(job, ctx.root)
+    files = {"transfer_report.json": json.dumps(dry.report.to_json(), indent=2).encode()}
+    if ranking:
+        files["transferability.json"] = json.dumps(ranking, indent=2).encode()
+    return publish_trained(ctx, job, result, files, extra={
+        "source": {"uri": source.uri, "model": source.manifest["model"]["name"], "ranking": ranking},
+        "transfer": dry.report.summary()})

@@ -1,0 +1,84 @@
+"""The transfer stage end to end: mapping applied in the workers, layer rules, report, source: auto."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import synthetic_pipeline
+from kdray.checkpoint import open_artifact
+from kdray.errors import KdrayError
+from kdray.pipeline import run_pipeline
+from kdray.specs import parse_pipeline
+
+TARGET_DATA = {"name": "synthetic", "classes": [2, 3],
+               "options": {"num_samples": 256, "image_size": 8, "num_classes": 4}}
+
+
+def target(transfer=None, model="cnn_small", source="teacher", **kw):
+    return {"name": "target", "kind": "transfer", "source": source, "model": {"name": model}, "data": TARGET_DATA,
+            "optim": {"epochs": 2, "batch_size": 32, "lr": 3e-3}, "transfer": transfer or {}, **kw}
+
+
+def run(doc, logs=None):
+    return run_pipeline(parse_pipeline(doc), log=(logs.append if logs is not None else lambda m: None))
+
+
+def test_new_head_freeze_and_report(tmp_path):
+    logs = []
+    transfer = {"mapping": [{"match": "name"}], "layers": [{"select": "features.0*", "action": "freeze"}],
+                "batchnorm": "frozen"}
+    out = run(synthetic_pipeline(tmp_path, extra_stages=[target(transfer)]), logs)
+    source, tgt = open_artifact(out[0].uri), open_artifact(out[1].uri)
+    report = tgt.read_json("transfer_report.json")
+    entries = {e["key"]: e for e in report["tensors"]}
+    assert set(entries) == set(tgt.state_dict()), "every target tensor is reported exactly once"
+    assert entries["classifier.weight"]["status"] == "reinitialised"
+    assert "4 -> 2" in entries["classifier.weight"]["reason"]
+    assert entries["features.0.0.0.weight"]["frozen"] is True
+    s, t = source.state_dict(), tgt.state_dict()
+    assert torch.equal(s["features.0.0.0.weight"], t["features.0.0.0.weight"]), "frozen: unchanged by training"
+    assert torch.equal(s["features.0.0.1.running_mean"], t["features.0.0.1.running_mean"]), "frozen BatchNorm stats"
+    assert not torch.equal(s["features.1.0.0.weight"], t["features.1.0.0.weight"]), "unfrozen layers trained"
+    assert tgt.manifest["transfer"]["copied"] > 0 and tgt.manifest["source"]["uri"] == source.uri
+    assert any("classifier.weight" in m for m in logs), "the report table goes to the log"
+    assert tgt.manifest["history"][-1]["test_acc"] > 0.8
+
+
+def test_l2sp_and_lr_scale_train(tmp_path):
+    transfer = {"layers": [{"select": "features.*", "action": "lr_scale", "lr_scale": 0.1}],
+                "l2sp": {"alpha": 0.01, "beta": 0.0001}}
+    out = run(synthetic_pipeline(tmp_path, extra_stages=[target(transfer)]))
+    hist = open_artifact(out[1].uri).manifest["history"]
+    assert len(hist) == 2 and hist[-1]["train_loss"] < hist[0]["train_loss"] * 1.5
+
+
+def test_cross_architecture_by_shape(tmp_path):
+    out = run(synthetic_pipeline(tmp_path, extra_stages=[
+        target({"mapping": [{"match": "shape"}]}, model="resnet_small")]))
+    report = open_artifact(out[1].uri).read_json("transfer_report.json")
+    assert any(e["status"] == "copied" for e in report["tensors"])
+
+
+def test_name_mapping_across_architectures_fails_before_training(tmp_path):
+    with pytest.raises(KdrayError, match="resnet_small") as err:
+        run(synthetic_pipeline(tmp_path, extra_stages=[target({"mapping": [{"match": "name"}]}, model="resnet_small")]))
+    assert "cnn_small" in str(err.value)
+
+
+def test_rule_that_matches_nothing(tmp_path):
+    bad = {"mapping": [{"match": "explicit", "pairs": {"head.*": "classifier.*"}}]}
+    with pytest.raises(KdrayError, match="head"):
+        run(synthetic_pipeline(tmp_path, extra_stages=[target(bad)]))
+
+
+def test_source_auto_picks_the_better_candidate(tmp_path):
+    doc = synthetic_pipeline(tmp_path, epochs=3)
+    weak = {**doc["stages"][0], "name": "weak", "optim": {"epochs": 1, "batch_size": 256, "lr": 1e-6}}
+    doc["stages"].append(weak)
+    doc["stages"].append(target(source="auto", candidates=["weak", "teacher"]))
+    out = run(doc)
+    manifest = open_artifact(out[2].uri).manifest
+    ranking = manifest["source"]["ranking"]
+    assert [r["ref"] for r in ranking][0] == "teacher" and ranking[0]["logme"] > ranking[1]["logme"]
+    assert manifest["source"]["uri"] == out[0].uri
