@@ -363,7 +363,7 @@ def fit(job: Job, storage: Any, on_report: Callable[[dict], None] | None = None)
     checkpoint reaches storage, so it cannot resume). Otherwise the trainer runs ``workers``
     Ray actors and resumes from ``<storage>/_ray/<run name>`` if an earlier attempt left one.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     run = job.run
@@ -383,7 +383,8 @@ def fit(job: Job, storage: Any, on_report: Callable[[dict], None] | None = None)
         scaling_config=scaling,
         run_config=RunConfig(name=job.run_name, storage_path=storage_path, storage_filesystem=filesystem,
                              failure_config=FailureConfig(max_failures=run["max_failures"]),
-                             checkpoint_config=CheckpointConfig(num_to_keep=run["keep_checkpoints"])),
+                             checkpoint_config=CheckpointConfig(num_to_keep=run["keep_checkpoints"]),
+                             logging_config=LoggingConfig(os.environ.get("KDRAY_RAY_TRAIN_LOG_LEVEL", "WARNING"))),
     )
     threads = torch.get_num_threads()  # local mode runs the loop here, and the loop sets its own
     try:
