@@ -228,7 +228,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def report(metrics: dict[str, Any], folder: str | None) -> None:
         ckpt = ray.train.Checkpoint.from_directory(folder) if folder else None
         ray.train.report(metrics, checkpoint=ckpt)  # every rank calls it: it is a barrier
-        if folder and job.run["workers"] > 0:  # Ray copied it to storage; local mode hands this folder back
+        if folder:  # Ray has copied it to storage
             shutil.rmtree(folder, ignore_errors=True)
 
     def wrap(method: nn.Module) -> nn.Module:
@@ -356,37 +356,62 @@ def ensure_ray(run: dict[str, Any]) -> None:
                  object_store_memory=256 * 1024 ** 2, logging_level="WARNING")
 
 
-def fit(job: Job, storage: Any, on_report: Callable[[dict], None] | None = None) -> FitResult:
-    """Run the job's training loop as a Ray Train ``TorchTrainer`` and return the trained weights.
+def fit(job: Job, storage: Any) -> FitResult:
+    """Run the job's training loop and return the trained weights and the per-epoch history.
 
-    ``run.workers == 0`` runs the loop in this process (Ray Train's local mode: fastest, but no
-    checkpoint reaches storage, so it cannot resume). Otherwise the trainer runs ``workers``
-    Ray actors and resumes from ``<storage>/_ray/<run name>`` if an earlier attempt left one.
+    With ``run.workers >= 1`` the loop runs as a Ray Train ``TorchTrainer`` of that many workers,
+    which checkpoints to ``<storage>/_ray/<run name>`` and resumes from there if an earlier attempt
+    of the same run left a checkpoint. ``run.workers == 0`` runs the same loop in this process
+    without Ray (fastest for small jobs, tests and sweep trials; it keeps no checkpoint to resume).
     """
+    t0 = time.perf_counter()
+    threads = torch.get_num_threads()  # the loop sets its own thread count
+    try:
+        folder, run_path = (_fit_here(job) if job.run["workers"] == 0 else _fit_on_ray(job, storage))
+    finally:
+        torch.set_num_threads(threads)
+    with open(os.path.join(folder, "method.safetensors"), "rb") as f:
+        method_state = bytes_to_state(f.read(), folder)
+    with open(os.path.join(folder, "history.json")) as f:
+        history = json.load(f)
+    shutil.rmtree(folder, ignore_errors=True)
+    model_state = {k[len("model."):]: v for k, v in method_state.items() if k.startswith("model.")}
+    return FitResult(model_state, history, run_path, time.perf_counter() - t0)
+
+
+def _fit_here(job: Job) -> tuple[str, None]:
+    """The loop in this process; returns the last checkpoint folder."""
+    last: list[str] = []
+
+    def report(metrics: dict[str, Any], folder: str | None) -> None:
+        if last:
+            shutil.rmtree(last.pop(), ignore_errors=True)
+        last.append(folder)
+
+    train(job, report=report)
+    return last[0], None
+
+
+def _fit_on_ray(job: Job, storage: Any) -> tuple[str, str]:
+    """The loop as a TorchTrainer; returns a local copy of the final checkpoint and the run folder."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     run = job.run
-    t0 = time.perf_counter()
     quiet_ray_logs()
-    if run["workers"] == 0:
-        scaling = ScalingConfig(num_workers=0)
-    else:
-        ensure_ray(run)
-        scaling = ScalingConfig(num_workers=run["workers"], use_gpu=run["use_gpu"],
-                                resources_per_worker={"CPU": run["cpus_per_worker"],
-                                                      **({"GPU": 1} if run["use_gpu"] else {})})
+    ensure_ray(run)
     storage_path, filesystem = storage.ray_storage()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=job.to_config(),
-        scaling_config=scaling,
+        scaling_config=ScalingConfig(num_workers=run["workers"], use_gpu=run["use_gpu"],
+                                     resources_per_worker={"CPU": run["cpus_per_worker"],
+                                                           **({"GPU": 1} if run["use_gpu"] else {})}),
         run_config=RunConfig(name=job.run_name, storage_path=storage_path, storage_filesystem=filesystem,
                              failure_config=FailureConfig(max_failures=run["max_failures"]),
                              checkpoint_config=CheckpointConfig(num_to_keep=run["keep_checkpoints"]),
                              logging_config=LoggingConfig(os.environ.get("KDRAY_RAY_TRAIN_LOG_LEVEL", "WARNING"))),
     )
-    threads = torch.get_num_threads()  # local mode runs the loop here, and the loop sets its own
     try:
         result = trainer.fit()
     except Exception as e:  # Ray wraps worker errors; surface a user error as itself
@@ -394,19 +419,9 @@ def fit(job: Job, storage: Any, on_report: Callable[[dict], None] | None = None)
         if cause is not None:
             raise cause from None
         raise
-    finally:
-        torch.set_num_threads(threads)
     if result.checkpoint is None:
         raise KdrayError(f"stage {job.stage['name']!r} finished without a checkpoint")
-    with result.checkpoint.as_directory() as folder:
-        with open(os.path.join(folder, "method.safetensors"), "rb") as f:
-            method_state = bytes_to_state(f.read(), folder)
-        with open(os.path.join(folder, "history.json")) as f:
-            history = json.load(f)
-    if run["workers"] == 0:
-        shutil.rmtree(result.checkpoint.path, ignore_errors=True)
-    model_state = {k[len("model."):]: v for k, v in method_state.items() if k.startswith("model.")}
-    return FitResult(model_state, history, result.path, time.perf_counter() - t0)
+    return result.checkpoint.to_directory(tempfile.mkdtemp(prefix="kdray-final-")), result.path
 
 
 def _user_error(e: BaseException) -> KdrayError | None:
