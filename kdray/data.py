@@ -194,8 +194,10 @@ def select(split: Split, spec: Any, train: bool) -> Split:
         x, y = x[idx], y[idx]
     if train and (spec.labels_per_class is not None or spec.label_fraction < 1.0):
         y = withhold_labels(y, k, spec.labels_per_class, spec.label_fraction, spec.seed)
+        if spec.drop_unlabelled:
+            x, y = x[y >= 0], y[y >= 0]
     tag = hashlib.sha256(f"{split.fingerprint}|{spec.classes}|{limit}|{spec.labels_per_class}|"
-                         f"{spec.label_fraction}|{spec.seed}|{train}".encode()).hexdigest()[:16]
+                         f"{spec.label_fraction}|{spec.drop_unlabelled}|{spec.seed}|{train}".encode()).hexdigest()[:16]
     return replace(split, x=x, y=y, num_classes=k, fingerprint=tag, class_names=names)
 
 

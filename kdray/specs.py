@@ -151,7 +151,8 @@ class DataSpec(Spec):
     """A dataset plus the deterministic selection applied to it.
 
     ``labels_per_class``/``label_fraction`` keep labels for only part of the training set (the
-    rest get label -1: usable by distillation and adaptation, ignored by cross-entropy).
+    rest get label -1: usable by distillation and adaptation, ignored by cross-entropy), or, with
+    ``drop_unlabelled``, leave only the labelled examples in the training set.
     """
 
     name: Annotated[str, AfterValidator(registered("dataset"))] = "fashion_mnist"
@@ -161,6 +162,7 @@ class DataSpec(Spec):
     classes: list[int] | None = None
     labels_per_class: int | None = Field(None, ge=1)
     label_fraction: float = Field(1.0, gt=0, le=1)
+    drop_unlabelled: bool = False
     seed: int = 0
     options: dict[str, Any] = Field(default_factory=dict)
 

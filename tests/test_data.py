@@ -115,3 +115,11 @@ def test_class_out_of_range(tmp_path):
     write_fake_fmnist(tmp_path / "fm")
     with pytest.raises(DataError, match=r"data.classes: \[12\] out of range"):
         kdata.load(DataSpec(name="fashion_mnist", path=str(tmp_path / "fm"), classes=[1, 12]), "train")
+
+
+def test_drop_unlabelled_keeps_only_the_labelled_rows(tmp_path):
+    write_fake_fmnist(tmp_path / "fm", n=200)
+    spec = DataSpec(name="fashion_mnist", path=str(tmp_path / "fm"), labels_per_class=3, drop_unlabelled=True)
+    split = kdata.load(spec, "train")
+    assert len(split) == 30 and bool((split.y >= 0).all())
+    assert torch.bincount(split.y).tolist() == [3] * 10
