@@ -218,12 +218,22 @@ def normalize(x: torch.Tensor, split: Split) -> torch.Tensor:
 
 
 def load(spec: Any, split: str = "train") -> Split:
-    """Load ``spec.name``'s ``split`` and apply the spec's deterministic selection (pixels stay in [0, 1])."""
+    """Load ``spec.name``'s ``split``, apply the spec's domain shifts and deterministic selection.
+
+    Pixels stay in [0, 1]; ``normalize`` comes after. A shift is seeded by ``spec.seed`` and the
+    split, so train and test images of a shifted domain get independent noise.
+    """
     builder = DATASETS.get(spec.name)
     try:
         raw = builder(split, path=spec.path, **spec.options)
     except TypeError as e:
         raise DataError(f"data.options: {e}") from None
+    if spec.shifts:
+        from kdray.shifts import compose, shift_hash
+
+        x, y = compose(spec.shifts, num_classes=raw.num_classes)(raw.x, raw.y, spec.seed * 2 + (split == "test"))
+        tag = hashlib.sha256(f"{raw.fingerprint}|{shift_hash(spec.shifts)}".encode()).hexdigest()[:16]
+        raw = replace(raw, x=x, y=y, fingerprint=tag)
     return select(raw, spec, train=split == "train")
 
 

@@ -55,6 +55,13 @@ class Method(nn.Module):
     def on_epoch_start(self, epoch: int, progress: float) -> None:
         """Hook for schedules (DANN's lambda, SHOT's pseudo-labels); nothing by default."""
 
+    def epoch_scores(self, device: torch.device) -> dict[str, float]:
+        """Extra per-epoch numbers (this rank's part; the loop averages them over ranks)."""
+        return {}
+
+    def on_epoch_end(self, metrics: dict[str, Any]) -> None:
+        """Hook after the epoch's metrics are known on every rank (model selection); nothing by default."""
+
 
 @METHODS.register("train")
 class Supervised(Method):

@@ -29,7 +29,9 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationEr
 
 from kdray.errors import SpecError
 from kdray.registry import Registry, did_you_mean
-from kdray.transfer import TransferSpec  # the transfer block's models live beside their logic
+from kdray.adapt import AdaptMethodSpec  # a block's models live beside their logic
+from kdray.shifts import ShiftSpec
+from kdray.transfer import TransferSpec
 
 SCHEMA_VERSION = 1
 DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -150,7 +152,8 @@ class ModelSpec(Options):
 class DataSpec(Spec):
     """A dataset plus the deterministic selection applied to it.
 
-    ``labels_per_class``/``label_fraction`` keep labels for only part of the training set (the
+    ``shifts`` (rotation, noise, inversion, contrast, class subset) turn it into another domain,
+    deterministically. ``labels_per_class``/``label_fraction`` keep labels for only part of the training set (the
     rest get label -1: usable by distillation and adaptation, ignored by cross-entropy), or, with
     ``drop_unlabelled``, leave only the labelled examples in the training set.
     """
@@ -164,6 +167,7 @@ class DataSpec(Spec):
     label_fraction: float = Field(1.0, gt=0, le=1)
     drop_unlabelled: bool = False
     seed: int = 0
+    shifts: list[ShiftSpec] = Field(default_factory=list)
     options: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("classes")
@@ -288,6 +292,49 @@ class TransferStage(StageBase):
         return [("source", self.source)]
 
 
+class AdaptStage(StageBase):
+    """Adapt ``model`` from the labelled ``source_domain`` to the unlabelled ``target_domain``.
+
+    ``source`` (optional; required by source-free methods) is a model trained on the source
+    domain: it initialises the model and is the source-only baseline. Without it, a source_only
+    run of the same recipe is the baseline. Target labels are used for evaluation only (and for
+    ``selection: oracle``, which every report flags as not deployable).
+    """
+
+    kind: Literal["adapt"] = "adapt"
+    source: str | None = None
+    model: ModelSpec
+    source_domain: DataSpec = Field(default_factory=DataSpec)
+    target_domain: DataSpec
+    method: AdaptMethodSpec
+    selection: Literal["source_val", "entropy", "snd", "oracle"] = "source_val"
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    target_batch_size: int | None = Field(None, ge=1)
+
+    @property
+    def data(self) -> DataSpec:
+        """The data the model is built for (classes, channels, size): the source domain's."""
+        return self.source_domain
+
+    @model_validator(mode="after")
+    def _adapt(self) -> "AdaptStage":
+        t = self.target_domain
+        if t.labels_per_class is not None or t.label_fraction < 1.0 or t.drop_unlabelled:
+            raise ValueError("target_domain: target labels are never used for training (only to evaluate, and for "
+                             "selection: oracle); remove labels_per_class / label_fraction / drop_unlabelled")
+        source_free = _registry("adapt method").meta(self.method.name).get("source_free", False)
+        if source_free and not self.source:
+            raise ValueError(f"method {self.method.name!r} is source-free: it adapts a trained source model, so "
+                             "give source: <a train stage on the source domain>")
+        if source_free and self.selection == "source_val":
+            raise ValueError(f"selection: source_val needs source data, which source-free {self.method.name!r} "
+                             "never sees; use entropy or snd (or oracle, not deployable)")
+        return self
+
+    def references(self) -> list[tuple[str, str]]:
+        return [("source", self.source)] if self.source else []
+
+
 class EvaluateStage(StageBase):
     """Evaluate trained stages on a test split and write ``report.json``, ``report.md`` and plots."""
 
@@ -302,8 +349,9 @@ class EvaluateStage(StageBase):
         return [(f"models[{i}]", m) for i, m in enumerate(self.models)]
 
 
-Stage = Annotated[Union[TrainStage, DistillStage, TransferStage, EvaluateStage], Field(discriminator="kind")]
-STAGE_KINDS = ("train", "distill", "transfer", "evaluate")
+Stage = Annotated[Union[TrainStage, DistillStage, TransferStage, AdaptStage, EvaluateStage],
+                  Field(discriminator="kind")]
+STAGE_KINDS = ("train", "distill", "transfer", "adapt", "evaluate")
 
 
 def is_artifact_uri(ref: str) -> bool:

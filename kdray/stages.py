@@ -116,6 +116,16 @@ def build_method(job: Any, spec: Any, train: kdata.Split, x_train: torch.Tensor,
     return WORKER_METHODS[spec.kind](job, spec, train, x_train, mine)
 
 
+WORKER_DATA: dict[str, Callable[[Any], tuple[kdata.Split, kdata.Split]]] = {}
+
+
+def stage_data(spec: Any) -> tuple[kdata.Split, kdata.Split]:
+    """Worker side: (training split, test split for monitoring); most kinds read ``spec.data``."""
+    if spec.kind in WORKER_DATA:
+        return WORKER_DATA[spec.kind](spec)
+    return kdata.load(spec.data, "train"), kdata.load(spec.data, "test")
+
+
 # --------------------------------------------------------------------------- evaluate
 
 
@@ -132,4 +142,4 @@ def run_evaluate(ctx: StageContext) -> Artifact:
 
 
 # Stage kinds defined in their own modules register themselves on import.
-from kdray import distill, transfer_stage  # noqa: E402,F401
+from kdray import adapt_stage, distill, transfer_stage  # noqa: E402,F401

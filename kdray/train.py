@@ -243,15 +243,14 @@ def train(job: Job, *, rank: int = 0, world: int = 1, device: torch.device = tor
           wrap: Callable[[nn.Module], nn.Module] = lambda m: m) -> None:
     """The training loop, top to bottom. ``report(metrics, checkpoint_folder)`` is called every
     epoch on every rank (rank 0 passes a folder); ``wrap`` makes the method data-parallel."""
-    from kdray.stages import build_method  # the stage kind decides what is optimised
+    from kdray.stages import build_method, stage_data  # the stage kind decides what is optimised
 
     spec, run = stage_spec(job), job.run
     torch.set_num_threads(max(1, int(run["cpus_per_worker"])))
     torch.manual_seed(run["seed"])  # same initial weights on every rank
 
     # 1. Data: this rank's shard of the training set, the whole test set for monitoring.
-    train_set = kdata.load(spec.data, "train")
-    test = kdata.load(spec.data, "test")
+    train_set, test = stage_data(spec)
     x_train, x_test = kdata.normalize(train_set.x, train_set), kdata.normalize(test.x, test)
     mine = torch.tensor(list(shard(len(train_set), rank, world)))
     per_rank_batch = max(1, spec.optim.batch_size // world)
@@ -298,8 +297,9 @@ def train(job: Job, *, rank: int = 0, world: int = 1, device: torch.device = tor
             seen += len(idx)
             loss_sum += float(out["loss"].detach()) * len(idx)
             keep = batch["y"] >= 0
-            correct += float((out["logits"].detach().argmax(1)[keep] == batch["y"][keep]).sum())
-            labelled += int(keep.sum())
+            if "logits" in out:  # methods that score other batches (adaptation) report no train accuracy
+                correct += float((out["logits"].detach().argmax(1)[keep] == batch["y"][keep]).sum())
+                labelled += int(keep.sum())
             if step % 20 == 0:
                 progress.update(epoch, spec.optim.epochs, step + 1, steps_per_epoch, loss_sum / seen,
                                 seen * world / (time.perf_counter() - t0))
@@ -309,11 +309,15 @@ def train(job: Job, *, rank: int = 0, world: int = 1, device: torch.device = tor
         test_part = shard(len(test), rank, world)
         t_loss, t_correct, t_count = evaluate_model(method.model, x_test[test_part.start:test_part.stop],
                                                     test.y[test_part.start:test_part.stop], device)
-        totals = all_reduce([loss_sum, correct, labelled, seen, t_loss, t_correct, t_count], device)
+        scores = method.epoch_scores(device)  # e.g. unsupervised validators for model selection
+        totals = all_reduce([loss_sum, correct, labelled, seen, t_loss, t_correct, t_count, *scores.values()], device)
         metrics = {"epoch": epoch + 1, "resumed": resumed, "train_loss": totals[0] / max(totals[3], 1),
-                   "train_acc": totals[1] / max(totals[2], 1), "test_loss": totals[4] / max(totals[6], 1),
-                   "test_acc": totals[5] / max(totals[6], 1), "samples_per_s": totals[3] / train_seconds,
-                   "epoch_seconds": train_seconds, "lr": sched.get_last_lr()[0], "loop_started": loop_started}
+                   "train_acc": totals[1] / max(totals[2], 1) if totals[2] else None,
+                   "test_loss": totals[4] / max(totals[6], 1), "test_acc": totals[5] / max(totals[6], 1),
+                   "samples_per_s": totals[3] / train_seconds, "epoch_seconds": train_seconds,
+                   "lr": sched.get_last_lr()[0], "loop_started": loop_started,
+                   **{k: v / world for k, v in zip(scores, totals[7:])}}
+        method.on_epoch_end(metrics)  # every rank sees the same all-reduced metrics, so decides alike
         history.append(metrics)
         progress.epoch_done(metrics)
 
@@ -375,7 +379,8 @@ def fit(job: Job, storage: Any) -> FitResult:
     with open(os.path.join(folder, "history.json")) as f:
         history = json.load(f)
     shutil.rmtree(folder, ignore_errors=True)
-    model_state = {k[len("model."):]: v for k, v in method_state.items() if k.startswith("model.")}
+    prefix = job.extras.get("publish_prefix", "model.")  # what the stage publishes (e.g. the selected copy)
+    model_state = {k[len(prefix):]: v for k, v in method_state.items() if k.startswith(prefix)}
     return FitResult(model_state, history, run_path, time.perf_counter() - t0)
 
 
