@@ -26,6 +26,7 @@ from kdray.errors import KdrayError
 from kdray.evaluate import metrics_for, predict
 from kdray.methods import METHODS, Method
 from kdray.models import create_model
+from kdray.specs import spec_hash
 from kdray.stages import STAGES, WORKER_DATA, WORKER_METHODS, StageContext, make_job, publish_trained
 
 VALIDATION_ROWS = 2000  # rows per rank scored by the validators each epoch
@@ -148,17 +149,21 @@ def baseline(ctx: StageContext, job: Any) -> tuple[Artifact, str]:
 
     if ctx.stage.source:
         return ctx.parents[ctx.stage.source], "the source stage"
-    stage = ctx.stage.model_copy(update={"name": f"{ctx.stage.name}-src", "selection": "source_val",
+    stage = ctx.stage.model_copy(update={"name": "source-only", "selection": "source_val",
                                          "method": ctx.stage.method.model_validate({"name": "source_only"})})
-    store = ctx.root.child(f"{ctx.pipeline.name}/{stage.name}/{ctx.key}")
+    # Keyed by the recipe alone (not the method or the stage name): adapt stages that differ only in
+    # their method share one baseline.
+    key = spec_hash({"spec": stage.model_dump(mode="json", exclude={"run", "name", "target_batch_size"}),
+                     "seed": ctx.run.seed})[:12]
+    store = ctx.root.child(f"{ctx.pipeline.name}/_baselines/{key}")
     art = read_artifact(store)
     if art is not None:
         ctx.log(f"[{ctx.stage.name}] source-only baseline: reused {store.uri()}")
         return art, "a source_only run of the same recipe (reused)"
     ctx.log(f"[{ctx.stage.name}] source-only baseline: training it -> {store.uri()}")
-    base_job = Job(**{**job.__dict__, "stage": stage.model_dump(mode="json"), "key": ctx.key})
+    base_job = Job(**{**job.__dict__, "stage": stage.model_dump(mode="json"), "key": key})
     result = fit(base_job, ctx.root)
-    base_ctx = StageContext(ctx.pipeline, stage, ctx.key, store, ctx.root, {}, ctx.log)
+    base_ctx = StageContext(ctx.pipeline, stage, key, store, ctx.root, {}, ctx.log)
     return publish_trained(base_ctx, base_job, result), "a source_only run of the same recipe"
 
 

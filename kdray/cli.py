@@ -146,6 +146,36 @@ def show(uri: str = typer.Argument(..., help="artifact URI (a stage's output fol
         typer.echo(art.store.read_bytes("report.md").decode())
 
 
+flow_app = typer.Typer(no_args_is_help=True, help="Run pipelines as Prefect flows (flows/).")
+
+
+@flow_app.command("run")
+@guarded
+def flow_run(spec: str = typer.Argument(..., help="pipeline YAML: a path, file://... or s3://.../pipeline.yaml"),
+             overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value overrides"),
+             force: bool = typer.Option(False, "--force", help="rerun stages even if their artifact exists")) -> None:
+    """Run a pipeline through Prefect (flows/pipeline.py): a temporary server unless PREFECT_API_URL is set."""
+    import os
+
+    # A temporary Prefect server needs longer than Prefect's 20 s default to start on a busy laptop.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    try:
+        from flows.pipeline import pipeline_flow
+    except ModuleNotFoundError as e:
+        if e.name != "flows":
+            raise
+        raise KdrayError("the flows package is not importable",
+                         hint="Reinstall kdray so that its flows package is installed too (pip install -e . in "
+                              "the repository), or run python -m kdray.cli flow run ... from the repository "
+                              "root.") from None
+    for o in pipeline_flow(spec, overrides or [], force):
+        typer.echo(f"{o['stage']:<16} {o['kind']:<9} {o['status']:<7} {o['seconds']:7.1f}s  {o['uri']}")
+
+
+app.add_typer(flow_app, name="flow")
+
+
 def main() -> None:
     try:
         app()

@@ -393,7 +393,13 @@ def _fit_here(job: Job) -> tuple[str, None]:
             shutil.rmtree(last.pop(), ignore_errors=True)
         last.append(folder)
 
-    train(job, report=report)
+    device = torch.device("cpu")
+    if job.run["use_gpu"]:
+        if not torch.cuda.is_available():
+            raise KdrayError("run.use_gpu is true but this machine has no CUDA device",
+                             hint="Set run.use_gpu: false, or run on a machine with a GPU.")
+        device = torch.device("cuda")
+    train(job, device=device, report=report)
     return last[0], None
 
 

@@ -1,0 +1,148 @@
+"""The Prefect tasks of kdray's flows: verbs over library calls, small JSON in and out.
+
+A stage's outcome crosses task boundaries as ``StageOutcome.to_json()`` (stage, kind, key, artifact
+URI, status, seconds, metrics): URIs, never tensors, persisted with the JSON serializer.
+
+Retries are for infrastructure only. ``run_stage`` retries any exception except a ``KdrayError``
+(bad input fails the same way every time). Because the Ray run name is deterministic
+(``<pipeline>-<stage>-<key>``), a retried stage resumes from its last checkpoint instead of
+starting again.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any
+
+import yaml
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from kdray import pipeline as kpipeline
+from kdray.checkpoint import open_artifact, read_artifact
+from kdray.errors import KdrayError, SpecError
+from kdray.specs import PipelineSpec, is_artifact_uri, load_pipeline, parse_pipeline
+from kdray.storage import Storage
+
+# Where to run the stages of each kind (named in "run it first" errors).
+FLOW_FOR_KIND = {"train": "flows/source.py", "distill": "flows/distill.py", "transfer": "flows/transfer.py",
+                 "adapt": "flows/adapt.py", "evaluate": "flows/pipeline.py"}
+RETRY_DELAYS = [2, 15]  # seconds before the first and the second retry
+
+
+def read_pipeline(spec_uri: str, overrides: list[str] | tuple[str, ...] = ()) -> PipelineSpec:
+    """Read and validate a spec from a local path, ``file://...`` or ``s3://bucket/.../pipeline.yaml``."""
+    if "://" not in spec_uri or spec_uri.startswith("file://"):
+        return load_pipeline(spec_uri.removeprefix("file://"), list(overrides))
+    folder, _, name = spec_uri.rpartition("/")
+    text = Storage(folder).read_bytes(name).decode()
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SpecError(f"{spec_uri}: YAML syntax error: {getattr(e, 'problem', None) or e}",
+                        hint="Check indentation and that every 'key: value' has a space after the colon.") from None
+    return parse_pipeline(doc, spec_uri, list(overrides))
+
+
+def spec_to_json(spec: PipelineSpec) -> dict[str, Any]:
+    """The spec as the user wrote it (plus overrides), validated.
+
+    Unset fields are left out so that parsing it again merges defaults and per-stage ``run``
+    overrides exactly as the first parse did, and so gives the same stage keys.
+    """
+    return spec.model_dump(mode="json", exclude_unset=True)
+
+
+def spec_from_json(spec: dict[str, Any]) -> PipelineSpec:
+    return parse_pipeline(copy.deepcopy(spec), f"pipeline {spec.get('name')!r}")
+
+
+def is_infrastructure_failure(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect ``retry_condition_fn``: retry anything but a ``KdrayError``, which is bad input."""
+    try:
+        state.result()
+    except KdrayError:
+        return False
+    except Exception:
+        return True
+    return True
+
+
+def report_key(pipeline: str, stage: str) -> str:
+    """The Prefect artifact key of a report: lower-case letters, digits and dashes only."""
+    return re.sub(r"-{2,}", "-", re.sub(r"[^a-z0-9-]+", "-", f"{pipeline}-{stage}".lower())).strip("-")
+
+
+def select_stages(spec: dict[str, Any], kind: str, names: list[str] | None = None) -> list[str]:
+    """The stages of ``kind`` to run, in pipeline order: all of them, or those in ``names``."""
+    of_kind = [s["name"] for s in spec["stages"] if s["kind"] == kind]
+    for name in names or []:
+        if name not in of_kind:
+            raise KdrayError(f"stage {name!r} is not a {kind} stage of pipeline {spec['name']!r}; "
+                             f"its {kind} stages are: {', '.join(of_kind) or 'none'}.")
+    chosen = [n for n in of_kind if names is None or n in names]
+    if not chosen:
+        raise KdrayError(f"pipeline {spec['name']!r} has no {kind} stage; its stages are: "
+                         + ", ".join(f"{s['name']} ({s['kind']})" for s in spec["stages"]) + ".",
+                         hint="Run flows/pipeline.py to run every stage.")
+    return chosen
+
+
+@task(name="load-spec", task_run_name="load-spec", retries=len(RETRY_DELAYS), retry_delay_seconds=RETRY_DELAYS,
+      retry_condition_fn=is_infrastructure_failure, persist_result=True, result_serializer="json")
+def load_spec(spec_uri: str, overrides: list[str]) -> dict[str, Any]:
+    """Read and validate the pipeline spec; return it as JSON (a path or a storage URI)."""
+    spec = read_pipeline(spec_uri, overrides)
+    get_run_logger().info(f"pipeline {spec.name!r}: " + ", ".join(f"{s.name} ({s.kind})" for s in spec.stages))
+    return spec_to_json(spec)
+
+
+@task(name="check-parents", task_run_name="check-parents", result_serializer="json")
+def check_parents(spec: dict[str, Any], stages: list[str]) -> None:
+    """Fail before running anything if a stage reads a stage that is neither finished nor run here."""
+    pipeline = spec_from_json(spec)
+    keys = kpipeline.plan(pipeline)
+    root = Storage(pipeline.storage.uri)
+    for i, name in enumerate(stages):
+        for _, ref in pipeline.stage(name).references():
+            if is_artifact_uri(ref) or ref in stages[:i]:
+                continue
+            store = kpipeline.artifact_store(root, pipeline.name, ref, keys[ref])
+            if read_artifact(store) is None:
+                kind = pipeline.stage(ref).kind
+                raise KdrayError(f"stage {name!r} reads stage {ref!r} ({kind}), which has no finished artifact "
+                                 f"at {store.uri()}",
+                                 hint=f"Run it first: python {FLOW_FOR_KIND.get(kind, 'flows/pipeline.py')} SPEC "
+                                      f"--stages {ref} (or the whole pipeline: python flows/pipeline.py SPEC).")
+
+
+@task(name="run-stage", task_run_name="run-{stage}", retries=len(RETRY_DELAYS), retry_delay_seconds=RETRY_DELAYS,
+      retry_condition_fn=is_infrastructure_failure, persist_result=True, result_serializer="json")
+def run_stage(spec: dict[str, Any], stage: str, force: bool = False) -> dict[str, Any]:
+    """Run one stage (its parents must be finished) or find it cached; return its outcome as JSON."""
+    outcome = kpipeline.run_stage(spec_from_json(spec), stage, force=force, log=get_run_logger().info)
+    return outcome.to_json()
+
+
+@task(name="publish-report", task_run_name="publish-{outcome[stage]}", result_serializer="json")
+def publish_report(outcome: dict[str, Any]) -> str | None:
+    """Publish an evaluate stage's ``report.md`` as a Prefect Markdown artifact; return its key."""
+    if outcome["kind"] != "evaluate":
+        return None
+    art = open_artifact(outcome["uri"])
+    key = report_key(art.manifest["pipeline"], outcome["stage"])
+    markdown = art.store.read_bytes("report.md").decode()
+    create_markdown_artifact(markdown=f"{markdown}\n\nArtifact: `{outcome['uri']}`\n", key=key,
+                             description=f"kdray report of stage {outcome['stage']!r} ({outcome['status']})")
+    get_run_logger().info(f"published report {key!r} from {outcome['uri']}")
+    return key
+
+
+def run_kind(spec_uri: str, kind: str, stages: list[str] | None, overrides: list[str] | None,
+             force: bool) -> list[dict[str, Any]]:
+    """The body of the one-kind flows: the chosen stages of ``kind`` in order, parents checked first."""
+    spec = load_spec(spec_uri, list(overrides or []))
+    names = select_stages(spec, kind, stages)
+    check_parents(spec, names)
+    return [run_stage(spec, name, force) for name in names]
