@@ -51,9 +51,12 @@ RECIPES = {
 }
 
 
+GPU = False  # --gpu: every run on the local CUDA device, in-process (no Ray), without AMP
+
+
 def pipeline(root: str, students: list[dict], workers: int = 0, cpus: int = 2) -> dict:
-    return {"name": "bench-distill", "storage": {"uri": f"file://{root}"},
-            "run": {"workers": workers, "cpus_per_worker": cpus, "max_failures": 0},
+    run = {"workers": 0, "use_gpu": True, "amp": False} if GPU else {"workers": workers, "cpus_per_worker": cpus}
+    return {"name": "bench-distill", "storage": {"uri": f"file://{root}"}, "run": {**run, "max_failures": 0},
             "stages": [TEACHER, *students]}
 
 
@@ -75,15 +78,16 @@ def plain_student(teacher: torch.nn.Module, recipe: str, seed: int, data: dict, 
                   online: bool = False) -> dict:
     """The same recipe, written out: same init seed, batch order, schedule and loss formulas."""
     torch.set_num_threads(threads)
+    device = torch.device("cuda" if GPU else "cpu")
     spec = DataSpec.model_validate(data)
     train, test = kdata.load(spec, "train"), kdata.load(spec, "test")
-    x, y = kdata.normalize(train.x, train), train.y
-    xt = kdata.normalize(test.x, test)
-    teacher.eval()
+    x, y = kdata.normalize(train.x, train).to(device), train.y.to(device)
+    xt, yt = kdata.normalize(test.x, test).to(device), test.y.to(device)
+    teacher = teacher.to(device).eval()
     with torch.no_grad():
         cached = None if online else torch.cat([teacher(x[i:i + 1024]) for i in range(0, len(x), 1024)])
     torch.manual_seed(seed)
-    model = create_model("mlp_512", num_classes=10, in_channels=1, image_size=28)
+    model = create_model("mlp_512", num_classes=10, in_channels=1, image_size=28).to(device)
     o = OptimSpec.model_validate(OPTIM)
     steps = math.ceil(len(y) / o.batch_size)
     opt, sched = build_optimizer(o, [{"params": list(model.parameters())}], steps * o.epochs)
@@ -92,6 +96,7 @@ def plain_student(teacher: torch.nn.Module, recipe: str, seed: int, data: dict, 
         model.train()
         t0 = time.perf_counter()
         for idx in batches(torch.arange(len(y)), o.batch_size, epoch, seed):
+            idx = idx.to(device)
             xb, yb = x[idx], y[idx]
             s = model(xb)
             if online:
@@ -109,7 +114,7 @@ def plain_student(teacher: torch.nn.Module, recipe: str, seed: int, data: dict, 
         rates.append(len(y) / (time.perf_counter() - t0))
     model.eval()
     with torch.no_grad():
-        acc = float((model(xt).argmax(1) == test.y).float().mean())
+        acc = float((model(xt).argmax(1) == yt).float().mean())
     return {"test_acc": acc, "samples_per_s": rates}
 
 
@@ -209,7 +214,10 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="JSON-lines file for results (default: <root>/results.jsonl)")
     ap.add_argument("--rss-probe", choices=["on", "off"], help=argparse.SUPPRESS)
     ap.add_argument("--summary-only", action="store_true")
+    ap.add_argument("--gpu", action="store_true", help="accuracy parts on the local GPU, in-process, no AMP")
     args = ap.parse_args()
+    global GPU
+    GPU = args.gpu
     if args.rss_probe:
         return rss_probe(args.root, args.rss_probe)
     out = args.out or os.path.join(args.root, "results.jsonl")

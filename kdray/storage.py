@@ -8,11 +8,13 @@ S3 endpoint and credentials come only from the environment: ``KDRAY_S3_ENDPOINT`
 ``http://127.0.0.1:8333``), ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``.
 Writes are atomic: a local file is written beside its target and renamed; an S3 object appears
 whole or not at all. That is what lets the manifest, written last, mark an artifact finished.
+Buckets are never created here: a missing bucket is an error at ``check_writable``.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from pathlib import Path
 from urllib.parse import urlparse
@@ -21,13 +23,31 @@ import pyarrow.fs as pafs
 
 from kdray.errors import StorageError
 
+# The start-up probe (``check_writable``) waits little, so a wrong endpoint fails in seconds: a
+# server that accepts connections and never answers costs attempts x request_timeout.
+S3_PROBE_TIMEOUTS = {"connect_timeout": 3.0, "request_timeout": 5.0, "attempts": 2}
 
-def s3_filesystem() -> pafs.S3FileSystem:
-    """An S3FileSystem configured from the environment (pyarrow ignores AWS_ENDPOINT_URL on its own)."""
-    endpoint = os.environ.get("KDRAY_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
+
+def s3_endpoint() -> str | None:
+    return os.environ.get("KDRAY_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def s3_filesystem(connect_timeout: float = 5.0, request_timeout: float = 20.0, attempts: int = 3) -> pafs.S3FileSystem:
+    """An S3FileSystem configured from the environment (``AWS_ENDPOINT_URL`` is accepted too).
+
+    The AWS SDK's request timeout is the longest silence on a connection, not the length of a
+    transfer, so big uploads are unaffected; transient failures are retried ``attempts`` times.
+    Inside a Ray Train worker whose environment names no S3 endpoint or keys, the run's own
+    filesystem is used instead (see ``_ray_run_filesystem``).
+    """
+    endpoint = s3_endpoint()
+    if not endpoint and not os.environ.get("AWS_ACCESS_KEY_ID"):
+        inherited = _ray_run_filesystem()
+        if inherited is not None:
+            return inherited
     kwargs: dict = {"region": os.environ.get("AWS_REGION", os.environ.get("AWS_DEFAULT_REGION", "us-east-1")),
-                    "connect_timeout": 5.0, "request_timeout": 30.0,
-                    "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3)}
+                    "connect_timeout": connect_timeout, "request_timeout": request_timeout,
+                    "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=attempts)}
     if endpoint:
         parsed = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}")
         kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme or "http")
@@ -35,6 +55,31 @@ def s3_filesystem() -> pafs.S3FileSystem:
         kwargs.update(access_key=os.environ["AWS_ACCESS_KEY_ID"],
                       secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY", ""))
     return pafs.S3FileSystem(**kwargs)
+
+
+def _ray_run_filesystem() -> pafs.S3FileSystem | None:
+    """Inside a Ray Train worker: the S3 filesystem the driver passed as ``RunConfig.storage_filesystem``.
+
+    Ray workers inherit the environment of the process that started Ray, not the driver's current
+    one (a local Ray already running, cluster pods without the secret). The run's filesystem was
+    built on the driver from its environment and reaches every worker pickled with its endpoint and
+    keys, so workers read parents and data through it. (Sending the keys as ``runtime_env``
+    variables instead would write them into Ray's logs, which record runtime environments.)
+    """
+    if "ray.train" not in sys.modules:  # not a Ray process: nothing to inherit, and no slow import
+        return None
+    try:
+        import ray.train
+
+        fs = ray.train.get_context().get_storage().storage_filesystem
+    except Exception:  # not in a Train worker, local mode, or a Ray without this developer API
+        return None
+    return fs if isinstance(fs, pafs.S3FileSystem) else None
+
+
+def _refused(err: OSError) -> bool:
+    """Whether the server answered and denied the request (keys, signature, policy)."""
+    return any(code in str(err) for code in ("ACCESS_DENIED", "INVALID_ACCESS_KEY", "SIGNATURE"))
 
 
 class Storage:
@@ -78,10 +123,15 @@ class Storage:
         return StorageError(f"could not {action} {self.uri(rel)}: {err}",
                             hint=self._hint())
 
+    @property
+    def bucket(self) -> str:
+        return self.root.split("/", 1)[0]
+
     def _hint(self) -> str:
         if self.scheme == "s3":
-            return ("Check that the bucket exists and that KDRAY_S3_ENDPOINT, AWS_ACCESS_KEY_ID and "
-                    "AWS_SECRET_ACCESS_KEY are set for this S3-compatible server.")
+            return (f"Check that the S3 server at {s3_endpoint() or 'AWS (KDRAY_S3_ENDPOINT unset)'} is "
+                    f"running and reachable, that bucket {self.bucket!r} exists, and that KDRAY_S3_ENDPOINT, "
+                    "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY are set for it.")
         return "Check that the folder exists and is writable, or set storage.uri to another folder."
 
     def exists(self, rel: str) -> bool:
@@ -114,6 +164,8 @@ class Storage:
                     os.fsync(f.fileno())
                 os.replace(tmp, target)
             else:
+                # One write() queues every part of a multipart upload; close() completes the upload
+                # only if all parts arrived, so the object never exists partly written.
                 with self.fs.open_output_stream(target) as f:
                     f.write(data)
         except OSError as e:
@@ -146,11 +198,40 @@ class Storage:
             pass
 
     def check_writable(self) -> None:
-        """Fail fast (exit 2, no hang) when the root cannot be written: a missing bucket, a bad endpoint."""
+        """Fail fast (exit 2, no hang) when the root cannot be written: a missing bucket, a bad endpoint.
+
+        On S3 the bucket must already exist: kdray never creates one (some servers create buckets
+        on a first upload, which would hide a typo in ``storage.uri``).
+        """
         probe = f".kdray-probe-{uuid.uuid4().hex[:8]}"
-        self.write_bytes(probe, b"ok")
+        if self.scheme == "file":
+            self.write_bytes(probe, b"ok")
+            self._delete_quietly(self.fs, probe)
+            return
+        fs = s3_filesystem(**S3_PROBE_TIMEOUTS)
+        where = f"S3 endpoint {s3_endpoint() or 'AWS (KDRAY_S3_ENDPOINT unset)'}"
         try:
-            self.fs.delete_file(self.path(probe))
+            bucket = fs.get_file_info(self.bucket)
+        except OSError as e:
+            if not _refused(e):
+                raise StorageError(f"cannot use storage {self.root_uri}: a request for bucket {self.bucket!r} to "
+                                   f"the {where} failed ({e})", hint=self._hint()) from None
+            bucket = None  # a policy may allow objects under the prefix but not HeadBucket: the write decides
+        if bucket is not None and bucket.type == pafs.FileType.NotFound:
+            raise StorageError(f"storage {self.root_uri}: bucket {self.bucket!r} does not exist on the {where}",
+                               hint="Create it first (kdray never creates buckets), e.g. "
+                                    f"`aws s3 mb s3://{self.bucket}`, or set storage.uri to an existing bucket.")
+        try:
+            with fs.open_output_stream(self.path(probe)) as f:
+                f.write(b"ok")
+        except OSError as e:
+            hint = ("The server refused the request: check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, and that "
+                    f"they may write under {self.root_uri}." if _refused(e) else self._hint())
+            raise StorageError(f"cannot write to storage {self.root_uri} on the {where} ({e})", hint=hint) from None
+        self._delete_quietly(fs, probe)
+
+    def _delete_quietly(self, fs: pafs.FileSystem, rel: str) -> None:
+        try:
+            fs.delete_file(self.path(rel))
         except OSError:
             pass
-
