@@ -3,6 +3,10 @@
 A stage's key is the hash of its spec and its parents' keys (or, for an artifact URI parent, its
 weights hash), so changing one stage reruns it and its descendants only. A stage whose key
 already has a manifest is "cached" and not run again, unless ``force``.
+
+Where a stage runs is its ``run.launcher`` (``kdray.launch``): ``local`` in this process, ``ray`` as a
+job on an existing Ray cluster, ``kuberay`` as a RayJob on Kubernetes. ``evaluate`` stages always run
+locally: they only read finished artifacts and need no cluster.
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ from typing import Any, Callable
 
 from kdray.checkpoint import Artifact, open_artifact, read_artifact
 from kdray.errors import KdrayError
+from kdray.launch import LAUNCHERS, launcher_for
 from kdray.specs import PipelineSpec, is_artifact_uri, spec_hash
-from kdray.stages import STAGES, StageContext
+from kdray.stages import STAGES  # noqa: F401  (importing it registers every stage kind)
 from kdray.storage import Storage
 
 KEY_LENGTH = 12
@@ -77,6 +82,8 @@ def run_stage(spec: PipelineSpec, name: str, *, force: bool = False, keys: dict[
 
     This is the unit a Prefect task runs: it needs nothing from the caller but the spec, so a
     retry (or another process) can run it again and Ray resumes from the stage's last checkpoint.
+    The stage runs where ``launcher_for(spec, stage)`` says (``kdray.launch``); a remote launcher
+    returns once the cluster has published the artifact, which is then read back from storage.
     """
     root = Storage(spec.storage.uri)
     keys = keys or plan(spec)
@@ -87,14 +94,30 @@ def run_stage(spec: PipelineSpec, name: str, *, force: bool = False, keys: dict[
     art = None if force else read_artifact(store)
     status = "cached"
     if art is None:
-        parents = {ref: _existing(root, spec, ref, keys) for _, ref in stage.references()}
-        log(f"[{spec.name}] stage {name} ({stage.kind}) -> {store.uri()}")
-        art = STAGES.get(stage.kind)(StageContext(spec, stage, key, store, root, parents, log))
+        parents = parent_artifacts(spec, stage, keys, root)  # a missing parent fails here, before any launch
+        launcher = launcher_for(spec, stage)
+        via = "" if launcher == "local" else f" via the {launcher} launcher"
+        log(f"[{spec.name}] stage {name} ({stage.kind}) -> {store.uri()}{via}")
+        art = LAUNCHERS.get(launcher)().run(spec, name, key, log, parents=parents, force=force)
+        if art is None:  # a remote launcher: the artifact was published by the cluster, read it back
+            art = read_artifact(store)
+            if art is None:
+                raise KdrayError(f"the {launcher} launcher finished stage {name!r}, but {store.uri()} has no "
+                                 "manifest.json: the remote run did not publish its artifact",
+                                 hint="Check that the cluster writes to the same storage as this machine "
+                                      "(storage.uri, KDRAY_S3_ENDPOINT) and read the job's log above.")
         status = "ran"
     else:
         log(f"[{spec.name}] stage {name}: cached at {store.uri()}")
     return StageOutcome(name, stage.kind, key, art.uri, status, round(time.perf_counter() - t0, 3),
                         art.manifest.get("metrics", {}))
+
+
+def parent_artifacts(spec: PipelineSpec, stage: Any, keys: dict[str, str], root: Storage | None = None
+                     ) -> dict[str, Artifact]:
+    """Reference -> finished artifact, for every stage or URI that ``stage`` reads."""
+    root = root or Storage(spec.storage.uri)
+    return {ref: _existing(root, spec, ref, keys) for _, ref in stage.references()}
 
 
 def _existing(root: Storage, spec: PipelineSpec, ref: str, keys: dict[str, str]) -> Artifact:

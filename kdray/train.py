@@ -234,6 +234,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def wrap(method: nn.Module) -> nn.Module:
         return ray.train.torch.prepare_model(method, move_to_device=False)
 
+    if job.extras.get("placement_log"):  # diagnostics: where each rank ran (node, process)
+        import ray
+
+        os.makedirs(job.extras["placement_log"], exist_ok=True)
+        with open(os.path.join(job.extras["placement_log"], f"rank{ctx.get_world_rank()}.json"), "w") as f:
+            json.dump({"rank": ctx.get_world_rank(), "node_id": ray.get_runtime_context().get_node_id(),
+                       "pid": os.getpid()}, f)
+
     train(job, rank=ctx.get_world_rank(), world=ctx.get_world_size(), device=device,
           resume_from=resume_from, report=report, wrap=wrap)
 
