@@ -5,6 +5,11 @@
     kdray schema > kdray.schema.json
     kdray ls models
     kdray show file://./runs/fmnist-cnn-to-mlp/teacher/<key>
+    kdray sweep SPEC --stage student --grid model.name=mlp_64,mlp_128 --grid optim.lr=0.001,0.003
+    kdray score SPEC --stage target --layers           # LogME/LEEP of the candidate sources
+    kdray submit SPEC --launcher ray|kuberay           # stages on a Ray cluster or as RayJobs
+    kdray render SPEC                                  # the RayJob manifests, validated
+    kdray flow run SPEC                                # through Prefect
 
 Bad input (a spec, a path, a bucket, a checkpoint) is reported as one paragraph on stderr with
 exit code 2 and no traceback.
@@ -144,6 +149,86 @@ def show(uri: str = typer.Argument(..., help="artifact URI (a stage's output fol
     typer.echo(json.dumps(art.manifest, indent=2, default=str))
     if art.store.exists("report.md"):
         typer.echo(art.store.read_bytes("report.md").decode())
+
+
+@app.command()
+@guarded
+def sweep(spec: str = typer.Argument(..., help="pipeline YAML file"),
+          stage: str = typer.Option(..., "--stage", help="the stage to sweep (train, distill or transfer)"),
+          grid: list[str] = typer.Option(..., "--grid", help="key.path=v1,v2 (repeatable): the trials are the product"),
+          overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value overrides"),
+          max_concurrent: int = typer.Option(2, "--max-concurrent", min=1, help="trials running at once"),
+          metric: str = typer.Option("test_acc", help="what ranks the trials")) -> None:
+    """Run many variants of one stage (students x hyperparameters) as Ray Tune trials, ranked in a report."""
+    from kdray.specs import load_pipeline
+    from kdray.sweep import parse_grid, run_sweep
+
+    p = load_pipeline(spec, overrides or [])
+    report = run_sweep(p, stage, parse_grid(grid), max_concurrent=max_concurrent, metric=metric,
+                       log=lambda m: typer.echo(m, err=True))
+    typer.echo(f"sweep report: {report['uri']}")
+
+
+@app.command()
+@guarded
+def score(spec: str = typer.Argument(..., help="pipeline YAML file"),
+          stage: str = typer.Option(..., "--stage", help="a transfer stage: its candidates (or source) are scored"),
+          layers: bool = typer.Option(False, "--layers", help="also score every feature layer of the best source"),
+          overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value overrides")) -> None:
+    """Rank candidate sources for a transfer stage by LogME and LEEP on its target data (no training)."""
+    from kdray.checkpoint import write_artifact
+    from kdray.pipeline import parent_artifacts, plan
+    from kdray.scoring import score_layers, score_sources
+    from kdray.specs import load_pipeline
+    from kdray.storage import Storage
+
+    p = load_pipeline(spec, overrides or [])
+    target = p.stage(stage)
+    if target.kind != "transfer":
+        raise KdrayError(f"--stage {stage!r} is a {target.kind} stage; score ranks the sources of a transfer stage")
+    keys = plan(p)
+    parents = parent_artifacts(p, target, keys)
+    rows = score_sources(parents, target.data)
+    typer.echo("| rank | source | model | LogME | LEEP |\n|---|---|---|---|---|")
+    for r in rows:
+        typer.echo(f"| {r['rank']} | {r['ref']} | {r['model']} | {r['logme']:+.4f} | {r['leep']:+.4f} |")
+    result = {"stage": stage, "sources": rows}
+    if layers:
+        result["layers"] = score_layers(parents[rows[0]["ref"]], target.data)
+        for r in result["layers"]:
+            typer.echo(f"  {rows[0]['ref']}.{r['layer']:<12} ({r['dims']} dims) LogME {r['logme']:+.4f}")
+    store = Storage(p.storage.uri).child(f"{p.name}/_scores/{stage}-{keys[stage]}")
+    write_artifact(store, {"kind": "score", "pipeline": p.name, "stage": stage, "key": keys[stage],
+                           "metrics": {"best": rows[0]["ref"]}}, None,
+                   {"ranking.json": json.dumps(result, indent=2).encode()})
+    typer.echo(f"ranking: {store.uri()}")
+
+
+@app.command()
+@guarded
+def submit(spec: str = typer.Argument(..., help="pipeline YAML file"),
+           overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value overrides"),
+           launcher: str = typer.Option("kuberay", "--launcher", help="ray (an existing cluster) or kuberay (a RayJob per stage)"),
+           only: Optional[list[str]] = typer.Option(None, "--only", help="submit only this stage (repeatable)"),
+           force: bool = typer.Option(False, "--force", help="rerun stages even if their artifact exists")) -> None:
+    """Run a pipeline's stages on a cluster: the Ray Job Submission API or KubeRay RayJobs."""
+    from kdray.launch import submit_command
+
+    outcomes = submit_command(spec, overrides or [], launcher, only or None, force=force,
+                              log=lambda m: typer.echo(m, err=True))
+    for o in outcomes:
+        typer.echo(f"{o.stage:<16} {o.kind:<9} {o.status:<7} {o.seconds:7.1f}s  {o.uri}")
+
+
+@app.command()
+@guarded
+def render(spec: str = typer.Argument(..., help="pipeline YAML file"),
+           overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value overrides"),
+           stage: Optional[str] = typer.Option(None, "--stage", help="only this stage")) -> None:
+    """Print the KubeRay RayJob manifests the kuberay launcher would create (validated)."""
+    from kdray.launch import render_command
+
+    typer.echo(render_command(spec, overrides or [], stage))
 
 
 flow_app = typer.Typer(no_args_is_help=True, help="Run pipelines as Prefect flows (flows/).")

@@ -144,7 +144,7 @@ def run_sweep(spec: PipelineSpec, stage: str, grid: dict[str, list[Any]], *, max
 def _warm_teacher_cache(spec: PipelineSpec, trial_names: list[str], log: Callable[[str], None]) -> None:
     """Build the teacher-output cache once, so concurrent trials never race to build it."""
     from kdray.distill import cache_decision, ensure_cache
-    from kdray.pipeline import _existing
+    from kdray.pipeline import parent_artifacts
     from kdray.stages import StageContext
 
     root = Storage(spec.storage.uri)
@@ -155,8 +155,8 @@ def _warm_teacher_cache(spec: PipelineSpec, trial_names: list[str], log: Callabl
         use, _ = cache_decision(stage)
         if not use or (stage.teacher, json.dumps(stage.data.model_dump(mode="json"))) in done:
             continue
-        teacher = _existing(root, spec, stage.teacher, keys)
-        ensure_cache(StageContext(spec, stage, keys[name], root, root, {stage.teacher: teacher}, log), teacher)
+        parents = parent_artifacts(spec, stage, keys, root)
+        ensure_cache(StageContext(spec, stage, keys[name], root, root, parents, log), parents[stage.teacher])
         done.add((stage.teacher, json.dumps(stage.data.model_dump(mode="json"))))
 
 
