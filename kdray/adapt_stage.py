@@ -95,7 +95,7 @@ class Adapt(Method):
             self.best_score.fill_(score)
 
 
-def _stage_data(spec: Any) -> tuple[kdata.Split, kdata.Split]:
+def _stage_data(job: Any, spec: Any) -> tuple[kdata.Split, kdata.Split]:
     """Train on the source domain (or, source-free, on the target domain without its labels);
     monitor on the target test split."""
     test = kdata.load(spec.target_domain, "test")

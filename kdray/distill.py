@@ -14,6 +14,7 @@ changed teacher or a changed selection gets a new cache and a stale one is never
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from typing import Any
@@ -28,7 +29,7 @@ from kdray.losses import Outputs, build_loss, forward_with_features
 from kdray.methods import METHODS, Method
 from kdray.models import create_model
 from kdray.specs import spec_hash
-from kdray.stages import STAGES, WORKER_METHODS, StageContext, make_job, publish_trained
+from kdray.stages import STAGES, WORKER_DATA, WORKER_METHODS, StageContext, make_job, publish_trained
 from kdray.storage import Storage
 
 CHUNK_ROWS = 16384
@@ -100,6 +101,45 @@ def _worker_method(job: Any, spec: Any, train: kdata.Split, x_train: torch.Tenso
 WORKER_METHODS["distill"] = _worker_method
 
 
+def _stage_data(job: Any, spec: Any) -> tuple[kdata.Split, kdata.Split] | None:
+    """Data-free: train on the synthesised inputs (already normalised), test on the real test split."""
+    if not job.extras.get("datafree_uri"):
+        return None
+    store = Storage(job.extras["datafree_uri"])
+    tensors = bytes_to_state(store.read_bytes("inputs.safetensors"), store.uri())
+    test = kdata.load(spec.data, "test")
+    synthetic = dataclasses.replace(test, x=tensors["x"], y=tensors["y"], mean=0.0, std=1.0,
+                                    fingerprint=json.loads(store.read_bytes("meta.json"))["key"])
+    return synthetic, test
+
+
+WORKER_DATA["distill"] = _stage_data
+
+
+def ensure_datafree(ctx: StageContext, teacher: Artifact, kwargs: dict[str, Any]) -> str:
+    """The URI of the inputs synthesised from this teacher with these settings (built once, then reused)."""
+    from kdray.datafree import synthesize
+
+    df = ctx.stage.data_free
+    key = spec_hash({"teacher": teacher.weights_sha256, "settings": df.model_dump(), "seed": ctx.run.seed})[:16]
+    store = ctx.root.child(f"_cache/datafree/{key}")
+    if store.exists("meta.json"):
+        ctx.log(f"[{ctx.stage.name}] data-free inputs: reused {store.uri()}")
+        return store.uri()
+    ctx.log(f"[{ctx.stage.name}] data-free: synthesising {df.samples:,} inputs from the teacher -> {store.uri()}")
+    device = torch.device("cuda" if ctx.run.use_gpu and torch.cuda.is_available() else "cpu")
+    x, y, stats = synthesize(teacher.build_model(), samples=df.samples,
+                             shape=(kwargs["in_channels"], kwargs["image_size"], kwargs["image_size"]),
+                             num_classes=kwargs["num_classes"], steps=df.steps, batch_size=df.batch_size, lr=df.lr,
+                             bn_weight=df.bn_weight, tv_weight=df.tv_weight, l2_weight=df.l2_weight,
+                             seed=ctx.run.seed, device=device, log=ctx.log)
+    store.write_bytes("inputs.safetensors", state_to_bytes({"x": x, "y": y}))
+    store.write_bytes("meta.json", json.dumps({"key": key, "teacher_uri": teacher.uri, **stats}, indent=2).encode())
+    ctx.log(f"[{ctx.stage.name}] data-free: BatchNorm mismatch {stats['bn_loss_start']:.3f} -> {stats['bn_loss_end']:.3f}, "
+            f"teacher agrees with the targets on {stats['teacher_agreement_with_targets']:.1%}")
+    return store.uri()
+
+
 # --------------------------------------------------------------------------- teacher-output cache
 
 
@@ -109,6 +149,11 @@ def cache_decision(spec: Any) -> tuple[bool, str]:
     online = [t.registry_name for t in terms if t.teacher_layers or t.needs_embedding]
     if spec.teacher_cache == "off":
         return False, "teacher_cache: off"
+    if spec.data_free is not None:
+        if spec.teacher_cache == "on":
+            raise KdrayError(f"stages.{spec.name}.teacher_cache: on does not apply to data_free inputs",
+                             hint="Use teacher_cache: auto or off with data_free.")
+        return False, "data_free: the inputs are synthesised, the teacher runs online"
     if online:
         reason = f"loss terms {online} read teacher features or embeddings, which the cache does not hold"
         if spec.teacher_cache == "on":
@@ -208,6 +253,8 @@ def run_distill(ctx: StageContext) -> Artifact:
     ctx.log(f"[{ctx.stage.name}] teacher cache {'on' if use_cache else 'off'}: {why}")
     if use_cache:
         job.extras["teacher_cache"] = ensure_cache(ctx, teacher)
+    if ctx.stage.data_free is not None:
+        job.extras["datafree_uri"] = ensure_datafree(ctx, teacher, job.extras["model_kwargs"])
     result = fit(job, ctx.root)
     return publish_trained(ctx, job, result, extra={"teacher": {"uri": teacher.uri, "cache": job.extras.get("teacher_cache"),
                                                                "cache_reason": why}})

@@ -236,6 +236,18 @@ class TrainStage(StageBase):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
 
 
+class DataFreeSpec(Spec):
+    """Synthesise the distillation inputs from the teacher (DeepInversion) instead of reading data."""
+
+    samples: int = Field(4096, ge=1)
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(0.1, gt=0)
+    bn_weight: float = Field(1.0, ge=0)
+    tv_weight: float = Field(1e-4, ge=0)
+    l2_weight: float = Field(1e-5, ge=0)
+
+
 class DistillStage(StageBase):
     """Train ``model`` (the student) from ``teacher`` (a stage name or an artifact URI)."""
 
@@ -247,6 +259,7 @@ class DistillStage(StageBase):
     losses: list[LossTerm] = Field(default_factory=lambda: [LossTerm(name="cross_entropy", weight=0.1),
                                                             LossTerm(name="hinton_kl", weight=0.9)])
     teacher_cache: Literal["auto", "on", "off"] = "auto"
+    data_free: DataFreeSpec | None = None
 
     @field_validator("losses")
     @classmethod

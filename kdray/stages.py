@@ -116,13 +116,15 @@ def build_method(job: Any, spec: Any, train: kdata.Split, x_train: torch.Tensor,
     return WORKER_METHODS[spec.kind](job, spec, train, x_train, mine)
 
 
-WORKER_DATA: dict[str, Callable[[Any], tuple[kdata.Split, kdata.Split]]] = {}
+WORKER_DATA: dict[str, Callable[[Any, Any], tuple[kdata.Split, kdata.Split] | None]] = {}
 
 
-def stage_data(spec: Any) -> tuple[kdata.Split, kdata.Split]:
+def stage_data(job: Any, spec: Any) -> tuple[kdata.Split, kdata.Split]:
     """Worker side: (training split, test split for monitoring); most kinds read ``spec.data``."""
     if spec.kind in WORKER_DATA:
-        return WORKER_DATA[spec.kind](spec)
+        splits = WORKER_DATA[spec.kind](job, spec)
+        if splits is not None:
+            return splits
     return kdata.load(spec.data, "train"), kdata.load(spec.data, "test")
 
 

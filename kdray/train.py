@@ -258,7 +258,7 @@ def train(job: Job, *, rank: int = 0, world: int = 1, device: torch.device = tor
     torch.manual_seed(run["seed"])  # same initial weights on every rank
 
     # 1. Data: this rank's shard of the training set, the whole test set for monitoring.
-    train_set, test = stage_data(spec)
+    train_set, test = stage_data(job, spec)
     x_train, x_test = kdata.normalize(train_set.x, train_set), kdata.normalize(test.x, test)
     mine = torch.tensor(list(shard(len(train_set), rank, world)))
     per_rank_batch = max(1, spec.optim.batch_size // world)
