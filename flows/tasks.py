@@ -59,11 +59,12 @@ def spec_from_json(spec: dict[str, Any]) -> PipelineSpec:
 
 
 def is_infrastructure_failure(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect ``retry_condition_fn``: retry anything but a ``KdrayError``, which is bad input."""
+    """Prefect ``retry_condition_fn``: retry anything but a ``KdrayError`` (bad input), except a
+    storage error marked transient (an S3 server that did not answer)."""
     try:
         state.result()
-    except KdrayError:
-        return False
+    except KdrayError as e:
+        return bool(getattr(e, "transient", False))
     except Exception:
         return True
     return True

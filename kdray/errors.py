@@ -31,7 +31,15 @@ class DataError(KdrayError):
 
 
 class StorageError(KdrayError):
-    """Unreachable storage, a missing bucket, a missing or corrupt artifact."""
+    """Unreachable storage, a missing bucket, a missing or corrupt artifact.
+
+    ``transient`` marks an I/O failure that may pass (a network error, a server restarting): the
+    CLI still reports it with exit code 2, but an orchestrator may retry it.
+    """
+
+    def __init__(self, message: str, *, where: str | None = None, hint: str | None = None, transient: bool = False):
+        super().__init__(message, where=where, hint=hint)
+        self.transient = transient
 
 
 class CheckpointMismatch(KdrayError):

@@ -180,11 +180,12 @@ class RayJobLauncher:
     artifact is gone, or any with ``force``) is followed by a new job under the next attempt id,
     ``<id>-r2``, ``<id>-r3``...; it resumes from the stage's last Ray checkpoint.
 
-    The S3 endpoint and credentials of this process (``FORWARDED_ENV``) go to the job as
-    ``runtime_env`` variables so that it reaches the same storage; they are never logged, and are
-    masked in the job log shown here. Ray stores a job's runtime_env, so anyone who can read the
-    cluster's job API sees them: on a shared cluster, give the cluster its own credentials (the
-    ``kdray-s3`` Secret in ``k8s/``) and set ``KDRAY_RAY_FORWARD_CREDENTIALS=0``. With ``file://``
+    The S3 endpoint of this process goes to the job as a ``runtime_env`` variable so that it reaches
+    the same storage. Credentials do not, by default: Ray stores a job's runtime_env (anyone who can
+    read the cluster's job API sees it) and its runtime-env agent writes it to its log, so the
+    cluster should hold its own (the ``kdray-s3`` Secret in ``k8s/``). ``KDRAY_RAY_FORWARD_CREDENTIALS=1``
+    forwards this process's ``AWS_*`` keys too, for a private cluster; they are masked in the job log
+    shown here either way. With ``file://``
     storage the cluster must see the same folder (one machine, or a shared filesystem).
 
     The job log is polled (``get_job_logs``) and only its new lines go to ``log``; Ctrl-C stops
@@ -283,7 +284,7 @@ class RayJobLauncher:
 
     def _submit(self, client: Any, job: str, stage_uri: str, key: str, log: Log) -> str:
         env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
-        if os.environ.get("KDRAY_RAY_FORWARD_CREDENTIALS", "1") == "0":
+        if os.environ.get("KDRAY_RAY_FORWARD_CREDENTIALS", "0") != "1":  # see the class docstring
             env = {k: v for k, v in env.items() if k not in _SECRET_ENV}
         try:
             return client.submit_job(entrypoint=f"{WORKER_COMMAND} {shlex.quote(stage_uri)}", submission_id=job,

@@ -120,8 +120,8 @@ class Storage:
     # ------------------------------------------------------------------ I/O
 
     def _wrap(self, action: str, rel: str, err: Exception) -> StorageError:
-        return StorageError(f"could not {action} {self.uri(rel)}: {err}",
-                            hint=self._hint())
+        return StorageError(f"could not {action} {self.uri(rel)}: {err}", hint=self._hint(),
+                            transient=self.scheme == "s3")  # a network error may pass; a retry is cheap
 
     @property
     def bucket(self) -> str:

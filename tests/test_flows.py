@@ -71,6 +71,10 @@ def test_retry_condition_retries_infrastructure_errors_only():
     assert is_infrastructure_failure(None, None, Failed(data=OSError("connection reset"))) is True
     assert is_infrastructure_failure(None, None, Failed(data=SpecError("unknown model 'x'"))) is False
     assert is_infrastructure_failure(None, None, Failed(data=KdrayError("bad path"))) is False
+    from kdray.errors import StorageError
+
+    assert is_infrastructure_failure(None, None, Failed(data=StorageError("S3 did not answer", transient=True))) is True
+    assert is_infrastructure_failure(None, None, Failed(data=StorageError("no such artifact"))) is False
 
 
 def test_spec_json_round_trip_keeps_keys_and_run_merging(tmp_path):

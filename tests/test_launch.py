@@ -253,6 +253,7 @@ def test_ray_launcher_streams_whole_lines_masks_secrets_and_rides_out_api_errors
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "access-id")
     monkeypatch.setenv("KDRAY_S3_ENDPOINT", "http://s3.example:8333")
     spec = spec_of(tmp_path, workers=1, launcher="ray", address="http://head:8265")
+    monkeypatch.setenv("KDRAY_RAY_FORWARD_CREDENTIALS", "1")  # opt in: credentials travel to the job
     api = FakeJobAPI({}, log_chunks=["\x1b[36m(RayTrainWorker pid=7)\x1b[0m epo", "ch 1\nkey s3cr3t-value\n", "tail"],
                      flaky_polls=2)
     monkeypatch.setattr(RayJobLauncher, "client", lambda self, url: api)
@@ -265,7 +266,7 @@ def test_ray_launcher_streams_whole_lines_masks_secrets_and_rides_out_api_errors
                                                "AWS_SECRET_ACCESS_KEY": "s3cr3t-value"}}
     assert not any("s3cr3t" in line for line in lines)
 
-    monkeypatch.setenv("KDRAY_RAY_FORWARD_CREDENTIALS", "0")
+    monkeypatch.delenv("KDRAY_RAY_FORWARD_CREDENTIALS")  # the default: only the endpoint travels
     api = FakeJobAPI({}, flaky_polls=RayJobLauncher.max_api_errors)
     monkeypatch.setattr(RayJobLauncher, "client", lambda self, url: api)
     with pytest.raises(KdrayError, match="lost contact with the Ray job API .* run the same command again to attach"):
@@ -365,6 +366,7 @@ def test_ray_launcher_runs_a_stage_as_a_ray_job(ray_cluster, tmp_path, monkeypat
     secret = "kdray-test-secret-value-123"
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "kdray-test-access-key")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    monkeypatch.setenv("KDRAY_RAY_FORWARD_CREDENTIALS", "1")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(RayJobLauncher, "poll_s", 0.3)
     spec = spec_of(tmp_path, workers=1, epochs=1, launcher="ray", address=ray_cluster)
