@@ -49,6 +49,7 @@ def quiet_ray_logs() -> None:
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
+
 @dataclass
 class Job:
     """Everything a worker needs, as plain JSON-able values (it crosses process boundaries)."""
@@ -85,8 +86,9 @@ def stage_spec(job: Job) -> Any:
 
 def build_optimizer(spec: Any, groups: list[dict[str, Any]], steps: int):
     """AdamW/Adam/SGD over param groups (a group's ``lr_scale`` multiplies the lr); cosine or constant."""
+    groups = [{**g, "lr": spec.lr * g.get("lr_scale", 1.0)} for g in groups]  # the caller's dicts stay as they are
     for g in groups:
-        g["lr"] = spec.lr * g.pop("lr_scale", 1.0)
+        g.pop("lr_scale", None)
     if spec.name == "sgd":
         opt = torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay, nesterov=True)
     else:

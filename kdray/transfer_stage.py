@@ -21,9 +21,9 @@ from kdray.checkpoint import Artifact, open_artifact
 from kdray.methods import METHODS, Method
 from kdray.models import create_model
 from kdray.scoring import score_sources
-from kdray.stages import STAGES, WORKER_METHODS, StageContext, make_job, publish_trained
-from kdray.transfer import (L2SP, TransferReport, TransferSpec, apply_batchnorm_rules, apply_layer_rules,
-                            apply_transfer, plan_transfer)
+from kdray.stages import STAGES, WORKER_METHODS, StageContext, make_job, model_kwargs, publish_trained
+from kdray.transfer import (L2SP, MappingRule, TransferReport, TransferSpec, apply_batchnorm_rules,
+                            apply_layer_rules, apply_transfer, plan_transfer)
 
 
 @METHODS.register("transfer")
@@ -85,11 +85,37 @@ def choose_source(ctx: StageContext) -> tuple[Artifact, list[dict[str, Any]]]:
     return ctx.parents[best], rows
 
 
+def label_space(data: dict[str, Any]) -> tuple[str, Any]:
+    return data.get("name"), data.get("classes")
+
+
+def with_new_head(ctx: StageContext, source: Artifact) -> Any:
+    """The stage, with a rule that re-initialises the classifier when source and target label
+    different things (another dataset or class subset) and the mapping does not decide it itself.
+
+    A head trained for classes 0-4 has the right shape for classes 5-9 but the wrong meaning;
+    copying it (what ``match: name`` alone would do) is never what a user means.
+    """
+    source_data = (source.manifest.get("spec") or {}).get("data") or {}
+    target = ctx.stage.data.model_dump(mode="json")
+    rules = ctx.stage.transfer.mapping
+    mentions_head = any(r.pairs and any(k.startswith("classifier") for k in r.pairs) for r in rules)
+    same_width = source.manifest["model"]["kwargs"].get("num_classes") == model_kwargs(ctx.stage.model, ctx.stage.data)["num_classes"]
+    if not source_data or label_space(source_data) == label_space(target) or mentions_head or not same_width:
+        return ctx.stage  # (a head of another width is re-initialised by the mapping, with that reason)
+    ctx.log(f"[{ctx.stage.name}] source labels {label_space(source_data)} differ from target labels "
+            f"{label_space(target)}: the classifier head starts fresh (map classifier.* explicitly to change this)")
+    head = MappingRule(match="explicit", pairs={"classifier.*": None}, op="reinit")
+    transfer = ctx.stage.transfer.model_copy(update={"mapping": [head, *rules]})
+    return ctx.stage.model_copy(update={"transfer": transfer})
+
+
 @STAGES.register("transfer")
 def run_transfer(ctx: StageContext) -> Artifact:
     from kdray.train import fit
 
     source, ranking = choose_source(ctx)
+    ctx.stage = with_new_head(ctx, source)
     job = make_job(ctx, source_uri=source.uri)
     # Plan on the driver: a mapping that cannot hold fails here, naming both sides, before Ray starts.
     dry = Transfer(create_model(ctx.stage.model.name, **job.extras["model_kwargs"]), ctx.stage.transfer,

@@ -82,3 +82,17 @@ def test_source_auto_picks_the_better_candidate(tmp_path):
     ranking = manifest["source"]["ranking"]
     assert [r["ref"] for r in ranking][0] == "teacher" and ranking[0]["logme"] > ranking[1]["logme"]
     assert manifest["source"]["uri"] == out[0].uri
+
+
+def test_same_sized_head_for_other_classes_starts_fresh(tmp_path):
+    """Source on classes 0-1, target on classes 2-3: the head has the right shape, the wrong meaning."""
+    doc = synthetic_pipeline(tmp_path)
+    doc["stages"][0]["data"] = {**TARGET_DATA, "classes": [0, 1]}
+    logs = []
+    out = run({**doc, "stages": [*doc["stages"], target()]}, logs)
+    report = open_artifact(out[1].uri).read_json("transfer_report.json")
+    head = next(e for e in report["tensors"] if e["key"] == "classifier.weight")
+    assert head["status"] == "reinitialised"
+    assert any("the classifier head starts fresh" in m for m in logs)
+    copied = next(e for e in report["tensors"] if e["key"] == "features.0.0.0.weight")
+    assert copied["status"] == "copied"
