@@ -47,6 +47,12 @@ def quiet_ray_logs() -> None:
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    try:  # this one logs every report at INFO under a logger named by its file path
+        from ray.train.v2._internal.execution import context
+
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
 
 
 
