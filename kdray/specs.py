@@ -348,6 +348,23 @@ class AdaptStage(StageBase):
         return [("source", self.source)] if self.source else []
 
 
+class ShareStage(StageBase):
+    """Parameter sharing ``W_shared = W_a ∩ W_b``: two networks of one architecture trained together
+    on two tasks, the modules selected by ``shared`` tied (one tensor), each with its own head.
+
+    Task A is ``data`` (iterated), task B is ``data_b`` (sampled alongside; its test split is what
+    the stage reports). The published model is network B, the one for the target task.
+    """
+
+    kind: Literal["share"] = "share"
+    model: ModelSpec
+    data: DataSpec = Field(default_factory=DataSpec)
+    data_b: DataSpec
+    shared: list[str] = Field(default_factory=lambda: ["features.*"], min_length=1)
+    weight_b: float = Field(1.0, gt=0)
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+
+
 class EvaluateStage(StageBase):
     """Evaluate trained stages on a test split and write ``report.json``, ``report.md`` and plots."""
 
@@ -362,9 +379,9 @@ class EvaluateStage(StageBase):
         return [(f"models[{i}]", m) for i, m in enumerate(self.models)]
 
 
-Stage = Annotated[Union[TrainStage, DistillStage, TransferStage, AdaptStage, EvaluateStage],
+Stage = Annotated[Union[TrainStage, DistillStage, TransferStage, ShareStage, AdaptStage, EvaluateStage],
                   Field(discriminator="kind")]
-STAGE_KINDS = ("train", "distill", "transfer", "adapt", "evaluate")
+STAGE_KINDS = ("train", "distill", "transfer", "share", "adapt", "evaluate")
 
 
 def is_artifact_uri(ref: str) -> bool:

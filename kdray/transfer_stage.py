@@ -21,9 +21,9 @@ from kdray.checkpoint import Artifact, open_artifact
 from kdray.methods import METHODS, Method
 from kdray.models import create_model
 from kdray.scoring import score_sources
-from kdray.stages import STAGES, WORKER_METHODS, StageContext, make_job, model_kwargs, publish_trained
+from kdray.stages import STAGES, WORKER_DATA, WORKER_METHODS, StageContext, make_job, model_kwargs, publish_trained
 from kdray.transfer import (L2SP, MappingRule, TransferReport, TransferSpec, apply_batchnorm_rules,
-                            apply_layer_rules, apply_transfer, plan_transfer)
+                            apply_layer_rules, apply_transfer, plan_transfer, tie_modules)
 
 
 @METHODS.register("transfer")
@@ -129,3 +129,59 @@ def run_transfer(ctx: StageContext) -> Artifact:
     return publish_trained(ctx, job, result, files, extra={
         "source": {"uri": source.uri, "model": source.manifest["model"]["name"], "ranking": ranking},
         "transfer": dry.report.summary()})
+
+
+# --------------------------------------------------------------------------- joint parameter sharing
+
+
+@METHODS.register("share")
+class Share(Method):
+    """``CE_a(net_a(x_a)) + weight_b · CE_b(net_b(x_b))`` with the shared modules tied; ``model`` is net B."""
+
+    def __init__(self, net_a: nn.Module, net_b: nn.Module, shared: list[str], x_b: torch.Tensor, y_b: torch.Tensor,
+                 weight_b: float, batch_size: int, seed: int):
+        super().__init__(net_b)
+        self.net_a = net_a
+        self.shared = tie_modules(net_a, net_b, shared)
+        self.x_b, self.y_b, self.weight_b, self.batch_size = x_b, y_b, weight_b, batch_size
+        self.generator = torch.Generator().manual_seed(seed * 7919 + 1)
+
+    def to_device(self, device: torch.device) -> "Share":
+        super().to_device(device)
+        self.x_b, self.y_b = self.x_b.to(device), self.y_b.to(device)
+        return self
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        idx = torch.randint(len(self.y_b), (self.batch_size,), generator=self.generator).to(self.x_b.device)
+        logits_a, logits_b = self.net_a(batch["x"]), self.model(self.x_b[idx])
+        ce_a = F.cross_entropy(logits_a, batch["y"], ignore_index=-1)
+        ce_b = F.cross_entropy(logits_b, self.y_b[idx], ignore_index=-1)
+        return {"loss": ce_a + self.weight_b * ce_b, "logits": logits_a, "ce_a": ce_a.detach(), "ce_b": ce_b.detach()}
+
+
+def _share_method(job: Any, spec: Any, train: kdata.Split, x_train: torch.Tensor, mine: torch.Tensor) -> Share:
+    net_a = create_model(spec.model.name, **job.extras["model_a_kwargs"])
+    net_b = create_model(spec.model.name, **job.extras["model_kwargs"])
+    task_b = kdata.load(spec.data_b, "train")
+    keep = task_b.y >= 0  # task B's labelled rows (it may have few)
+    return Share(net_a, net_b, spec.shared, kdata.normalize(task_b.x, task_b)[keep], task_b.y[keep], spec.weight_b,
+                 max(1, spec.optim.batch_size), job.run["seed"])
+
+
+WORKER_METHODS["share"] = _share_method
+WORKER_DATA["share"] = lambda job, spec: (kdata.load(spec.data, "train"), kdata.load(spec.data_b, "test"))
+
+
+@STAGES.register("share")
+def run_share(ctx: StageContext) -> Artifact:
+    from kdray.train import fit
+
+    job = make_job(ctx)
+    job.extras["model_a_kwargs"] = job.extras["model_kwargs"]
+    job.extras["model_kwargs"] = model_kwargs(ctx.stage.model, ctx.stage.data_b)
+    # Tie on the driver first: a glob that matches nothing or modules that differ fail before Ray starts.
+    tied = tie_modules(create_model(ctx.stage.model.name, **job.extras["model_a_kwargs"]),
+                       create_model(ctx.stage.model.name, **job.extras["model_kwargs"]), ctx.stage.shared)
+    ctx.log(f"[{ctx.stage.name}] tied modules (one tensor for both tasks): {', '.join(tied)}")
+    result = fit(job, ctx.root)
+    return publish_trained(ctx, job, result, extra={"shared": tied})

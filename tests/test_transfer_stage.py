@@ -96,3 +96,26 @@ def test_same_sized_head_for_other_classes_starts_fresh(tmp_path):
     assert any("the classifier head starts fresh" in m for m in logs)
     copied = next(e for e in report["tensors"] if e["key"] == "features.0.0.0.weight")
     assert copied["status"] == "copied"
+
+
+def test_share_trains_two_tasks_with_one_trunk(tmp_path):
+    """Joint parameter sharing: tasks A (classes 0-1) and B (classes 2-3) train one tied trunk."""
+    doc = synthetic_pipeline(tmp_path)
+    share = {"name": "joint", "kind": "share", "model": {"name": "cnn_small"},
+             "data": {**TARGET_DATA, "classes": [0, 1]}, "data_b": TARGET_DATA, "shared": ["features.*", "head"],
+             "optim": {"epochs": 2, "batch_size": 32, "lr": 3e-3}}
+    logs = []
+    out = run({**doc, "stages": [doc["stages"][0], share]}, logs)
+    art = open_artifact(out[1].uri)
+    assert art.manifest["shared"] == ["features.0", "features.1", "head"]
+    assert art.manifest["model"]["kwargs"]["num_classes"] == 2
+    assert art.manifest["history"][-1]["test_acc"] > 0.8, "task B learnt through the shared trunk"
+    assert any("tied modules" in m for m in logs)
+
+
+def test_share_with_a_glob_that_matches_nothing(tmp_path):
+    doc = synthetic_pipeline(tmp_path)
+    share = {"name": "joint", "kind": "share", "model": {"name": "cnn_small"}, "data": TARGET_DATA,
+             "data_b": TARGET_DATA, "shared": ["trunk.*"]}
+    with pytest.raises(KdrayError, match="trunk"):
+        run({**doc, "stages": [share]})
