@@ -56,7 +56,8 @@ def data_spec_for(ctx: Any) -> Any:
         return ctx.stage.data
     first = ctx.parents[ctx.stage.models[0]]
     spec = first.manifest["spec"]
-    return DataSpec.model_validate(spec.get("data") or spec.get("target_domain") or {})
+    # the task the published model is for: a share stage's task B, an adapt stage's target domain
+    return DataSpec.model_validate(spec.get("data_b") or spec.get("target_domain") or spec.get("data") or {})
 
 
 def evaluate_stage(ctx: Any) -> tuple[dict[str, Any], dict[str, bytes]]:

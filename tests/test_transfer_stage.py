@@ -105,8 +105,11 @@ def test_share_trains_two_tasks_with_one_trunk(tmp_path):
              "data": {**TARGET_DATA, "classes": [0, 1]}, "data_b": TARGET_DATA, "shared": ["features.*", "head"],
              "optim": {"epochs": 2, "batch_size": 32, "lr": 3e-3}}
     logs = []
-    out = run({**doc, "stages": [doc["stages"][0], share]}, logs)
+    out = run({**doc, "stages": [doc["stages"][0], share,
+                                 {"name": "eval", "kind": "evaluate", "models": ["joint"]}]}, logs)
     art = open_artifact(out[1].uri)
+    row = open_artifact(out[2].uri).read_json("report.json")["models"][0]
+    assert row["top1"] == pytest.approx(art.manifest["history"][-1]["test_acc"], abs=1e-6), "evaluated on task B"
     assert art.manifest["shared"] == ["features.0", "features.1", "head"]
     assert art.manifest["model"]["kwargs"]["num_classes"] == 2
     assert art.manifest["history"][-1]["test_acc"] > 0.8, "task B learnt through the shared trunk"
