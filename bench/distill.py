@@ -66,8 +66,9 @@ def student(name: str, recipe: str, seed: int, data: dict | None = None, cache: 
             "teacher_cache": cache, "run": {"seed": seed}}
 
 
-def kdray_run(root: str, stage: dict, workers: int = 0) -> dict:
-    out = run_pipeline(parse_pipeline(pipeline(root, [stage], workers)), log=lambda m: None)
+def kdray_run(root: str, stage: dict, workers: int = 0, force: bool = False) -> dict:
+    out = run_pipeline(parse_pipeline(pipeline(root, [stage], workers)), force=[stage["name"]] if force else False,
+                       log=lambda m: None)
     return open_artifact(out[-1].uri).manifest
 
 
@@ -160,10 +161,10 @@ def part_scarce(root: str, teacher, seeds, emit) -> None:
 
 
 def part_speed(root: str, teacher, emit) -> None:
-    seed = 100  # a seed of its own, so these runs are not cached results of the accuracy part
-    only = kdray_run(root, student("speed-student-only", "scratch", seed), workers=1)
-    cached = kdray_run(root, student("speed-cached", "hinton_T4", seed, cache="on"), workers=1)
-    online = kdray_run(root, student("speed-online", "hinton_T4", seed, cache="off"), workers=1)
+    seed = 100  # timings: always run again (force), never read from an earlier artifact
+    only = kdray_run(root, student("speed-student-only", "scratch", seed), workers=1, force=True)
+    cached = kdray_run(root, student("speed-cached", "hinton_T4", seed, cache="on"), workers=1, force=True)
+    online = kdray_run(root, student("speed-online", "hinton_T4", seed, cache="off"), workers=1, force=True)
     plain_online = plain_student(teacher, "hinton_T4", seed, {"name": "fashion_mnist"}, online=True)
     med = lambda hist: statistics.median(h["epoch_seconds"] for h in hist[1:])  # noqa: E731
     rate = lambda hist: statistics.median(h["samples_per_s"] for h in hist[1:])  # noqa: E731
