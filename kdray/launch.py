@@ -137,6 +137,10 @@ class LocalLauncher:
         if parents is None:
             parents = parent_artifacts(spec, stage, plan(spec), root)
         store = _stage_store(spec, stage_name, key)
+        if force:  # start over: Ray would otherwise resume the finished run from its last checkpoint
+            from kdray.train import run_name
+
+            root.delete_dir(f"_ray/{run_name(spec.name, stage_name, key)}")
         return STAGES.get(stage.kind)(StageContext(spec, stage, key, store, root, parents, log))
 
 

@@ -56,6 +56,11 @@ def quiet_ray_logs() -> None:
 
 
 
+def run_name(pipeline: str, stage: str, key: str) -> str:
+    """Ray's run name for a stage: deterministic, so a rerun of the same stage resumes its run."""
+    return f"{pipeline}-{stage}-{key}"
+
+
 @dataclass
 class Job:
     """Everything a worker needs, as plain JSON-able values (it crosses process boundaries)."""
@@ -69,7 +74,7 @@ class Job:
 
     @property
     def run_name(self) -> str:
-        return f"{self.pipeline}-{self.stage['name']}-{self.key}"
+        return run_name(self.pipeline, self.stage["name"], self.key)
 
     def to_config(self) -> dict[str, Any]:
         return {"job": json.loads(json.dumps(self.__dict__))}

@@ -78,6 +78,9 @@ def test_two_ray_workers(tmp_path, ray_local):
     run_dir = art.manifest["ray_run"]
     assert run_dir.endswith(f"synth-teacher-{out.key}")
     assert any("checkpoint_" in p for p in Storage(f"file://{run_dir}").list())
+    # --force trains again from scratch (it does not resume the finished run from its last checkpoint)
+    again = open_artifact(run_pipeline(spec, force=True, log=quiet)[0].uri).manifest["history"]
+    assert len(again) == 2 and again[0]["loop_started"] > hist[0]["loop_started"] and again[0]["resumed"] == 0
 
 
 @pytest.mark.slow
