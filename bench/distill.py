@@ -160,15 +160,15 @@ def part_scarce(root: str, teacher, seeds, emit) -> None:
                   "plain": p["test_acc"]})
 
 
-def part_speed(root: str, teacher, emit) -> None:
+def part_speed(root: str, teacher, emit, workers: int = 1) -> None:
     seed = 100  # timings: always run again (force), never read from an earlier artifact
-    only = kdray_run(root, student("speed-student-only", "scratch", seed), workers=1, force=True)
-    cached = kdray_run(root, student("speed-cached", "hinton_T4", seed, cache="on"), workers=1, force=True)
-    online = kdray_run(root, student("speed-online", "hinton_T4", seed, cache="off"), workers=1, force=True)
+    only = kdray_run(root, student("speed-student-only", "scratch", seed), workers=workers, force=True)
+    cached = kdray_run(root, student("speed-cached", "hinton_T4", seed, cache="on"), workers=workers, force=True)
+    online = kdray_run(root, student("speed-online", "hinton_T4", seed, cache="off"), workers=workers, force=True)
     plain_online = plain_student(teacher, "hinton_T4", seed, {"name": "fashion_mnist"}, online=True)
     med = lambda hist: statistics.median(h["epoch_seconds"] for h in hist[1:])  # noqa: E731
     rate = lambda hist: statistics.median(h["samples_per_s"] for h in hist[1:])  # noqa: E731
-    emit({"part": "speed", "epoch_s_student_only": med(only["history"]), "epoch_s_cached_kd": med(cached["history"]),
+    emit({"part": "speed", "workers": workers, "epoch_s_student_only": med(only["history"]), "epoch_s_cached_kd": med(cached["history"]),
           "epoch_s_online_kd": med(online["history"]),
           "ratio_cached_over_student_only": med(cached["history"]) / med(only["history"]),
           "online_kd_samples_per_s_kdray": rate(online["history"]),
@@ -216,6 +216,7 @@ def main() -> None:
     ap.add_argument("--rss-probe", choices=["on", "off"], help=argparse.SUPPRESS)
     ap.add_argument("--summary-only", action="store_true")
     ap.add_argument("--gpu", action="store_true", help="accuracy parts on the local GPU, in-process, no AMP")
+    ap.add_argument("--speed-workers", type=int, default=1, help="speed part: 1 = a Ray Train worker, 0 = in-process")
     args = ap.parse_args()
     global GPU
     GPU = args.gpu
@@ -240,7 +241,7 @@ def main() -> None:
             elif part == "scarce":
                 part_scarce(args.root, teacher, args.seeds, emit)
             elif part == "speed":
-                part_speed(args.root, teacher, emit)
+                part_speed(args.root, teacher, emit, args.speed_workers)
             elif part == "memory":
                 part_memory(args.root, emit)
     with open(out) as f:
