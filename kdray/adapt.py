@@ -380,6 +380,13 @@ class AdaptMethod(nn.Module):
         f, z = features_and_logits(self.model, torch.cat([batch["x_src"], batch["x_tgt"]]))
         return f[:n], z[:n], f[n:], z[n:]
 
+    def aligned_features(self, batch: Mapping[str, Any]):
+        """``(f_s, z_s, f_t)`` for batch-statistic losses; features from every rank with ``all_gather``."""
+        f_s, z_s, f_t, _ = self.joint_forward(batch)
+        if getattr(self, "all_gather", False):
+            f_s, f_t = gather_from_all_ranks(f_s), gather_from_all_ranks(f_t)
+        return f_s, z_s, f_t
+
     def extra_repr(self) -> str:
         return f"name={self.name!r}, num_classes={self.num_classes}, weight={self.weight}"
 
@@ -473,9 +480,7 @@ class MMD(AdaptMethod):
 
     def forward(self, batch: Mapping[str, Any], progress: float) -> dict[str, torch.Tensor]:
         self._check_batch(batch, progress)
-        f_s, z_s, f_t, _ = self.joint_forward(batch)
-        if self.all_gather:
-            f_s, f_t = gather_from_all_ranks(f_s), gather_from_all_ranks(f_t)
+        f_s, z_s, f_t = self.aligned_features(batch)
         mmd = gaussian_mmd(f_s, f_t, self.kernels)
         ce = F.cross_entropy(z_s, batch["y_src"])
         return {"loss": ce + self.weight * mmd, "ce": ce.detach(), "mmd": mmd.detach()}
@@ -495,9 +500,7 @@ class CORAL(AdaptMethod):
 
     def forward(self, batch: Mapping[str, Any], progress: float) -> dict[str, torch.Tensor]:
         self._check_batch(batch, progress)
-        f_s, z_s, f_t, _ = self.joint_forward(batch)
-        if self.all_gather:
-            f_s, f_t = gather_from_all_ranks(f_s), gather_from_all_ranks(f_t)
+        f_s, z_s, f_t = self.aligned_features(batch)
         coral = coral_loss(f_s, f_t)
         ce = F.cross_entropy(z_s, batch["y_src"])
         return {"loss": ce + self.weight * coral, "ce": ce.detach(), "coral": coral.detach()}
