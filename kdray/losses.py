@@ -67,6 +67,8 @@ def resolve_modules(model: nn.Module, paths: Sequence[str], role: str = "model")
         paths: keys of ``dict(model.named_modules())``, e.g. ``"features.1"``.
         role: how the error names the model ("student", "teacher").
     """
+    if not paths:  # the common case, called every step: no module walk at all
+        return {}
     inner = unwrap(model)
     modules = dict(inner.named_modules())
     found = {}
