@@ -1,8 +1,8 @@
 """Cross-network transfer on Fashion-MNIST classes 0-4 -> 5-9: kdray against a plain PyTorch loop.
 
-    .venv/bin/python bench/transfer.py                          # both parts (about 25 min on 2 busy CPUs)
+    .venv/bin/python bench/transfer.py                          # all parts (32 min on the 2-core machine)
     .venv/bin/python bench/transfer.py --parts strategies --seeds 0 1 2
-    .venv/bin/python bench/transfer.py --parts ranking
+    .venv/bin/python bench/transfer.py --parts relevance ranking
     .venv/bin/python bench/transfer.py --summary-only           # tables from <root>/results.jsonl
 
 Parts:
@@ -10,14 +10,24 @@ Parts:
               run.workers: 1) initialises a cnn_small for classes 5-9 with (a) 1% of the labels
               (300 images) or (b) 10 labelled images per class (50 images); only the labelled images
               are kept. Strategies: scratch (a train stage), init (fine-tune all), freeze
-              (features.* frozen, their BatchNorm in eval), lr_scale (features.* at 0.1x the lr),
-              l2sp (alpha 0.01, beta 0; and alpha 0.1 as a second row). Every transfer gives the
-              target a fresh classifier (a {match: explicit, op: skip} rule, see below). Each kdray
-              run (in-process, run.workers: 0) is followed by a plain PyTorch loop of the same recipe.
-  ranking     five candidate sources of clearly different quality for classes 5-9 (classes 0-9, which
-              include the target classes; classes 0-4 for 3 epochs; classes 0-4 on 1,000 images for
-              1 epoch; classes 0-1 only; 10 steps at lr 1e-6, near random). LogME and LEEP of each on
-              the target training data (10 images per class, per seed), then each fine-tuned with
+              (features.* frozen, their BatchNorm in eval), probe (features.* and head.* frozen: only
+              the new classifier trains, a linear probe of the source's embedding), lr_scale
+              (features.* at 0.1x the lr), lr_scale_body (features.* and head.* at 0.1x), l2sp
+              (alpha 0.01, beta 0; and alpha 0.1 as a second row). Every transfer gives the target a
+              fresh classifier (a {match: explicit, op: skip} rule, see below). Each kdray run
+              (in-process, run.workers: 0) is followed by a plain PyTorch loop of the same recipe.
+              Each 10-per-class run also records which share of its test errors confuse one footwear
+              class for another (sandal, sneaker, ankle boot), the shapes a source on tops never saw.
+  relevance   the 10-per-class target again, with init, probe and lr_scale_body, from two sources that
+              know the target's classes: classes 0-9 with all labels (includes the target classes),
+              and classes 5-9 in another domain (rotated 30 degrees, Gaussian noise 0.2). It tells
+              whether a small gain from the 0-4 source is kdray's transfer or the source's knowledge.
+  architecture  scratch and init at 10 per class with resnet_small (global average pooling, 0.08M
+              parameters) as both source (classes 0-4) and target: a data-hungrier network.
+  ranking     six candidate sources of clearly different quality for classes 5-9 (classes 0-9;
+              classes 0-4 for 3 epochs; classes 0-4 on 1,000 images for 1 epoch; classes 0-1 only;
+              classes 5-9 rotated and noisy; 10 steps at lr 1e-6, near random). LogME and LEEP of each
+              on the target training data (10 images per class, per seed), then each fine-tuned with
               ``init`` (3 seeds); Kendall tau between the score and the mean fine-tuned accuracy.
 
 The budget is the same for every strategy of a setting: AdamW, lr 2e-3, cosine schedule, batch 32,
@@ -68,17 +78,27 @@ SETTINGS = {  # the target's labelled training data, selected with data.seed = r
 SETTING_TEXT = {"1pct": "1% of the labels (300 images)", "10pc": "10 labelled images per class (50 images)"}
 # A fresh classifier for the target (its 5 classes are not the source's 5), then every other tensor by name.
 NEW_HEAD = [{"match": "explicit", "pairs": {"classifier.*": None}, "op": "skip"}, {"match": "name"}]
-FEATURES = "features.*"
+FEATURES = "features.*"  # the conv stages; cnn_small's ``head`` (3136 -> 128, 95% of its weights) is not in it
+BODY = [FEATURES, "head.*"]  # everything but the classifier
+
+
+def _rules(globs: list[str], action: str, **extra) -> list[dict]:
+    return [{"select": g, "action": action, **extra} for g in globs]
+
+
 STRATEGIES = {  # name -> the transfer block (None: a scratch train stage)
     "scratch": None,
     "init": {"mapping": NEW_HEAD},
-    "freeze": {"mapping": NEW_HEAD, "layers": [{"select": FEATURES, "action": "freeze"}]},
-    "lr_scale": {"mapping": NEW_HEAD, "layers": [{"select": FEATURES, "action": "lr_scale", "lr_scale": 0.1}]},
+    "freeze": {"mapping": NEW_HEAD, "layers": _rules([FEATURES], "freeze")},
+    "probe": {"mapping": NEW_HEAD, "layers": _rules(BODY, "freeze")},  # a linear probe of the source's embedding
+    "lr_scale": {"mapping": NEW_HEAD, "layers": _rules([FEATURES], "lr_scale", lr_scale=0.1)},
+    "lr_scale_body": {"mapping": NEW_HEAD, "layers": _rules(BODY, "lr_scale", lr_scale=0.1)},
     "l2sp": {"mapping": NEW_HEAD, "l2sp": {"alpha": 0.01, "beta": 0.0}},
     "l2sp_a0.1": {"mapping": NEW_HEAD, "l2sp": {"alpha": 0.1, "beta": 0.0}},
 }
 
 MAIN_SOURCE = "src-0to4"
+ARCH_SOURCE = "res-0to4"  # the architecture part: resnet_small source and target
 SOURCES = {  # candidate sources, all cnn_small on 1x28x28 Fashion-MNIST
     "src-0to9": {"data": {"classes": list(range(10))}, "optim": {"epochs": 1, "lr": 2e-3},
                  "text": "classes 0-9 (includes the target classes), 1 epoch"},
@@ -88,17 +108,36 @@ SOURCES = {  # candidate sources, all cnn_small on 1x28x28 Fashion-MNIST
                        "text": "classes 0-4, 1,000 images, 1 epoch"},
     "src-01": {"data": {"classes": [0, 1]}, "optim": {"epochs": 3, "lr": 2e-3},
                "text": "classes 0-1 only (T-shirt, Trouser), 3 epochs"},
+    "src-rot-5to9": {"data": {"classes": TARGET_CLASSES, "shifts": [{"name": "rotation", "degrees": 30},
+                                                                    {"name": "gaussian_noise", "sigma": 0.2}]},
+                     "optim": {"epochs": 3, "lr": 2e-3},
+                     "text": "the target's classes 5-9 in another domain (rotated 30 deg, noise 0.2), 3 epochs"},
+    ARCH_SOURCE: {"data": {"classes": [0, 1, 2, 3, 4]}, "optim": {"epochs": 3, "lr": 2e-3}, "model": "resnet_small",
+                  "text": "resnet_small on classes 0-4, 3 epochs"},
     "src-near-random": {"data": {"classes": [0, 1, 2, 3, 4], "limit": 640}, "optim": {"epochs": 1, "lr": 1e-6,
                                                                                       "batch_size": 64},
                         "text": "classes 0-4, 10 steps at lr 1e-6 (near random)"},
 }
 
 
+# The plain loop's own statement of each strategy: parameter-name prefixes frozen / trained at 0.1x the lr.
+PLAIN_FROZEN = {"freeze": ("features.",), "probe": ("features.", "head.")}
+PLAIN_SCALED = {"lr_scale": ("features.",), "lr_scale_body": ("features.", "head.")}
+RELEVANCE_SOURCES = ["src-0to9", "src-rot-5to9"]  # sources that know the target's classes
+RELEVANCE_STRATEGIES = ["init", "probe", "lr_scale_body"]
+FOOTWEAR = (0, 2, 4)  # sandal, sneaker, ankle boot as target labels 0, 2, 4 (classes 5, 7, 9)
+
+
+def ranking_sources() -> list[str]:
+    """The candidates LogME/LEEP rank: every cnn_small source (the target is a cnn_small)."""
+    return [n for n, s in SOURCES.items() if s.get("model", "cnn_small") == "cnn_small"]
+
+
 def source_stage(name: str) -> dict:
     s = SOURCES[name]
     optim = {"batch_size": 128, **s["optim"]}
     # The strategies' source runs as a Ray Train job (one worker); the other candidates in-process.
-    return {"name": name, "kind": "train", "model": {"name": "cnn_small"},
+    return {"name": name, "kind": "train", "model": {"name": s.get("model", "cnn_small")},
             "data": {"name": "fashion_mnist", **s["data"]}, "optim": optim,
             "run": {"workers": 1 if name == MAIN_SOURCE else 0}}
 
@@ -113,15 +152,16 @@ def target_optim(setting: str, n_train: int, steps: int) -> dict:
     return {"epochs": max(1, math.ceil(steps / per_epoch)), "batch_size": BATCH, "lr": LR, "schedule": "cosine"}
 
 
-def stage_name(setting: str, strategy: str, source: str, seed: int) -> str:
+def stage_name(setting: str, strategy: str, source: str, seed: int, model: str = "cnn_small") -> str:
     tag = strategy.replace("_", "-").replace(".", "-")
-    name = f"t-{setting}-{tag}-s{seed}" if strategy == "scratch" else f"t-{setting}-{tag}-{source}-s{seed}"
+    pre = "t" if model == "cnn_small" else "r"  # resnet_small targets of the architecture part
+    name = f"{pre}-{setting}-{tag}-s{seed}" if strategy == "scratch" else f"{pre}-{setting}-{tag}-{source}-s{seed}"
     return name  # a DNS label: starts with a letter, at most 40 characters
 
 
-def target_stage(setting: str, strategy: str, source: str, seed: int, optim: dict) -> dict:
+def target_stage(setting: str, strategy: str, source: str, seed: int, optim: dict, model: str = "cnn_small") -> dict:
     data = {**target_data(setting, seed), "test_limit": 100}  # monitoring only; accuracy comes from evaluate()
-    stage = {"name": stage_name(setting, strategy, source, seed), "model": {"name": "cnn_small"}, "data": data,
+    stage = {"name": stage_name(setting, strategy, source, seed, model), "model": {"name": model}, "data": data,
              "optim": optim, "run": {"seed": seed}}
     if strategy == "scratch":
         return {**stage, "kind": "train"}
@@ -140,12 +180,22 @@ def kdray_run(root: str, stages: list[dict]):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
-    """Top-1 accuracy of ``model`` in eval mode on normalised images ``x`` [N, 1, 28, 28]."""
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
     model.eval()
-    correct = sum(int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
-                  for i in range(0, len(y), batch_size))
-    return correct / len(y)
+    return torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 accuracy of ``model`` in eval mode on normalised images ``x`` [N, 1, 28, 28]."""
+    return float((predict(model, x) == y).float().mean())
+
+
+def footwear_error_share(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Of the test errors, the share that confuses one footwear class for another (sandal/sneaker/boot)."""
+    pred = predict(model, x)
+    wrong = pred != y
+    shoe = torch.tensor([int(v) in FOOTWEAR for v in range(len(TARGET_CLASSES))])
+    return float((wrong & shoe[y] & shoe[pred]).sum()) / max(1, int(wrong.sum()))
 
 
 def target_test() -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,16 +231,15 @@ def plain_target(source_state: dict[str, torch.Tensor], setting: str, strategy: 
         theirs = [e.key for e in plan.entries if e.status == "copied" and e.key in params]
         assert mine == theirs, f"transferred parameters differ: by hand {mine}, kdray plan {theirs}"
         refs = {k: source_state[k].detach().clone() for k in mine}
-    frozen = strategy == "freeze"
-    feature_names = {n for n, _ in model.named_parameters() if n.startswith("features.")}
-    if frozen:
-        for n, p in model.named_parameters():
-            if n in feature_names:
-                p.requires_grad_(False)
+    frozen = PLAIN_FROZEN.get(strategy, ())
+    for n, p in model.named_parameters():
+        if n.startswith(frozen):
+            p.requires_grad_(False)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if strategy == "lr_scale":
-        groups = [{"params": [p for n, p in named if n in feature_names], "lr": LR * 0.1},
-                  {"params": [p for n, p in named if n not in feature_names], "lr": LR}]
+    scaled = PLAIN_SCALED.get(strategy)
+    if scaled:
+        groups = [{"params": [p for n, p in named if n.startswith(scaled)], "lr": LR * 0.1},
+                  {"params": [p for n, p in named if not n.startswith(scaled)], "lr": LR}]
     else:
         groups = [{"params": [p for _, p in named], "lr": LR}]
     alpha = (block or {}).get("l2sp", {}).get("alpha", 0.0)
@@ -202,8 +251,8 @@ def plain_target(source_state: dict[str, torch.Tensor], setting: str, strategy: 
     for epoch in range(optim["epochs"]):
         model.train()
         if frozen:  # a frozen layer computes the same function throughout: its BatchNorm keeps the source statistics
-            for m in model.features.modules():
-                if isinstance(m, nn.BatchNorm2d):
+            for name, m in model.named_modules():
+                if isinstance(m, nn.BatchNorm2d) and (name + ".").startswith(frozen):
                     m.eval()
         for idx in batches(torch.arange(len(y)), optim["batch_size"], epoch, seed):
             loss = F.cross_entropy(model(x[idx]), y[idx])
@@ -241,14 +290,16 @@ def train_sources(root: str, names: list[str], emit) -> dict:
 
 
 def run_target(root: str, setting: str, strategy: str, source: str, seed: int, steps: int,
-               test: tuple[torch.Tensor, torch.Tensor]) -> tuple[dict, dict]:
+               test: tuple[torch.Tensor, torch.Tensor], model: str = "cnn_small") -> tuple[dict, dict]:
     n_train = len(kdata.load(DataSpec.model_validate(target_data(setting, seed)), "train"))
     optim = target_optim(setting, n_train, steps)
     stages = [] if strategy == "scratch" else [source_stage(source)]
     t0 = time.perf_counter()
-    art = kdray_run(root, [*stages, target_stage(setting, strategy, source, seed, optim)])
+    art = kdray_run(root, [*stages, target_stage(setting, strategy, source, seed, optim, model)])
     seconds = time.perf_counter() - t0  # the whole stage: data, plan, loop, publishing (cached: ~0)
-    kd = {"test_acc": evaluate(art.build_model(), *test), "seconds": seconds,
+    model = art.build_model()
+    kd = {"test_acc": evaluate(model, *test), "footwear_error_share": footwear_error_share(model, *test),
+          "seconds": seconds,
           "monitor_test_acc": art.manifest["history"][-1]["test_acc"], "epochs": optim["epochs"]}
     return kd, {"n_train": n_train, "optim": optim, "art": art}
 
@@ -263,6 +314,7 @@ def part_strategies(root: str, arts: dict, seeds: list[int], steps: int, test, e
                 emit({"part": "strategies", "setting": setting, "strategy": strategy, "seed": seed,
                       "n_train": info["n_train"], "epochs": info["optim"]["epochs"], "steps": p["steps"],
                       "kdray": kd["test_acc"], "plain": p["test_acc"], "kdray_seconds": round(kd["seconds"], 2),
+                      "footwear_error_share": round(kd["footwear_error_share"], 4),
                       "plain_seconds": round(p["seconds"], 2), "kdray_monitor_acc_100": kd["monitor_test_acc"]})
 
 
@@ -279,12 +331,37 @@ def part_ranking(root: str, arts: dict, seeds: list[int], steps: int, setting: s
                   "kdray_seconds": round(kd["seconds"], 2)})
 
 
+def part_relevance(root: str, seeds: list[int], steps: int, test, emit) -> None:
+    """The 10-per-class strategies again, from sources that know the target's classes (kdray only)."""
+    for name in RELEVANCE_SOURCES:
+        for strategy in RELEVANCE_STRATEGIES:
+            for seed in seeds:
+                kd, _ = run_target(root, "10pc", strategy, name, seed, steps, test)
+                emit({"part": "relevance", "setting": "10pc", "source": name, "strategy": strategy, "seed": seed,
+                      "kdray": kd["test_acc"], "footwear_error_share": round(kd["footwear_error_share"], 4)})
+
+
+def part_architecture(root: str, seeds: list[int], steps: int, test, emit) -> None:
+    """Scratch and init at 10 per class with resnet_small (global-average-pooled) as source and target."""
+    for strategy in ("scratch", "init"):
+        for seed in seeds:
+            kd, _ = run_target(root, "10pc", strategy, ARCH_SOURCE, seed, steps, test, model="resnet_small")
+            emit({"part": "architecture", "setting": "10pc", "model": "resnet_small", "source": ARCH_SOURCE,
+                  "strategy": strategy, "seed": seed, "kdray": kd["test_acc"],
+                  "footwear_error_share": round(kd["footwear_error_share"], 4)})
+
+
 # --------------------------------------------------------------------------- summary
 
 
 def mean_std(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{scale * statistics.mean(values):.{digits}f} ± {scale * sd:.{digits}f}"
+
+
+def share(rows: list[dict], strategy: str) -> str:
+    vals = [r["footwear_error_share"] for r in rows if r["strategy"] == strategy and "footwear_error_share" in r]
+    return f"{100 * statistics.mean(vals):.0f}%" if vals else "n/a"
 
 
 def summarise(rows: list[dict]) -> None:
@@ -297,8 +374,9 @@ def summarise(rows: list[dict]) -> None:
     sel = [r for r in rows if r["part"] == "strategies"]
     if sel:
         print("\nstrategies: classes 5-9 test accuracy (%, full test split), mean ± std over seeds")
-        print("| setting | strategy | seeds | steps | kdray | plain PyTorch | kdray − plain | kdray − scratch |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| setting | strategy | seeds | steps | kdray | plain PyTorch | kdray − plain | kdray − scratch "
+              "| footwear share of errors |")
+        print("|---|---|---|---|---|---|---|---|---|")
         best = {}
         for setting in dict.fromkeys(r["setting"] for r in sel):
             rs = [r for r in sel if r["setting"] == setting]
@@ -309,7 +387,8 @@ def summarise(rows: list[dict]) -> None:
                 steps = sorted({r["steps"] for r in rs if r["strategy"] == strategy})
                 gain = f"{100 * (statistics.mean(k) - statistics.mean(scratch)):+.2f}" if scratch else "n/a"
                 print(f"| {SETTING_TEXT.get(setting, setting)} | {strategy} | {len(k)} | {'/'.join(map(str, steps))} | "
-                      f"{mean_std(k)} | {mean_std(p)} | {100 * (statistics.mean(k) - statistics.mean(p)):+.2f} | {gain} |")
+                      f"{mean_std(k)} | {mean_std(p)} | {100 * (statistics.mean(k) - statistics.mean(p)):+.2f} | {gain} | "
+                      f"{share(rs, strategy)} |")
                 if strategy != "scratch" and scratch:
                     cur = best.get(setting)
                     if cur is None or statistics.mean(k) > cur[1]:
@@ -325,6 +404,28 @@ def summarise(rows: list[dict]) -> None:
             verdict = f"-> target (>= +5) {'MET' if gain >= 0.05 else 'NOT met'}" if setting == "10pc" else "(no target)"
             print(f"best strategy at {SETTING_TEXT.get(setting, setting)}: {strategy} {100 * acc:.2f}%, "
                   f"{100 * gain:+.2f} points over scratch {verdict}")
+    rel = [r for r in rows if r["part"] == "relevance"]
+    if rel:
+        scratch = [r["kdray"] for r in sel if r["setting"] == "10pc" and r["strategy"] == "scratch"]
+        print("\nrelevance: the same target (10 labelled images per class) from sources that know its classes")
+        print("| source | trained on | strategy | kdray | kdray − scratch | footwear share of errors |\n"
+              "|---|---|---|---|---|---|")
+        for name in dict.fromkeys(r["source"] for r in rel):
+            for strategy in dict.fromkeys(r["strategy"] for r in rel if r["source"] == name):
+                rs = [r for r in rel if r["source"] == name and r["strategy"] == strategy]
+                k = [r["kdray"] for r in rs]
+                gain = f"{100 * (statistics.mean(k) - statistics.mean(scratch)):+.2f}" if scratch else "n/a"
+                print(f"| {name} | {SOURCES[name]['text']} | {strategy} | {mean_std(k)} | {gain} | "
+                      f"{share(rs, strategy)} |")
+    arch = [r for r in rows if r["part"] == "architecture"]
+    if arch:
+        print("\narchitecture: resnet_small source (classes 0-4) and target, 10 labelled images per class")
+        print("| model | strategy | kdray | kdray − scratch | footwear share of errors |\n|---|---|---|---|---|")
+        scratch = [r["kdray"] for r in arch if r["strategy"] == "scratch"]
+        for strategy in dict.fromkeys(r["strategy"] for r in arch):
+            k = [r["kdray"] for r in arch if r["strategy"] == strategy]
+            print(f"| resnet_small | {strategy} | {mean_std(k)} | "
+                  f"{100 * (statistics.mean(k) - statistics.mean(scratch)):+.2f} | {share(arch, strategy)} |")
     scores = [r for r in rows if r["part"] == "score"]
     ranked = [r for r in rows if r["part"] == "ranking"]
     if scores and ranked:
@@ -362,7 +463,8 @@ def summarise(rows: list[dict]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", nargs="+", default=["strategies", "ranking"], choices=["strategies", "ranking"])
+    parts = ["strategies", "relevance", "architecture", "ranking"]
+    ap.add_argument("--parts", nargs="+", default=parts, choices=parts)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=300, help="optimisation steps per target run (epochs are derived)")
     ap.add_argument("--ranking-setting", default="10pc", choices=list(SETTINGS))
@@ -382,12 +484,18 @@ def main() -> None:
                 f.write(json.dumps(row) + "\n")
 
         test = target_test()
-        names = list(SOURCES) if "ranking" in args.parts else [MAIN_SOURCE]
+        names = ranking_sources() if "ranking" in args.parts else [MAIN_SOURCE]
+        names += [ARCH_SOURCE] if "architecture" in args.parts else []
+        names += [n for n in RELEVANCE_SOURCES if "relevance" in args.parts and n not in names]
         arts = train_sources(args.root, [MAIN_SOURCE] + [n for n in names if n != MAIN_SOURCE], emit)
         if "strategies" in args.parts:
             part_strategies(args.root, arts, args.seeds, args.steps, test, emit)
+        if "relevance" in args.parts:
+            part_relevance(args.root, args.seeds, args.steps, test, emit)
+        if "architecture" in args.parts:
+            part_architecture(args.root, args.seeds, args.steps, test, emit)
         if "ranking" in args.parts:
-            part_ranking(args.root, {n: arts[n] for n in SOURCES}, args.seeds, args.steps, args.ranking_setting,
+            part_ranking(args.root, {n: arts[n] for n in ranking_sources()}, args.seeds, args.steps, args.ranking_setting,
                          test, emit)
         emit({"part": "wall", "parts": args.parts, "seeds": args.seeds, "steps": args.steps,
               "seconds": round(time.perf_counter() - t0, 1)})
