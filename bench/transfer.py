@@ -1,6 +1,6 @@
 """Cross-network transfer on Fashion-MNIST classes 0-4 -> 5-9: kdray against a plain PyTorch loop.
 
-    .venv/bin/python bench/transfer.py                          # all parts (32 min on the 2-core machine)
+    .venv/bin/python bench/transfer.py                          # all parts (about 35 min on the 2-core machine)
     .venv/bin/python bench/transfer.py --parts strategies --seeds 0 1 2
     .venv/bin/python bench/transfer.py --parts relevance ranking
     .venv/bin/python bench/transfer.py --summary-only           # tables from <root>/results.jsonl
@@ -13,9 +13,9 @@ Parts:
               (features.* frozen, their BatchNorm in eval), probe (features.* and head.* frozen: only
               the new classifier trains, a linear probe of the source's embedding), lr_scale
               (features.* at 0.1x the lr), lr_scale_body (features.* and head.* at 0.1x), l2sp
-              (alpha 0.01, beta 0; and alpha 0.1 as a second row). Every transfer gives the target a
-              fresh classifier (a {match: explicit, op: skip} rule, see below). Each kdray run
-              (in-process, run.workers: 0) is followed by a plain PyTorch loop of the same recipe.
+              (alpha 0.01, beta 0; alpha 0.1 and 0.001 as two more rows). Every transfer gives the
+              target a fresh classifier (a {match: explicit, op: skip} rule, see below). Each kdray
+              run (in-process, run.workers: 0) is followed by a plain PyTorch loop of the same recipe.
               Each 10-per-class run also records which share of its test errors confuse one footwear
               class for another (sandal, sneaker, ankle boot), the shapes a source on tops never saw.
   relevance   the 10-per-class target again, with init, probe and lr_scale_body, from two sources that
@@ -95,6 +95,7 @@ STRATEGIES = {  # name -> the transfer block (None: a scratch train stage)
     "lr_scale_body": {"mapping": NEW_HEAD, "layers": _rules(BODY, "lr_scale", lr_scale=0.1)},
     "l2sp": {"mapping": NEW_HEAD, "l2sp": {"alpha": 0.01, "beta": 0.0}},
     "l2sp_a0.1": {"mapping": NEW_HEAD, "l2sp": {"alpha": 0.1, "beta": 0.0}},
+    "l2sp_a0.001": {"mapping": NEW_HEAD, "l2sp": {"alpha": 0.001, "beta": 0.0}},
 }
 
 MAIN_SOURCE = "src-0to4"
