@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -418,6 +419,11 @@ def _gather_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             json.dump(result, fh)
     finally:
         dist.destroy_process_group()
+    # With torch 2.13 and gloo, a process that ran all-gathers with autograd (either torch API) can
+    # abort in interpreter teardown ("terminate called without an active exception"), in about 1 run
+    # of 10, after its work is done. Its results are written; leave without the teardown. A failure
+    # above still raises, and the spawn reports it.
+    os._exit(0)
 
 
 def test_all_gather_over_two_ranks_matches_the_full_batch(tmp_path):
