@@ -100,7 +100,7 @@ STRATEGIES = {  # name -> the transfer block (None: a scratch train stage)
 
 MAIN_SOURCE = "src-0to4"
 ARCH_SOURCE = "res-0to4"  # the architecture part: resnet_small source and target
-SOURCES = {  # candidate sources, all cnn_small on 1x28x28 Fashion-MNIST
+SOURCES = {  # candidate sources on 1x28x28 Fashion-MNIST: cnn_small unless "model" says otherwise
     "src-0to9": {"data": {"classes": list(range(10))}, "optim": {"epochs": 1, "lr": 2e-3},
                  "text": "classes 0-9 (includes the target classes), 1 epoch"},
     MAIN_SOURCE: {"data": {"classes": [0, 1, 2, 3, 4]}, "optim": {"epochs": 3, "lr": 2e-3},
@@ -191,12 +191,13 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((predict(model, x) == y).float().mean())
 
 
-def footwear_error_share(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Of the test errors, the share that confuses one footwear class for another (sandal/sneaker/boot)."""
+def test_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """Top-1 accuracy, and the share of the errors that take one footwear class for another
+    (sandal/sneaker/boot), from one pass over the test images."""
     pred = predict(model, x)
     wrong = pred != y
     shoe = torch.tensor([int(v) in FOOTWEAR for v in range(len(TARGET_CLASSES))])
-    return float((wrong & shoe[y] & shoe[pred]).sum()) / max(1, int(wrong.sum()))
+    return float((~wrong).float().mean()), float((wrong & shoe[y] & shoe[pred]).sum()) / max(1, int(wrong.sum()))
 
 
 def target_test() -> tuple[torch.Tensor, torch.Tensor]:
@@ -298,9 +299,8 @@ def run_target(root: str, setting: str, strategy: str, source: str, seed: int, s
     t0 = time.perf_counter()
     art = kdray_run(root, [*stages, target_stage(setting, strategy, source, seed, optim, model)])
     seconds = time.perf_counter() - t0  # the whole stage: data, plan, loop, publishing (cached: ~0)
-    model = art.build_model()
-    kd = {"test_acc": evaluate(model, *test), "footwear_error_share": footwear_error_share(model, *test),
-          "seconds": seconds,
+    acc, footwear = test_metrics(art.build_model(), *test)
+    kd = {"test_acc": acc, "footwear_error_share": footwear, "seconds": seconds,
           "monitor_test_acc": art.manifest["history"][-1]["test_acc"], "epochs": optim["epochs"]}
     return kd, {"n_train": n_train, "optim": optim, "art": art}
 
@@ -360,6 +360,11 @@ def mean_std(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
     return f"{scale * statistics.mean(values):.{digits}f} ± {scale * sd:.{digits}f}"
 
 
+def points_over(k: list[float], ref: list[float]) -> str:
+    """Mean accuracy of k minus that of ref, in points (n/a without ref runs)."""
+    return f"{100 * (statistics.mean(k) - statistics.mean(ref)):+.2f}" if ref else "n/a"
+
+
 def share(rows: list[dict], strategy: str) -> str:
     vals = [r["footwear_error_share"] for r in rows if r["strategy"] == strategy and "footwear_error_share" in r]
     return f"{100 * statistics.mean(vals):.0f}%" if vals else "n/a"
@@ -386,9 +391,8 @@ def summarise(rows: list[dict]) -> None:
                 k = [r["kdray"] for r in rs if r["strategy"] == strategy]
                 p = [r["plain"] for r in rs if r["strategy"] == strategy]
                 steps = sorted({r["steps"] for r in rs if r["strategy"] == strategy})
-                gain = f"{100 * (statistics.mean(k) - statistics.mean(scratch)):+.2f}" if scratch else "n/a"
                 print(f"| {SETTING_TEXT.get(setting, setting)} | {strategy} | {len(k)} | {'/'.join(map(str, steps))} | "
-                      f"{mean_std(k)} | {mean_std(p)} | {100 * (statistics.mean(k) - statistics.mean(p)):+.2f} | {gain} | "
+                      f"{mean_std(k)} | {mean_std(p)} | {points_over(k, p)} | {points_over(k, scratch)} | "
                       f"{share(rs, strategy)} |")
                 if strategy != "scratch" and scratch:
                     cur = best.get(setting)
@@ -415,8 +419,7 @@ def summarise(rows: list[dict]) -> None:
             for strategy in dict.fromkeys(r["strategy"] for r in rel if r["source"] == name):
                 rs = [r for r in rel if r["source"] == name and r["strategy"] == strategy]
                 k = [r["kdray"] for r in rs]
-                gain = f"{100 * (statistics.mean(k) - statistics.mean(scratch)):+.2f}" if scratch else "n/a"
-                print(f"| {name} | {SOURCES[name]['text']} | {strategy} | {mean_std(k)} | {gain} | "
+                print(f"| {name} | {SOURCES[name]['text']} | {strategy} | {mean_std(k)} | {points_over(k, scratch)} | "
                       f"{share(rs, strategy)} |")
     arch = [r for r in rows if r["part"] == "architecture"]
     if arch:
@@ -425,8 +428,7 @@ def summarise(rows: list[dict]) -> None:
         scratch = [r["kdray"] for r in arch if r["strategy"] == "scratch"]
         for strategy in dict.fromkeys(r["strategy"] for r in arch):
             k = [r["kdray"] for r in arch if r["strategy"] == strategy]
-            print(f"| resnet_small | {strategy} | {mean_std(k)} | "
-                  f"{100 * (statistics.mean(k) - statistics.mean(scratch)):+.2f} | {share(arch, strategy)} |")
+            print(f"| resnet_small | {strategy} | {mean_std(k)} | {points_over(k, scratch)} | {share(arch, strategy)} |")
     scores = [r for r in rows if r["part"] == "score"]
     ranked = [r for r in rows if r["part"] == "ranking"]
     if scores and ranked:
