@@ -27,13 +27,14 @@ import tempfile
 import torch
 import torch.nn.functional as F
 
-from kdray import data as kdata
-from kdray.adapt import dann_lambda, grad_reverse
-from kdray.checkpoint import open_artifact
-from kdray.models import create_model
-from kdray.pipeline import run_pipeline
-from kdray.specs import DataSpec, OptimSpec, parse_pipeline
-from kdray.train import batches, build_optimizer
+from kdray.adapt.methods import dann_lambda, grad_reverse
+from kdray.core import data as kdata
+from kdray.core.checkpoint import open_artifact
+from kdray.core.models import create_model
+from kdray.core.specs import DataSpec, OptimSpec
+from kdray.engine.loop import batches, build_optimizer
+from kdray.engine.pipeline import run_pipeline
+from kdray.engine.spec import parse_pipeline
 
 SHIFTS = {
     "rotnoise": [{"name": "rotation", "degrees": 30}, {"name": "gaussian_noise", "sigma": 0.2}],

@@ -32,12 +32,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from kdray import data as kdata
-from kdray.checkpoint import open_artifact
-from kdray.models import create_model
-from kdray.pipeline import run_pipeline
-from kdray.specs import DataSpec, OptimSpec, parse_pipeline
-from kdray.train import batches, build_optimizer
+from kdray.core import data as kdata
+from kdray.core.checkpoint import open_artifact
+from kdray.core.models import create_model
+from kdray.core.specs import DataSpec, OptimSpec
+from kdray.engine.loop import batches, build_optimizer
+from kdray.engine.pipeline import run_pipeline
+from kdray.engine.spec import parse_pipeline
 
 TEACHER = {"name": "teacher", "kind": "train", "model": {"name": "cnn_small"}, "data": {"name": "fashion_mnist"},
            "optim": {"epochs": 5, "batch_size": 128, "lr": 2e-3}}

@@ -21,12 +21,13 @@ import time
 
 import torch
 
-from kdray import data as kdata
-from kdray.models import create_model
-from kdray.specs import parse_pipeline
-from kdray.stages import StageContext, make_job
-from kdray.storage import Storage
-from kdray.train import batches, build_optimizer, ensure_ray, fit
+from kdray.core import data as kdata
+from kdray.core.models import create_model
+from kdray.core.stage import StageContext
+from kdray.core.storage import Storage
+from kdray.engine.driver import ensure_ray, fit
+from kdray.engine.loop import batches, build_optimizer
+from kdray.engine.spec import parse_pipeline
 
 
 def plain_loop(spec, threads: int, seed: int) -> list[float]:
@@ -55,7 +56,7 @@ def plain_loop(spec, threads: int, seed: int) -> list[float]:
 
 def kdray_fit(spec, root: Storage, name: str) -> dict:
     ctx = StageContext(spec, spec.stages[0], name, root.child(name), root, {}, lambda m: None)
-    job = make_job(ctx)
+    job = ctx.job()
     t_call = time.time()
     result = fit(job, root)
     t_back = time.time()
@@ -84,7 +85,7 @@ def main() -> None:
                        "optim": {"epochs": args.epochs, "batch_size": 128, "lr": 1e-3}}]}
     spec = parse_pipeline(doc)
     t0 = time.perf_counter()
-    ensure_ray(spec.run.model_dump())
+    ensure_ray(spec.run)
     ray_init_s = time.perf_counter() - t0
 
     plain, kd, startups, teardowns = [], [], [], []

@@ -59,15 +59,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kdray import data as kdata
-from kdray.checkpoint import open_artifact
-from kdray.models import create_model
-from kdray.pipeline import run_pipeline
-from kdray.scoring import score_sources
-from kdray.specs import DataSpec, parse_pipeline
-from kdray.train import batches
-from kdray.transfer import TransferSpec, apply_transfer, plan_transfer
-from kdray.transferability import kendall_tau
+from kdray.core import data as kdata
+from kdray.core.checkpoint import open_artifact
+from kdray.core.models import create_model
+from kdray.core.specs import DataSpec
+from kdray.engine.loop import batches
+from kdray.engine.pipeline import run_pipeline
+from kdray.engine.spec import parse_pipeline
+from kdray.transfer.mapping import TransferSpec, apply_transfer, plan_transfer
+from kdray.transfer.scoring import score_sources
+from kdray.transfer.transferability import kendall_tau
 
 TARGET_CLASSES = [5, 6, 7, 8, 9]
 LR, BATCH = 2e-3, 32

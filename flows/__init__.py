@@ -22,7 +22,7 @@ def main(flow: Callable[..., Any], argv: list[str] | None = None, *, stages: boo
     """
     import sys
 
-    from kdray.errors import KdrayError
+    from kdray.core.errors import KdrayError
 
     parser = argparse.ArgumentParser(description=(flow.__doc__ or "").strip().splitlines()[0])
     parser.add_argument("spec_uri", help="pipeline YAML: a path, file://... or s3://.../pipeline.yaml")

@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any, Sequence
 from uuid import UUID
 
-from kdray.errors import KdrayError
-from kdray.specs import PipelineSpec
+from kdray.core.errors import KdrayError
+from kdray.engine.spec import PipelineSpec, load_pipeline
+from kdray.k8s.render import cpu_quantity
 
 REPO = Path(__file__).resolve().parent.parent
 ENTRYPOINT = "flows/pipeline.py:pipeline_flow"
@@ -34,10 +35,6 @@ K8S_TEMPLATE = REPO / "k8s/base/prefect-base-job-template.json"
 DEFAULT_IMAGE, DEFAULT_NAMESPACE = "kdray:latest", "kdray"
 DRIVER_CPUS = 1.0     # the flow process itself (and Ray's head, when it trains in the pod)
 MEMORY_PER_CPU_GI = 2
-
-
-def _cpu_quantity(cpus: float) -> str:
-    return str(int(cpus)) if float(cpus).is_integer() else f"{int(math.ceil(cpus * 1000))}m"
 
 
 def k8s_job_variables(spec: PipelineSpec, *, image: str = DEFAULT_IMAGE,
@@ -67,7 +64,7 @@ def k8s_job_variables(spec: PipelineSpec, *, image: str = DEFAULT_IMAGE,
     variables: dict[str, Any] = {
         "image": image, "namespace": namespace, "name": spec.name,
         "labels": {"app.kubernetes.io/name": "kdray", "kdray.io/pipeline": spec.name},
-        "cpu_request": _cpu_quantity(cpus), "cpu_limit": _cpu_quantity(cpus),
+        "cpu_request": cpu_quantity(cpus), "cpu_limit": cpu_quantity(cpus),
         "memory_request": memory, "memory_limit": memory,
         "env": {"KDRAY_PIPELINE": spec.name},
     }
@@ -92,9 +89,8 @@ def build_deployment(spec_uri: str, *, cron: str, pool: str = LOCAL_POOL, pool_t
     from prefect.schedules import Cron
 
     from flows.pipeline import pipeline_flow
-    from flows.tasks import read_pipeline
 
-    spec = read_pipeline(spec_uri, overrides)
+    spec = load_pipeline(spec_uri, list(overrides))
     kubernetes = pool_type == "kubernetes"
     if is_local_path(spec_uri) and not kubernetes:
         spec_uri = str(Path(spec_uri.removeprefix("file://")).resolve())
@@ -108,8 +104,8 @@ def build_deployment(spec_uri: str, *, cron: str, pool: str = LOCAL_POOL, pool_t
     except ValueError as e:  # pydantic checks the cron string and the timezone
         raise KdrayError(f"--cron {cron!r} / --timezone {timezone!r}: {e}",
                          hint='Give five cron fields, e.g. "0 3 * * *" (03:00 daily), and an IANA timezone.') from None
-    deployment.entrypoint = ENTRYPOINT
-    deployment.storage = LocalStorage(IMAGE_SOURCE if kubernetes else str(REPO))
+    deployment.entrypoint = ENTRYPOINT  # type: ignore[union-attr]  # to_deployment is sync here
+    deployment.storage = LocalStorage(IMAGE_SOURCE if kubernetes else str(REPO))  # type: ignore[union-attr]
     return deployment
 
 

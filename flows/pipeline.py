@@ -1,6 +1,7 @@
 """Run a whole pipeline spec as a Prefect flow: one task per stage, in order, reports as artifacts.
 
     python flows/pipeline.py examples/fmnist_cnn_to_mlp_hinton.yaml [stages.teacher.optim.epochs=1] [--force]
+    kdray-flow examples/fmnist_cnn_to_mlp_hinton.yaml      (the same, as an installed command)
 
 Without PREFECT_API_URL, Prefect starts a temporary local server for the run.
 """
@@ -26,7 +27,17 @@ def pipeline_flow(spec_uri: str, overrides: Optional[list[str]] = None, force: b
     return outcomes
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``kdray-flow SPEC [key.path=value ...] [--force]``: the pipeline through Prefect."""
+    import os
+
     from flows import main
 
+    # A temporary Prefect server needs longer than Prefect's 20 s default to start on a busy laptop.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     main(pipeline_flow, stages=False)
+
+
+if __name__ == "__main__":
+    cli()

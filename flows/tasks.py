@@ -13,45 +13,36 @@ from __future__ import annotations
 
 import copy
 import re
+from pathlib import Path
 from typing import Any
 
-import yaml
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from kdray import pipeline as kpipeline
-from kdray.checkpoint import open_artifact, read_artifact
-from kdray.errors import KdrayError, SpecError
-from kdray.specs import PipelineSpec, is_artifact_uri, load_pipeline, parse_pipeline
-from kdray.storage import Storage
+from kdray.core.checkpoint import open_artifact, read_artifact
+from kdray.core.errors import KdrayError
+from kdray.core.specs import is_artifact_uri
+from kdray.core.stage import STAGE_KINDS
+from kdray.core.storage import Storage
+from kdray.engine import pipeline as kpipeline
+from kdray.engine.launchers import artifact_store, spec_to_json
+from kdray.engine.spec import PipelineSpec, load_pipeline, parse_pipeline
 
-# Where to run the stages of each kind (named in "run it first" errors).
-FLOW_FOR_KIND = {"train": "flows/source.py", "distill": "flows/distill.py", "transfer": "flows/transfer.py",
-                 "adapt": "flows/adapt.py", "evaluate": "flows/pipeline.py"}
-RETRY_DELAYS = [2, 15]  # seconds before the first and the second retry
-
-
-def read_pipeline(spec_uri: str, overrides: list[str] | tuple[str, ...] = ()) -> PipelineSpec:
-    """Read and validate a spec from a local path, ``file://...`` or ``s3://bucket/.../pipeline.yaml``."""
-    if "://" not in spec_uri or spec_uri.startswith("file://"):
-        return load_pipeline(spec_uri.removeprefix("file://"), list(overrides))
-    folder, _, name = spec_uri.rpartition("/")
-    text = Storage(folder).read_bytes(name).decode()
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise SpecError(f"{spec_uri}: YAML syntax error: {getattr(e, 'problem', None) or e}",
-                        hint="Check indentation and that every 'key: value' has a space after the colon.") from None
-    return parse_pipeline(doc, spec_uri, list(overrides))
+FLOWS = Path(__file__).parent
+# Flows that run the stages of one kind are named after it; train stages have the "source" flow.
+FLOW_NAMES = {"train": "source"}
+RETRY_DELAYS: list[float] = [2, 15]  # seconds before the first and the second retry
 
 
-def spec_to_json(spec: PipelineSpec) -> dict[str, Any]:
-    """The spec as the user wrote it (plus overrides), validated.
+def flow_for(kind: str) -> str:
+    """The flow script that runs the stages of ``kind`` alone (the pipeline flow for kinds without one)."""
+    script = FLOWS / f"{FLOW_NAMES.get(kind, kind)}.py"
+    return f"flows/{script.name}" if script.is_file() else "flows/pipeline.py"
 
-    Unset fields are left out so that parsing it again merges defaults and per-stage ``run``
-    overrides exactly as the first parse did, and so gives the same stage keys.
-    """
-    return spec.model_dump(mode="json", exclude_unset=True)
+
+def flow_for_kind() -> dict[str, str]:
+    """Every registered stage kind -> the flow that runs it (derived from ``STAGE_KINDS``)."""
+    return {kind: flow_for(kind) for kind in STAGE_KINDS.names()}
 
 
 def spec_from_json(spec: dict[str, Any]) -> PipelineSpec:
@@ -94,7 +85,7 @@ def select_stages(spec: dict[str, Any], kind: str, names: list[str] | None = Non
       retry_condition_fn=is_infrastructure_failure, persist_result=True, result_serializer="json")
 def load_spec(spec_uri: str, overrides: list[str]) -> dict[str, Any]:
     """Read and validate the pipeline spec; return it as JSON (a path or a storage URI)."""
-    spec = read_pipeline(spec_uri, overrides)
+    spec = load_pipeline(spec_uri, overrides)
     get_run_logger().info(f"pipeline {spec.name!r}: " + ", ".join(f"{s.name} ({s.kind})" for s in spec.stages))
     return spec_to_json(spec)
 
@@ -109,12 +100,12 @@ def check_parents(spec: dict[str, Any], stages: list[str]) -> None:
         for _, ref in pipeline.stage(name).references():
             if is_artifact_uri(ref) or ref in stages[:i]:
                 continue
-            store = kpipeline.artifact_store(root, pipeline.name, ref, keys[ref])
+            store = artifact_store(root, pipeline.name, ref, keys[ref])
             if read_artifact(store) is None:
                 kind = pipeline.stage(ref).kind
                 raise KdrayError(f"stage {name!r} reads stage {ref!r} ({kind}), which has no finished artifact "
                                  f"at {store.uri()}",
-                                 hint=f"Run it first: python {FLOW_FOR_KIND.get(kind, 'flows/pipeline.py')} SPEC "
+                                 hint=f"Run it first: python {flow_for(kind)} SPEC "
                                       f"--stages {ref} (or the whole pipeline: python flows/pipeline.py SPEC).")
 
 

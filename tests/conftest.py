@@ -39,17 +39,18 @@ def ray_local():
     """A real local Ray with 2 CPUs, shared by every test that starts Ray Train actors."""
     import ray
 
-    from kdray.train import ensure_ray
+    from kdray.core.specs import RunSpec
+    from kdray.engine.driver import ensure_ray
 
     if not ray.is_initialized():
-        ensure_ray({"address": None})
+        ensure_ray(RunSpec())
     yield ray
     ray.shutdown()
 
 
 @pytest.fixture
 def store(tmp_path):
-    from kdray.storage import Storage
+    from kdray.core.storage import Storage
 
     return Storage(f"file://{tmp_path}/store")
 

@@ -18,12 +18,25 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
-from kdray.adapt import (ADAPT_METHODS, DANN, SELECTION_RULES, AdaptMethodSpec, build_adapt_method,
-                         coral_loss, dann_lambda, entropy_score, features_and_logits, gather_from_all_ranks,
-                         gaussian_mmd, grad_reverse, information_maximization, snd_score)
-from kdray.errors import KdrayError
-from kdray.models import create_model
-from kdray.shifts import compose
+from kdray.adapt.methods import (
+    ADAPT_METHODS,
+    DANN,
+    SELECTION_RULES,
+    AdaptMethodSpec,
+    build_adapt_method,
+    coral_loss,
+    dann_lambda,
+    embedding_and_logits,
+    entropy_score,
+    gather_from_all_ranks,
+    gaussian_mmd,
+    grad_reverse,
+    information_maximization,
+    snd_score,
+)
+from kdray.core.errors import KdrayError
+from kdray.core.models import create_model
+from kdray.core.shifts import compose
 
 K = 3  # classes
 
@@ -297,7 +310,7 @@ def test_shot_refresh_keeps_centroids_and_restores_train_mode():
     assert labels.shape == (20,) and labels.dtype == torch.long
     assert method.centroids.shape == (K, method.embed_dim)
     assert model.training and torch.equal(bn.running_mean, before)  # eval mode during the refresh
-    f, _ = features_and_logits(model.eval(), x_t)
+    f, _ = embedding_and_logits(model.eval(), x_t)
     assert torch.equal(method.assign(f, method.centroids), labels)
     # Chunks given as an iterable give the same centroids.
     again = method.refresh_pseudo_labels(list(x_t.split(5)))

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import synthetic_pipeline
-from kdray.checkpoint import open_artifact
-from kdray.errors import KdrayError
-from kdray.pipeline import run_pipeline
-from kdray.specs import parse_pipeline
+
+from kdray.core.checkpoint import open_artifact
+from kdray.core.errors import KdrayError
+from kdray.engine.pipeline import run_pipeline
+from kdray.engine.spec import parse_pipeline
 
 SOURCE = {"name": "synthetic", "options": {"num_samples": 256, "image_size": 8, "num_classes": 4}}
 TARGET = {**SOURCE, "shifts": [{"name": "rotation", "degrees": 30}, {"name": "gaussian_noise", "sigma": 0.2}]}

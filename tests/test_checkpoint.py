@@ -7,10 +7,9 @@ import json
 import pytest
 import torch
 
-from kdray.checkpoint import (MANIFEST, WEIGHTS, load_state_checked, open_artifact, read_artifact,
-                              write_artifact)
-from kdray.errors import CheckpointMismatch, StorageError
-from kdray.models import create_model
+from kdray.core.checkpoint import MANIFEST, WEIGHTS, load_state_checked, open_artifact, read_artifact, write_artifact
+from kdray.core.errors import CheckpointMismatch, StorageError
+from kdray.core.models import create_model
 
 
 def publish(store, model):
@@ -93,7 +92,7 @@ def test_storage_write_is_atomic_and_listable(store):
 
 
 def test_unwritable_root_is_a_clear_error(tmp_path):
-    from kdray.storage import Storage
+    from kdray.core.storage import Storage
 
     blocker = tmp_path / "file"
     blocker.write_text("x")

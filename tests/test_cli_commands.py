@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import yaml
+from conftest import synthetic_pipeline
 from typer.testing import CliRunner
 
-from conftest import synthetic_pipeline
 from kdray.cli import app
-from kdray.pipeline import run_pipeline
-from kdray.specs import parse_pipeline
+from kdray.engine.pipeline import run_pipeline
+from kdray.engine.spec import parse_pipeline
 
 runner = CliRunner()
 DATA = {"name": "synthetic", "options": {"num_samples": 256, "image_size": 8, "num_classes": 4}}

@@ -8,12 +8,12 @@ import struct
 import numpy as np
 import pytest
 import torch
-
 from conftest import needs_fmnist
-from kdray import data as kdata
-from kdray.errors import DataError
-from kdray.specs import DataSpec
-from kdray.storage import Storage
+
+from kdray.core import data as kdata
+from kdray.core.errors import DataError
+from kdray.core.specs import DataSpec
+from kdray.core.storage import Storage
 
 
 def idx_bytes(array: np.ndarray) -> bytes:

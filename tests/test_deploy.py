@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, synthetic_pipeline
-from kdray.pipeline import plan
-from kdray.specs import parse_pipeline
+
+from kdray.engine.pipeline import plan
+from kdray.engine.spec import parse_pipeline
 
 pytestmark = pytest.mark.slow
 PREFECT = [sys.executable, "-m", "prefect"]
@@ -83,7 +83,7 @@ def test_cron_deployment_runs_on_a_process_worker(tmp_path, prefect_api):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.deploy import K8S_POOL, LOCAL_POOL, deploy, ensure_work_pool, k8s_job_variables
-    from flows.tasks import read_pipeline
+    from kdray.engine.spec import load_pipeline
 
     url, env = prefect_api
     doc = synthetic_pipeline(tmp_path, epochs=1)
@@ -104,7 +104,7 @@ def test_cron_deployment_runs_on_a_process_worker(tmp_path, prefect_api):
             assert [s.schedule.cron for s in dep.schedules] == ["0 3 * * *"]
             assert dep.parameters == {"spec_uri": str(spec_path), "overrides": []}
             assert dep.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
-            assert client.read_deployment(k8s_id).job_variables == k8s_job_variables(read_pipeline(str(spec_path)))
+            assert client.read_deployment(k8s_id).job_variables == k8s_job_variables(load_pipeline(str(spec_path)))
             flow_run = client.create_flow_run_from_deployment(deployment_id)
 
     # The worker runs in another folder: the deployment's pull step finds the flow code.

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import synthetic_pipeline
-from kdray.checkpoint import open_artifact
-from kdray.errors import KdrayError
-from kdray.pipeline import run_pipeline
-from kdray.specs import parse_pipeline
+
+from kdray.core.checkpoint import open_artifact
+from kdray.core.errors import KdrayError
+from kdray.engine.pipeline import run_pipeline
+from kdray.engine.spec import parse_pipeline
 
 DATA = {"name": "synthetic", "options": {"num_samples": 256, "image_size": 8, "num_classes": 4}}
 
@@ -43,7 +43,7 @@ def test_a_stale_cache_is_rebuilt_not_used(tmp_path):
     doc = synthetic_pipeline(tmp_path, extra_stages=[student(teacher_cache="on")])
     out = run(doc)
     cache = open_artifact(out[1].uri).manifest["teacher"]["cache"]
-    from kdray.storage import Storage
+    from kdray.core.storage import Storage
 
     store = Storage(cache)
     meta = json.loads(store.read_bytes("meta.json"))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 
 import pytest
-
 from conftest import REPO
-from kdray.specs import load_pipeline
+
+from kdray.engine.spec import load_pipeline
 
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import synthetic_pipeline
-from kdray.pipeline import plan
-from kdray.specs import parse_pipeline
-from kdray.stages import StageContext, make_job
-from kdray.storage import Storage
-from kdray.train import fit
+
+from kdray.core.stage import StageContext
+from kdray.core.storage import Storage
+from kdray.engine.driver import fit
+from kdray.engine.pipeline import plan
+from kdray.engine.spec import parse_pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +23,7 @@ def job_for(tmp_path, **extras):
     root = Storage(spec.storage.uri)
     key = plan(spec)["teacher"]
     ctx = StageContext(spec, spec.stages[0], key, root.child(f"synth/teacher/{key}"), root, {}, lambda m: None)
-    return make_job(ctx, **extras), root
+    return ctx.job(**extras), root
 
 
 def test_a_killed_worker_resumes_from_the_last_checkpoint(tmp_path, ray_local):
@@ -59,7 +59,7 @@ def test_three_nodes_train_one_stage(tmp_path):
         key = plan(spec)["teacher"]
         ctx = StageContext(spec, spec.stages[0], key, root.child(f"synth/teacher/{key}"), root, {}, lambda m: None)
         log_dir = tmp_path / "placement"
-        result = fit(make_job(ctx, placement_log=str(log_dir)), root)
+        result = fit(ctx.job(placement_log=str(log_dir)), root)
         ranks = [json.loads(p.read_text()) for p in sorted(log_dir.glob("rank*.json"))]
         assert [r["rank"] for r in ranks] == [0, 1, 2]
         assert len({r["node_id"] for r in ranks}) == 3, "each rank on its own node"

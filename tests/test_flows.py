@@ -15,24 +15,24 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+from conftest import REPO, synthetic_pipeline
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.schedules import CronSchedule
 from prefect.states import Failed
 from prefect.testing.utilities import prefect_test_harness
-from typer.testing import CliRunner
 
-from conftest import REPO, synthetic_pipeline
+from flows import main
 from flows.deploy import IMAGE_SOURCE, build_deployment, k8s_job_variables
 from flows.distill import distill_flow
 from flows.pipeline import pipeline_flow
 from flows.source import source_flow
-from flows.tasks import is_infrastructure_failure, read_pipeline, report_key, select_stages, spec_to_json
-from kdray.checkpoint import open_artifact
-from kdray.cli import app
-from kdray.errors import KdrayError, SpecError
-from kdray.pipeline import plan
-from kdray.specs import parse_pipeline
+from flows.tasks import flow_for_kind, is_infrastructure_failure, report_key, select_stages
+from kdray.core.checkpoint import open_artifact
+from kdray.core.errors import KdrayError, SpecError
+from kdray.engine.launchers import spec_to_json
+from kdray.engine.pipeline import plan
+from kdray.engine.spec import load_pipeline, parse_pipeline
 
 EVAL = {"name": "eval", "kind": "evaluate", "models": ["teacher"]}
 EXAMPLE = "examples/fmnist_cnn_to_mlp_hinton.yaml"
@@ -71,7 +71,7 @@ def test_retry_condition_retries_infrastructure_errors_only():
     assert is_infrastructure_failure(None, None, Failed(data=OSError("connection reset"))) is True
     assert is_infrastructure_failure(None, None, Failed(data=SpecError("unknown model 'x'"))) is False
     assert is_infrastructure_failure(None, None, Failed(data=KdrayError("bad path"))) is False
-    from kdray.errors import StorageError
+    from kdray.core.errors import StorageError
 
     assert is_infrastructure_failure(None, None, Failed(data=StorageError("S3 did not answer", transient=True))) is True
     assert is_infrastructure_failure(None, None, Failed(data=StorageError("no such artifact"))) is False
@@ -152,7 +152,7 @@ def test_deployment_schedule_parameters_and_code_location(tmp_path):
     assert (k8s.schedules[0].schedule.cron, k8s.schedules[0].schedule.timezone) == ("30 1 * * 1", "Europe/Paris")
     assert k8s.parameters == {"spec_uri": EXAMPLE, "overrides": ["storage.uri=s3://kdray/runs"]}, "in the image"
     assert k8s.storage.to_pull_step()["prefect.deployments.steps.set_working_directory"]["directory"] == IMAGE_SOURCE
-    assert k8s.job_variables == k8s_job_variables(read_pipeline(EXAMPLE))
+    assert k8s.job_variables == k8s_job_variables(load_pipeline(EXAMPLE))
     with pytest.raises(KdrayError, match=r"--cron '0 3 \* \*'.*Invalid cron string"):
         build_deployment(EXAMPLE, cron="0 3 * *", pool="kdray-local")
 
@@ -167,7 +167,7 @@ def test_prefect_yaml_deployments_parse_and_match_the_specs():
         assert (REPO / path).is_file() and f"def {func}(" in (REPO / path).read_text()
         (raw,) = d.schedules
         assert CronSchedule(cron=raw.cron, timezone=raw.timezone).cron == "0 3 * * *"
-        spec = read_pipeline(str(REPO / d.parameters["spec_uri"]), d.parameters["overrides"])
+        spec = load_pipeline(str(REPO / d.parameters["spec_uri"]), d.parameters["overrides"])
         if d.work_pool.name == "kdray-k8s":
             assert d.work_pool.job_variables == k8s_job_variables(spec), "regenerate: flows.deploy.k8s_job_variables"
             assert d.pull == [{"prefect.deployments.steps.set_working_directory": {"directory": IMAGE_SOURCE}}]
@@ -223,7 +223,7 @@ def test_a_retried_stage_resumes_from_its_last_checkpoint(tmp_path, prefect_serv
     assert run.run_count == 2 and run.state.is_completed(), "one failed attempt, one retry"
 
 
-def test_bad_input_fails_without_retries_and_the_cli_exits_2(tmp_path, prefect_server):
+def test_bad_input_fails_without_retries_and_the_cli_exits_2(tmp_path, prefect_server, capsys):
     doc = synthetic_pipeline(tmp_path)
     doc["stages"][0]["model"]["name"] = "cnn_smal"
     spec_path = write_spec(tmp_path, doc)
@@ -234,9 +234,11 @@ def test_bad_input_fails_without_retries_and_the_cli_exits_2(tmp_path, prefect_s
     runs = task_runs(state)
     assert list(runs) == ["load-spec"] and runs["load-spec"].run_count == 1, "a SpecError is not retried"
 
-    result = CliRunner().invoke(app, ["flow", "run", spec_path])
-    assert result.exit_code == 2
-    assert "error:" in result.stderr and "unknown model 'cnn_smal'" in result.stderr
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:  # kdray-flow SPEC
+        main(pipeline_flow, [spec_path], stages=False)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "error:" in err and "unknown model 'cnn_smal'" in err and "Traceback" not in err
 
 
 def test_one_kind_flows_need_their_parents_finished(tmp_path, prefect_server):
@@ -253,3 +255,15 @@ def test_one_kind_flows_need_their_parents_finished(tmp_path, prefect_server):
     (student,) = distill_flow(spec_path, stages=["student"])
     assert (student["stage"], student["kind"], student["status"]) == ("student", "distill", "ran")
     assert open_artifact(student["uri"]).manifest["parents"][0]["ref"] == "teacher"
+
+
+def test_every_stage_kind_has_a_flow_that_exists():
+    """The flows' kind table is derived from STAGE_KINDS: no kind is missing, every script exists."""
+    from kdray.core.stage import STAGE_KINDS
+
+    table = flow_for_kind()
+    assert set(table) == set(STAGE_KINDS.names())
+    assert table["train"] == "flows/source.py" and table["distill"] == "flows/distill.py"
+    assert table["share"] == "flows/pipeline.py", "a kind without its own flow runs through the pipeline flow"
+    for script in table.values():
+        assert (REPO / script).is_file()

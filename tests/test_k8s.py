@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kdray.errors import KdrayError
-from kdray.k8s import JobRequest, rayjob_name, render_raycluster, render_rayjob, to_yaml
-from kdray.kubevalidate import kuberay_schema, validate_kuberay
+from kdray.core.errors import KdrayError
+from kdray.k8s.render import JobRequest, rayjob_name, render_raycluster, render_rayjob, to_yaml
+from kdray.k8s.validate import kuberay_schema, validate_kuberay
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -296,7 +296,7 @@ def test_vendored_schemas_equal_the_kuberay_crds():
     spec_fields = kuberay_schema("RayJob")["properties"]["spec"]["properties"]
     assert spec_fields["shutdownAfterJobFinishes"] == {"type": "boolean"}
     for kind, crd_file in (("RayJob", "ray.io_rayjobs.yaml"), ("RayCluster", "ray.io_rayclusters.yaml")):
-        text = (ROOT / "kdray" / "schemas" / f"{kind.lower()}.v1.json").read_text()
+        text = (ROOT / "kdray" / "k8s" / "schemas" / f"{kind.lower()}.v1.json").read_text()
         assert "\n  " not in text, "keep the vendored schema compact (no indentation)"
         if not (SHARED_CRDS / crd_file).exists():
             continue
@@ -458,7 +458,7 @@ def test_job_request_rejects_bad_input_naming_the_field(field, value, words):
 # ---- Dockerfile, checked without a container engine ----------------------------------------------
 def dockerfile_instructions() -> list[tuple[str, str]]:
     text = (ROOT / "Dockerfile").read_text()
-    joined = re.sub(r"\\\n", " ", "\n".join(l for l in text.splitlines() if not l.lstrip().startswith("#")))
+    joined = re.sub(r"\\\n", " ", "\n".join(ln for ln in text.splitlines() if not ln.lstrip().startswith("#")))
     return [(m.group(1).upper(), m.group(2).strip()) for m in re.finditer(r"^\s*(\w+)\s+(.*)$", joined, re.M)]
 
 

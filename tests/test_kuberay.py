@@ -23,9 +23,9 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from kdray.errors import KdrayError
-from kdray.k8s import JobRequest, render_rayjob
-from kdray.kuberay import JobFailed, JobTimeout, KubeRayClient
+from kdray.core.errors import KdrayError
+from kdray.k8s.client import JobFailed, JobTimeout, KubeRayClient
+from kdray.k8s.render import JobRequest, render_rayjob
 
 kubernetes = pytest.importorskip("kubernetes")
 

@@ -7,7 +7,7 @@ Kubernetes API from ``tests/test_kuberay.py``, because no API server can run on 
 artifacts go to a real S3-compatible server (SeaweedFS, ``tests/s3server.py``), since pods cannot
 read a local folder and the launcher refuses ``file://``. Where the stand-in plays KubeRay
 running a job, it runs the RayJob's own entrypoint (``python -m kdray.worker <uri>``, parsed from
-the created object) through ``kdray.worker.main`` in this process: the submitter pod would run
+the created object) through ``kdray.engine.remote.main`` in this process: the submitter pod would run
 exactly that command on the Ray head.
 """
 
@@ -29,16 +29,18 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, synthetic_pipeline
-from kdray import worker
-from kdray.checkpoint import read_artifact
-from kdray.errors import KdrayError, SpecError
-from kdray.launch import (KubeRayLauncher, RayJobLauncher, launcher_for, render_command, stage_file_uri,
-                          submission_id, with_launcher, write_stage_file)
-from kdray.pipeline import artifact_store, plan, run_pipeline
-from kdray.specs import load_pipeline, parse_pipeline
-from kdray.storage import Storage
+
+from kdray.core.checkpoint import read_artifact
+from kdray.core.errors import KdrayError, SpecError
+from kdray.core.storage import Storage
+from kdray.engine import remote as worker
+from kdray.engine.launchers import artifact_store, launcher_for, stage_file_uri, write_stage_file
+from kdray.engine.launchers.kuberay import KubeRayLauncher
+from kdray.engine.launchers.ray import RayJobLauncher, submission_id
+from kdray.engine.pipeline import plan, run_pipeline
+from kdray.engine.spec import load_pipeline, parse_pipeline
+from kdray.engine.submit import render_command, with_launcher
 
 PY = sys.executable
 
@@ -120,7 +122,7 @@ def test_worker_joins_the_cluster_it_runs_in(tmp_path, monkeypatch):
     doc = json.loads(json.dumps({"spec": spec.model_dump(mode="json", exclude_unset=True), "stage": "teacher",
                                  "key": "0" * 12}))
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # what Ray's job supervisor sets
-    pinned = worker.stage_spec(doc, "x")
+    pinned = worker.pinned_spec(doc, "x")
     run = pinned.run_for(pinned.stages[0])
     assert (run.launcher, run.address, run.workers) == ("local", "auto", 1)
 
@@ -228,7 +230,7 @@ class FakeJobAPI:
 ])
 def test_ray_launcher_picks_the_job_to_follow(tmp_path, monkeypatch, before, force, has_artifact, submitted):
     pytest.importorskip("ray.job_submission")
-    from kdray.checkpoint import write_artifact
+    from kdray.core.checkpoint import write_artifact
 
     spec = spec_of(tmp_path, workers=1, launcher="ray", address="http://head:8265")
     key = plan(spec)["teacher"]
@@ -284,8 +286,8 @@ def _stop_tree(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
     snapshot of the process tree, plus the process group, which orphaned Ray agents keep) is
     killed. Only processes descended from ``proc`` are touched.
     """
-    import ray  # noqa: F401  (Ray ships psutil in ray/thirdparty_files and puts it on sys.path)
     import psutil
+    import ray  # noqa: F401  (Ray ships psutil in ray/thirdparty_files and puts it on sys.path)
 
     try:
         root = psutil.Process(proc.pid)
@@ -313,8 +315,8 @@ def ray_cluster():
     It is this fixture's child (and dies with the test process); teardown ends it and every
     process it started, by process id, so Ray clusters of other users of the machine live on.
     """
-    import ray  # noqa: F401  (puts Ray's bundled psutil on sys.path)
     import psutil  # noqa: F401  (fail here, not in teardown, if it is missing)
+    import ray  # noqa: F401  (puts Ray's bundled psutil on sys.path)
     from s3server import _EXEC_DYING_WITH_PARENT, free_ports
 
     bin_dir = Path(PY).parent
@@ -447,7 +449,7 @@ def kube(s3_server, monkeypatch, tmp_path):
 
     from test_kuberay import FakeKubeRay, Handler
 
-    from kdray.kuberay import KubeRayClient
+    from kdray.k8s.client import KubeRayClient
 
     class RunningHandler(Handler):
         def _rayjobs(self, method, ns, name, body):
@@ -540,8 +542,9 @@ def test_kuberay_complete_without_an_artifact_is_an_error_and_is_replaced_next_t
 
 
 def test_kuberay_failure_raises_with_the_job_log(kube, tmp_path):
-    from kdray.k8s import rayjob_name
     from test_kuberay import APP_FAILED
+
+    from kdray.k8s.render import rayjob_name
 
     fake, client = kube
     fake.execute = False
@@ -588,7 +591,7 @@ def test_kuberay_refuses_local_storage(tmp_path):
 
 
 def test_render_command_gives_valid_rayjobs_naming_the_stage_files(tmp_path, monkeypatch):
-    from kdray.kubevalidate import validate_kuberay
+    from kdray.k8s.validate import validate_kuberay
 
     monkeypatch.setenv("KDRAY_IMAGE", "registry.example/kdray:1.2")
     monkeypatch.setenv("KDRAY_NAMESPACE", "ml")

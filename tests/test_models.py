@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdray.errors import KdrayError
-from kdray.models import MODELS, count_parameters, create_model
-from kdray.registry import Registry
+from kdray.core.errors import KdrayError
+from kdray.core.models import MODELS, count_parameters, create_model
+from kdray.core.registry import Registry
 
 
 @pytest.mark.parametrize("name", MODELS.names())

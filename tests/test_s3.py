@@ -22,7 +22,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from conftest import synthetic_pipeline
 from s3server import SeaweedS3, weed_binary
 from test_data import idx_bytes
@@ -96,7 +95,7 @@ def fake_fmnist(n: int, seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 def upload_fmnist(server: SeaweedS3, key_prefix: str, arrays, gz: bool = True) -> None:
-    from kdray.data import FASHION_MNIST_FILES
+    from kdray.core.data import FASHION_MNIST_FILES
 
     client = server.client()
     for split, (img_name, lab_name) in FASHION_MNIST_FILES.items():
@@ -116,7 +115,7 @@ class Background(threading.Thread):
     def run(self):
         try:
             self.result = self.fn(*self.args)
-        except BaseException as e:  # noqa: BLE001 - handed to the test
+        except BaseException as e:
             self.error = e
 
 
@@ -128,8 +127,8 @@ def quiet(_msg):
 
 
 def test_storage_round_trip_on_s3(s3env, prefix, tmp_path):
-    from kdray.errors import StorageError
-    from kdray.storage import Storage
+    from kdray.core.errors import StorageError
+    from kdray.core.storage import Storage
 
     store = Storage(f"s3://{BUCKET}/{prefix}")
     assert (store.scheme, store.root, store.bucket) == ("s3", f"{BUCKET}/{prefix}", BUCKET)
@@ -160,7 +159,7 @@ def test_storage_round_trip_on_s3(s3env, prefix, tmp_path):
 
 def test_an_object_is_invisible_until_its_upload_completes(s3env, prefix):
     """Multipart upload (3 parts): while parts are in flight the key does not exist, then it is whole."""
-    from kdray.storage import Storage
+    from kdray.core.storage import Storage
 
     store = Storage(f"s3://{BUCKET}/{prefix}")
     data = os.urandom(24 * 1024 * 1024)
@@ -188,11 +187,11 @@ def test_an_object_is_invisible_until_its_upload_completes(s3env, prefix):
 def test_pipeline_runs_with_artifacts_in_a_bucket(s3env, prefix, tmp_path):
     from typer.testing import CliRunner
 
-    from kdray import data as kdata
-    from kdray.checkpoint import open_artifact, sha256
     from kdray.cli import app
-    from kdray.pipeline import run_pipeline
-    from kdray.specs import parse_pipeline
+    from kdray.core import data as kdata
+    from kdray.core.checkpoint import open_artifact, sha256
+    from kdray.engine.pipeline import run_pipeline
+    from kdray.engine.spec import parse_pipeline
 
     spec = parse_pipeline(s3_pipeline(tmp_path, prefix, workers=0, epochs=2, extra_stages=[EVAL]))
     first = run_pipeline(spec, log=quiet)
@@ -231,9 +230,9 @@ def test_pipeline_runs_with_artifacts_in_a_bucket(s3env, prefix, tmp_path):
 
 
 def test_fashion_mnist_is_read_from_a_bucket_prefix(s3env, prefix):
-    from kdray import data as kdata
-    from kdray.errors import DataError
-    from kdray.specs import DataSpec
+    from kdray.core import data as kdata
+    from kdray.core.errors import DataError
+    from kdray.core.specs import DataSpec
 
     arrays = fake_fmnist(24, seed=3)
     upload_fmnist(s3env, f"{prefix}/fmnist", arrays, gz=True)
@@ -256,9 +255,9 @@ def test_ray_workers_checkpoint_to_the_bucket_and_read_data_from_it(ray_local, s
     """
     import ray
 
-    from kdray.checkpoint import open_artifact
-    from kdray.pipeline import run_pipeline
-    from kdray.specs import parse_pipeline
+    from kdray.core.checkpoint import open_artifact
+    from kdray.engine.pipeline import run_pipeline
+    from kdray.engine.spec import parse_pipeline
 
     worker_secret = ray.get(ray.remote(num_cpus=0)(lambda: os.environ.get("AWS_SECRET_ACCESS_KEY")).remote())
     assert worker_secret != s3env.secret_key, "Ray workers must not have the keys in their environment"
@@ -285,9 +284,9 @@ def test_ray_workers_checkpoint_to_the_bucket_and_read_data_from_it(ray_local, s
 
 def test_an_outage_mid_publish_leaves_no_manifest(s3env, prefix):
     """Kill the server while a 24 MB weights upload is in flight: nothing is published; then retry."""
-    from kdray.checkpoint import read_artifact, write_artifact
-    from kdray.errors import StorageError
-    from kdray.storage import Storage
+    from kdray.core.checkpoint import read_artifact, write_artifact
+    from kdray.core.errors import StorageError
+    from kdray.core.storage import Storage
 
     store = Storage(f"s3://{BUCKET}/{prefix}/art")
     store.write_bytes("before.txt", b"written before the outage")
@@ -386,8 +385,8 @@ def test_credentials_never_reach_objects_or_logs(s3env, prefix, tmp_path, capfd)
     """After pipelines on S3 (this one, and the Ray one if it ran): no object and no log holds the secret."""
     import ray
 
-    from kdray.pipeline import run_pipeline
-    from kdray.specs import parse_pipeline
+    from kdray.engine.pipeline import run_pipeline
+    from kdray.engine.spec import parse_pipeline
 
     lines: list[str] = []
     spec = parse_pipeline(s3_pipeline(tmp_path, prefix, workers=0, epochs=1, extra_stages=[EVAL]))

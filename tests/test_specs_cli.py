@@ -10,7 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 from kdray.cli import app
-from kdray.specs import load_pipeline
+from kdray.engine.spec import load_pipeline
 
 runner = CliRunner()
 
@@ -60,7 +60,7 @@ BAD = {
     "unknown model": (edit(lambda d: d["stages"][0]["model"].update(name="cnn_smal")),
                       ["stages[0].model.name", "did you mean 'cnn_small'"]),
     "unknown model option": (edit(lambda d: d["stages"][0]["model"].update(widht=4)),
-                             ["stages[0].model", "no option 'widht'"]),
+                             ["stages[0].model", "has no parameter 'widht'"]),
     "unknown dataset": (edit(lambda d: d["stages"][0]["data"].update(name="fashion_mnsit")),
                         ["stages[0].data.name", "did you mean 'fashion_mnist'"]),
     "unknown loss": (edit(lambda d: d["stages"][1]["losses"][1].update(name="hinton")),

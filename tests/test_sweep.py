@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import synthetic_pipeline
-from kdray.checkpoint import open_artifact
-from kdray.errors import SpecError
-from kdray.specs import parse_pipeline
-from kdray.sweep import expand, parse_grid, run_sweep
+
+from kdray.core.checkpoint import open_artifact
+from kdray.core.errors import SpecError
+from kdray.engine.spec import parse_pipeline
+from kdray.engine.sweep import expand, parse_grid, run_sweep
 
 DATA = {"name": "synthetic", "options": {"num_samples": 256, "image_size": 8, "num_classes": 4}}
 STUDENT = {"name": "student", "kind": "distill", "teacher": "teacher", "model": {"name": "mlp_64"}, "data": DATA,

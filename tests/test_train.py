@@ -5,15 +5,14 @@ from __future__ import annotations
 import copy
 
 import pytest
-import torch
-
 from conftest import synthetic_pipeline
-from kdray.checkpoint import open_artifact
-from kdray.pipeline import plan, run_pipeline
-from kdray.specs import parse_pipeline
-from kdray.stages import make_job, StageContext
-from kdray.storage import Storage
-from kdray.train import fit
+
+from kdray.core.checkpoint import open_artifact
+from kdray.core.stage import StageContext
+from kdray.core.storage import Storage
+from kdray.engine.driver import fit
+from kdray.engine.pipeline import plan, run_pipeline
+from kdray.engine.spec import parse_pipeline
 
 EVAL = {"name": "eval", "kind": "evaluate", "models": ["teacher"]}
 
@@ -30,7 +29,7 @@ def test_local_pipeline_trains_evaluates_and_caches(tmp_path):
     hist = teacher.manifest["history"]
     assert [h["epoch"] for h in hist] == [1, 2, 3] and hist[-1]["train_loss"] < hist[0]["train_loss"]
     assert hist[-1]["test_acc"] > 0.6, "synthetic prototypes are learnable: well above 1/4 chance"
-    assert teacher.manifest["model"]["kwargs"] == {"num_classes": 4, "in_channels": 1, "image_size": 8}
+    assert teacher.manifest["model"]["kwargs"] == {"num_classes": 4, "in_channels": 1, "image_size": 8, "dropout": 0.0}
     report = open_artifact(first[1].uri)
     files = report.store.list()
     assert {f.rsplit("/", 1)[-1] for f in files} >= {"report.json", "report.md", "curves.png", "manifest.json"}
@@ -89,7 +88,7 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, ray_local):
     root = Storage(spec.storage.uri)
     key = plan(spec)["teacher"]
     ctx = StageContext(spec, spec.stages[0], key, root.child(f"synth/teacher/{key}"), root, {}, quiet)
-    job = make_job(ctx, fault={"epoch": 1, "step": 2, "rank": 0, "marker": str(tmp_path / "fired"), "how": "raise"})
+    job = ctx.job(fault={"epoch": 1, "step": 2, "rank": 0, "marker": str(tmp_path / "fired"), "how": "raise"})
     with pytest.raises(Exception, match="injected fault"):
         fit(job, root)
     result = fit(job, root)  # the same RunConfig(name, storage_path): Ray finds the run and resumes
@@ -100,7 +99,7 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, ray_local):
 def test_worker_errors_surface_as_user_errors(tmp_path):
     doc = synthetic_pipeline(tmp_path)
     doc["stages"][0]["data"] = {"name": "fashion_mnist", "path": str(tmp_path / "missing")}
-    from kdray.errors import DataError
+    from kdray.core.errors import DataError
 
     with pytest.raises(DataError, match="no train-images"):
         run_pipeline(parse_pipeline(doc), log=quiet)

@@ -14,13 +14,27 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import ValidationError
 
-from kdray.errors import KdrayError
-from kdray.models import create_model
-from kdray.transfer import (L2SP, SharedTwoTask, TransferSpec, apply_batchnorm_rules, apply_layer_rules,
-                            apply_transfer, plan_transfer, set_batchnorm_mode, tie_modules, transfer_weights,
-                            uniform_indices)
+from kdray.core.errors import KdrayError
+from kdray.core.models import create_model
+from kdray.transfer.mapping import (
+    L2SP,
+    TransferSpec,
+    apply_batchnorm_rules,
+    apply_layer_rules,
+    apply_transfer,
+    plan_transfer,
+    set_batchnorm_mode,
+    tie_modules,
+    uniform_indices,
+)
+from kdray.transfer.share import Share
 
 IMG = 8  # small images keep every forward pass cheap
+
+
+def transfer_weights(source_state, target, spec, **arch):
+    """Plan the transfer, then carry it out (what the transfer stage does in two steps)."""
+    return apply_transfer(target, source_state, plan_transfer(source_state, target, spec, **arch))
 
 
 def model(name: str, seed: int, **kw) -> nn.Module:
@@ -268,7 +282,7 @@ def test_architecture_change_mapped_by_name_alone_fails():
         plan_transfer(big, small, spec(), source_arch="cnn_large", target_arch="cnn_small")
     assert f"{k} {t_shape} (same-named source tensor is {s_shape}" in str(e.value)
     # Without architecture names the same mapping only reports.
-    report = plan_transfer(src.state_dict(), tgt, spec()).report()
+    report = plan_transfer(src.state_dict(), tgt, spec()).copy()
     assert report.by_key()["stem.0.weight"].reason == "no source match"
 
 
@@ -431,16 +445,16 @@ def test_l2sp_needs_weights():
 
 def test_tie_modules_shares_storage_and_training():
     a, b = model("cnn_small", 0, num_classes=10), model("cnn_small", 1, num_classes=5)
-    joint = SharedTwoTask(a, b, ["features", "features.*", "head"])
+    x = torch.randn(4, 1, IMG, IMG)
+    joint = Share(a, b, ["features", "features.*", "head"], x, torch.tensor([0, 1, 2, 3]), 1.0, 4, 0)
     assert joint.shared == ["features", "head"]
     assert b.features is a.features
     assert b.features[0][0][0].weight.data_ptr() == a.features[0][0][0].weight.data_ptr()
     n_unique = len(list(joint.parameters()))
     assert n_unique == len(list(a.parameters())) + 2  # only b's classifier weight and bias are extra
 
-    x = torch.randn(4, 1, IMG, IMG)
-    la, lb = joint(x)
-    assert la.shape == (4, 10) and lb.shape == (4, 5)
+    out = joint({"x": x, "y": torch.tensor([0, 1, 2, 3])})
+    assert out["logits"].shape == (4, 10) and out["loss"].ndim == 0
 
     opt = torch.optim.SGD(a.parameters(), lr=0.1)  # a step on task A only
     trunk_b, head_b = b.head[1].weight.clone(), b.classifier.weight.clone()

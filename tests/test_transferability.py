@@ -11,8 +11,8 @@ import math
 import numpy as np
 import pytest
 
-from kdray.errors import KdrayError
-from kdray.transferability import kendall_tau, leep, log_evidence, logme, rank_sources
+from kdray.core.errors import KdrayError
+from kdray.transfer.transferability import kendall_tau, leep, log_evidence, logme, rank_sources
 
 
 def direct_evidence(f: np.ndarray, t: np.ndarray, alpha: float, beta: float) -> float:

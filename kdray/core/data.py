@@ -1,0 +1,246 @@
+"""DATASETS: image classification data as in-memory tensors, selected deterministically by a spec.
+
+A dataset builder returns a ``Split`` of pixel-scale images ``x: float32 [N, C, H, W] in [0, 1]``
+and labels ``y: int64 [N]``. ``load(spec, split)`` then applies the spec's deterministic
+selection (class subset, limit, scarce labels) and ``normalize`` maps pixels to zero mean and unit
+variance with the dataset's constants. Nothing is downloaded: Fashion-MNIST is read from IDX files
+in a folder (the Debian package ``dataset-fashion-mnist`` by default) or under a storage prefix.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import struct
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdray.core.errors import DataError
+from kdray.core.registry import Registry
+from kdray.core.shifts import compose, shift_hash
+from kdray.core.storage import Storage
+
+DATASETS: Registry = Registry("dataset", group="kdray.datasets")
+
+FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+
+
+@dataclass(frozen=True)
+class Split:
+    """Images in [0, 1] plus labels; ``y == -1`` marks an example whose label is withheld."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    num_classes: int
+    mean: float
+    std: float
+    fingerprint: str
+    class_names: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.x.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.x.shape[-1])
+
+
+# --------------------------------------------------------------------------- IDX files
+
+
+def parse_idx(data: bytes, source: str) -> np.ndarray:
+    """Decode one IDX file (optionally gzipped): magic 0x0000, dtype 0x08 (uint8), ndim, big-endian dims."""
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08:
+        raise DataError(f"{source} is not an uint8 IDX file (bad magic number)",
+                        hint="Point data.path at the original Fashion-MNIST files (train-images-idx3-ubyte[.gz] ...).")
+    ndim = data[3]
+    shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    expected = 4 + 4 * ndim + int(np.prod(shape))
+    if len(data) != expected:
+        raise DataError(f"{source} is truncated or corrupt: {len(data)} bytes, header says {expected}",
+                        hint="Re-copy the file (for the Debian package: apt-get install --reinstall dataset-fashion-mnist).")
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _read_idx_pair(location: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read the image and label IDX files of ``split`` from a folder or a storage URI prefix."""
+    names = FASHION_MNIST_FILES[split]
+    if "://" in location and not location.startswith("file://"):
+        store = Storage(location)
+        arrays = []
+        for name in names:
+            for candidate in (name + ".gz", name):
+                if store.exists(candidate):
+                    arrays.append(parse_idx(store.read_bytes(candidate), store.uri(candidate)))
+                    break
+            else:
+                raise DataError(f"no {name}[.gz] under {location}",
+                                hint="Upload the four Fashion-MNIST IDX files there, or set data.path to a folder that has them.")
+        return arrays[0], arrays[1]
+    folder = Path(location.removeprefix("file://"))
+    arrays = []
+    for name in names:
+        for path in (folder / (name + ".gz"), folder / name):
+            if path.is_file():
+                arrays.append(parse_idx(path.read_bytes(), str(path)))
+                break
+        else:
+            raise DataError(f"no {name}[.gz] in {folder}",
+                            hint="Install the Debian package (apt-get install -y dataset-fashion-mnist), or set "
+                                 "data.path (or KDRAY_FASHION_MNIST) to a folder or s3:// prefix holding the IDX files.")
+    return arrays[0], arrays[1]
+
+
+def fashion_mnist_location(path: str | None) -> str:
+    """The folder or URI to read from: the spec's path, $KDRAY_FASHION_MNIST, or the Debian package."""
+    if path:
+        return path
+    if os.environ.get("KDRAY_FASHION_MNIST"):
+        return os.environ["KDRAY_FASHION_MNIST"]
+    for folder in FASHION_MNIST_DIRS:
+        if Path(folder).is_dir():
+            return folder
+    raise DataError("Fashion-MNIST was not found: no data.path given, KDRAY_FASHION_MNIST unset and "
+                    f"{FASHION_MNIST_DIRS[0]} missing",
+                    hint="Install it with `apt-get install -y dataset-fashion-mnist`, or set data.path to a folder "
+                         "or s3:// prefix holding train-images-idx3-ubyte.gz and the three other IDX files.")
+
+
+def _fingerprint(*arrays: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(str(a.shape).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
+@DATASETS.register("fashion_mnist", image_size=28, in_channels=1, num_classes=10)
+def fashion_mnist(split: str, path: str | None = None) -> Split:
+    """Fashion-MNIST (Xiao et al. 2017): 60,000 train / 10,000 test grey 28x28 images, 10 classes."""
+    images, labels = _read_idx_pair(fashion_mnist_location(path), split)
+    if len(images) != len(labels):
+        raise DataError(f"Fashion-MNIST {split}: {len(images)} images but {len(labels)} labels")
+    x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
+    return Split(x, torch.from_numpy(labels.astype(np.int64)), 10, 0.2860, 0.3530,
+                 _fingerprint(images, labels), FASHION_MNIST_CLASSES)
+
+
+@DATASETS.register("digits", image_size=8, in_channels=1, num_classes=10)
+def digits(split: str, path: str | None = None) -> Split:
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images); a fixed 80/20 train/test split."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = (bunch.images / 16.0).astype(np.float32)
+    labels = bunch.target.astype(np.int64)
+    order = np.random.default_rng(0).permutation(len(labels))
+    cut = int(0.8 * len(labels))
+    idx = order[:cut] if split == "train" else order[cut:]
+    x, y = images[idx], labels[idx]
+    return Split(torch.from_numpy(x).unsqueeze(1), torch.from_numpy(y), 10, 0.3059, 0.3811,
+                 _fingerprint(x, y), tuple(str(i) for i in range(10)))
+
+
+@DATASETS.register("synthetic", image_size=8, in_channels=1, num_classes=4)
+def synthetic(split: str, path: str | None = None, num_samples: int = 512, num_classes: int = 4,
+              image_size: int = 8, channels: int = 1, noise: float = 0.15, seed: int = 0) -> Split:
+    """Seeded class prototypes plus noise: learnable in a few steps, for tests and smoke runs."""
+    gen = torch.Generator().manual_seed(seed)
+    protos = torch.rand(num_classes, channels, image_size, image_size, generator=gen)
+    n = num_samples if split == "train" else max(num_samples // 4, num_classes)
+    gen_split = torch.Generator().manual_seed(seed + (1 if split == "train" else 2))
+    y = torch.arange(n) % num_classes
+    x = (protos[y] + noise * torch.randn(n, channels, image_size, image_size, generator=gen_split)).clamp(0, 1)
+    return Split(x, y, num_classes, 0.5, 0.3, _fingerprint(x.numpy(), y.numpy()),
+                 tuple(f"class{i}" for i in range(num_classes)))
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def select(split: Split, spec: Any, train: bool) -> Split:
+    """Apply the spec's class subset, limit and (training only) scarce-label selection, deterministically."""
+    x, y, k, names = split.x, split.y, split.num_classes, split.class_names
+    if spec.classes is not None:
+        bad = [c for c in spec.classes if c >= k]
+        if bad:
+            raise DataError(f"data.classes: {bad} out of range for {spec.name} ({k} classes, ids 0..{k - 1})")
+        keep = torch.isin(y, torch.tensor(spec.classes))
+        remap = torch.full((k,), -1, dtype=torch.long)
+        remap[torch.tensor(spec.classes)] = torch.arange(len(spec.classes))
+        x, y, k = x[keep], remap[y[keep]], len(spec.classes)
+        names = tuple(names[c] for c in spec.classes) if names else ()
+    gen = torch.Generator().manual_seed(spec.seed)
+    limit = spec.limit if train else spec.test_limit
+    if limit is not None and limit < len(y):
+        idx = torch.randperm(len(y), generator=gen)[:limit].sort().values
+        x, y = x[idx], y[idx]
+    if train and (spec.labels_per_class is not None or spec.label_fraction < 1.0):
+        y = withhold_labels(y, k, spec.labels_per_class, spec.label_fraction, spec.seed)
+        if spec.drop_unlabelled:
+            x, y = x[y >= 0], y[y >= 0]
+    tag = hashlib.sha256(f"{split.fingerprint}|{spec.classes}|{limit}|{spec.labels_per_class}|"
+                         f"{spec.label_fraction}|{spec.drop_unlabelled}|{spec.seed}|{train}".encode()).hexdigest()[:16]
+    return replace(split, x=x, y=y, num_classes=k, fingerprint=tag, class_names=names)
+
+
+def withhold_labels(y: torch.Tensor, num_classes: int, per_class: int | None, fraction: float, seed: int) -> torch.Tensor:
+    """Keep ``per_class`` labels of each class (or ``fraction`` of each class); set the rest to -1."""
+    gen = torch.Generator().manual_seed(seed + 7919)
+    out = torch.full_like(y, -1)
+    for c in range(num_classes):
+        idx = (y == c).nonzero().flatten()
+        n = per_class if per_class is not None else max(1, round(fraction * len(idx)))
+        keep = idx[torch.randperm(len(idx), generator=gen)[:n]]
+        out[keep] = c
+    return out
+
+
+def normalize(x: torch.Tensor, split: Split) -> torch.Tensor:
+    return (x - split.mean) / split.std
+
+
+def load(spec: Any, split: str = "train") -> Split:
+    """Load ``spec.name``'s ``split``, apply the spec's domain shifts and deterministic selection.
+
+    Pixels stay in [0, 1]; ``normalize`` comes after. A shift is seeded by ``spec.seed`` and the
+    split, so train and test images of a shifted domain get independent noise.
+    """
+    builder = DATASETS.get(spec.name)
+    try:
+        raw = builder(split, path=spec.path, **spec.options)
+    except TypeError as e:
+        raise DataError(f"data.options: {e}") from None
+    if spec.shifts:
+        x, y = compose(spec.shifts, num_classes=raw.num_classes)(raw.x, raw.y, spec.seed * 2 + (split == "test"))
+        tag = hashlib.sha256(f"{raw.fingerprint}|{shift_hash(spec.shifts)}".encode()).hexdigest()[:16]
+        raw = replace(raw, x=x, y=y, fingerprint=tag)
+    return select(raw, spec, train=split == "train")
+
+
+def describe(spec: Any) -> dict[str, Any]:
+    """Static facts of a dataset for model building without loading it (channels, size, classes)."""
+    meta = dict(DATASETS.meta(spec.name))
+    meta.update({k: v for k, v in spec.options.items() if k in ("image_size", "num_classes")})
+    if spec.options.get("channels"):
+        meta["in_channels"] = spec.options["channels"]
+    if spec.classes is not None:
+        meta["num_classes"] = len(spec.classes)
+    return meta

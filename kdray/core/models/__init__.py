@@ -1,0 +1,41 @@
+"""MODELS: one registry for every network family.
+
+Every model follows one small contract so that distillation, transfer and adaptation can treat
+all families alike:
+
+* ``model(x)`` maps images ``[N, C, H, W]`` (float, normalised) to logits ``[N, num_classes]``;
+* ``model.embed(x)`` returns the pre-classifier features ``[N, D]``, and
+  ``model(x) == model.classifier(model.embed(x))`` with ``model.classifier`` an ``nn.Linear``;
+* ``model.feature_layers`` lists module paths (``dict(model.named_modules())`` keys) whose outputs
+  are tensors usable for feature hints and attention transfer, shallow to deep;
+* ``model.classifier_name`` is the module path of the classifier (``"classifier"``).
+
+Builders are registered as ``<family>_<size>`` and take ``num_classes``, ``in_channels`` and
+``image_size`` plus family-specific keywords::
+
+    model = create_model("cnn_small", num_classes=10, in_channels=1, image_size=28)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn as nn
+
+from kdray.core.errors import SpecError
+from kdray.core.models import cnn, mlp, rnn, transformer  # noqa: F401  (importing a family registers it)
+from kdray.core.models.base import MODELS, Classifier
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    """Build the registered model ``name``; unknown keywords raise with the builder's name."""
+    try:
+        return MODELS.build(name, **kwargs)
+    except TypeError as e:  # a spec passed a keyword that this family does not take
+        raise SpecError(f"model {name!r} does not accept these options: {e}") from None
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+__all__ = ["MODELS", "Classifier", "create_model", "count_parameters"]

@@ -1,0 +1,206 @@
+"""Stage kinds as plug-ins: one class per kind holds its spec, its driver side and its worker side.
+
+    @stage_kind
+    class DistillKind(StageKind):
+        spec = DistillStage                         # a StageBase with kind: Literal["distill"]
+
+        def run(self, ctx: StageContext) -> Artifact:        # driver: decide, ctx.fit(job), publish
+            ...
+        def method(self, job: Job, shard: Shard) -> Method:  # worker: what the loop optimises
+            ...
+        def data(self, job: Job) -> tuple[Split, Split]:     # worker: (training, monitoring) splits
+            ...
+
+``STAGE_KINDS`` is the only table of kinds: the pipeline spec's ``Stage`` union, the CLI's kind
+list, the flows' kind table and the docs are all read from it. The engine hands a driver-side
+``run`` everything it needs in a :class:`StageContext`, including ``ctx.fit`` (the engine's way to
+run the training loop), so a technique never imports the engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+
+from kdray.core import data as kdata
+from kdray.core.checkpoint import Artifact, write_artifact
+from kdray.core.method import Method
+from kdray.core.models import count_parameters, create_model
+from kdray.core.registry import Registry
+from kdray.core.specs import DataSpec, ModelSpec, RunSpec, StageBase
+from kdray.core.storage import Storage
+
+Log = Callable[[str], None]
+
+
+# --------------------------------------------------------------------------- what crosses to the workers
+
+
+@dataclass
+class Job:
+    """Everything a worker needs to train one stage. Typed here; JSON only across processes."""
+
+    pipeline: str
+    spec: Any        # the stage's spec: an instance of its kind's ``StageKind.spec`` (a StageBase)
+    run: RunSpec
+    key: str
+    parents: dict[str, str] = field(default_factory=dict)  # reference -> artifact URI
+    extras: dict[str, Any] = field(default_factory=dict)   # stage-specific inputs (e.g. a teacher cache URI)
+
+    @property
+    def run_name(self) -> str:
+        return run_name(self.pipeline, self.spec.name, self.key)
+
+    def to_config(self) -> dict[str, Any]:
+        """The job as JSON-able values, for a Ray worker in another process."""
+        return {"job": {"pipeline": self.pipeline, "spec": self.spec.model_dump(mode="json"),
+                        "run": self.run.model_dump(mode="json"), "key": self.key, "parents": dict(self.parents),
+                        "extras": json.loads(json.dumps(self.extras))}}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "Job":
+        doc = config["job"]
+        spec = STAGE_KINDS.get(doc["spec"]["kind"]).spec.model_validate(doc["spec"])
+        return cls(doc["pipeline"], spec, RunSpec.model_validate(doc["run"]), doc["key"], doc["parents"], doc["extras"])
+
+    def replace(self, **changes: Any) -> "Job":
+        return dataclasses.replace(self, **changes)
+
+
+def run_name(pipeline: str, stage: str, key: str) -> str:
+    """Ray's run name for a stage: deterministic, so a rerun of the same stage resumes its run."""
+    return f"{pipeline}-{stage}-{key}"
+
+
+@dataclass
+class Shard:
+    """What one worker trains on: the training split and the rows of it that are this rank's."""
+
+    train: kdata.Split     # the whole (selected) training split, pixels in [0, 1]
+    x: torch.Tensor        # its inputs, normalised
+    rows: torch.Tensor     # this rank's row indices
+    rank: int = 0
+    world: int = 1
+
+
+@dataclass
+class FitResult:
+    """What ``ctx.fit(job)`` returns: the weights to publish and the per-epoch history."""
+
+    model_state: dict[str, torch.Tensor]
+    history: list[dict[str, Any]]
+    run_path: str | None
+    seconds: float
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.history[-1] if self.history else {}
+
+
+# --------------------------------------------------------------------------- the driver side
+
+
+@dataclass
+class StageContext:
+    """What a stage's driver side gets from the engine."""
+
+    pipeline: Any                    # the PipelineSpec
+    stage: Any                       # the stage's spec
+    key: str                         # hash of the stage spec and its parents' keys
+    store: Storage                   # the artifact folder <root>/<pipeline>/<stage>/<key>
+    root: Storage                    # the storage root (Ray's run folders live under it)
+    parents: dict[str, Artifact] = field(default_factory=dict)  # reference -> finished artifact
+    log: Log = print
+    fit: Callable[[Job, Storage], FitResult] | None = None        # the engine's training loop runner
+
+    @property
+    def run(self) -> RunSpec:
+        return self.pipeline.run_for(self.stage)
+
+    def train(self, job: Job) -> FitResult:
+        """Run the training loop for ``job`` (in this process or on Ray, per ``job.run``)."""
+        if self.fit is None:
+            raise RuntimeError("this StageContext was made without a fit function")
+        return self.fit(job, self.root)
+
+    def job(self, **extras: Any) -> Job:
+        """The worker's view of this stage."""
+        return Job(pipeline=self.pipeline.name, spec=self.stage, run=self.run, key=self.key,
+                   parents={ref: art.uri for ref, art in self.parents.items()},
+                   extras={"model_kwargs": model_kwargs(self.stage.model, self.stage.data), **extras})
+
+    def base_manifest(self) -> dict[str, Any]:
+        return {
+            "kind": self.stage.kind, "pipeline": self.pipeline.name, "stage": self.stage.name, "key": self.key,
+            "spec": self.stage.model_dump(mode="json"), "run": self.run.model_dump(mode="json"),
+            "parents": [{"ref": ref, "uri": art.uri, "key": art.manifest.get("key"),
+                         "weights_sha256": art.weights_sha256} for ref, art in self.parents.items()],
+        }
+
+    def publish(self, job: Job, result: FitResult, files: dict[str, bytes] | None = None,
+                extra: dict[str, Any] | None = None) -> Artifact:
+        """Write a trained model's artifact: weights, history and ``files``, then the manifest."""
+        kwargs = job.extras["model_kwargs"]
+        model = create_model(self.stage.model.name, **kwargs)
+        manifest = self.base_manifest() | {
+            "model": model_record(self.stage.model, kwargs, model),
+            "metrics": result.metrics, "history": result.history, "ray_run": result.run_path,
+            "timings": {"fit_seconds": round(result.seconds, 3)}, **(extra or {}),
+        }
+        files = {"history.json": json.dumps(result.history, indent=1).encode(), **(files or {})}
+        return write_artifact(self.store, manifest, result.model_state, files)
+
+
+def model_kwargs(model_spec: ModelSpec, data_spec: DataSpec) -> dict[str, Any]:
+    """Builder keywords for a model on a dataset: classes, channels and size come from the data."""
+    facts = kdata.describe(data_spec)
+    return {"num_classes": model_spec.num_classes or facts["num_classes"], "in_channels": facts["in_channels"],
+            "image_size": facts["image_size"], **model_spec.params}
+
+
+def model_record(model_spec: ModelSpec, kwargs: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
+    return {"name": model_spec.name, "kwargs": kwargs, "family": getattr(model, "family", "unknown"),
+            "parameters": count_parameters(model), "feature_layers": list(getattr(model, "feature_layers", ())),
+            "classifier": getattr(model, "classifier_name", "classifier")}
+
+
+# --------------------------------------------------------------------------- the plug-in
+
+
+class StageKind:
+    """One stage kind: its spec, what the driver does (``run``), what the workers do (``method``, ``data``)."""
+
+    spec: ClassVar[type[StageBase]]
+    trains: ClassVar[bool] = True  # False: the stage only reads artifacts and always runs locally (evaluate)
+
+    @classmethod
+    def kind(cls) -> str:
+        return cls.spec.model_fields["kind"].default
+
+    def run(self, ctx: StageContext) -> Artifact:
+        """Driver side: produce and publish the stage's artifact (``ctx.train(job)``, ``ctx.publish``)."""
+        raise NotImplementedError
+
+    def method(self, job: Job, shard: Shard) -> Method:
+        """Worker side: the ``Method`` the loop optimises (its ``model`` is what gets published)."""
+        raise NotImplementedError(f"stage kind {self.kind()!r} does not train")
+
+    def data(self, job: Job) -> tuple[kdata.Split, kdata.Split]:
+        """Worker side: (training split, split watched each epoch); ``spec.data`` by default."""
+        return kdata.load(job.spec.data, "train"), kdata.load(job.spec.data, "test")
+
+
+STAGE_KINDS: Registry[type[StageKind]] = Registry("stage kind", group="kdray.stage_kinds")
+
+
+def stage_kind(cls: type[StageKind]) -> type[StageKind]:
+    """Class decorator: register a stage kind under its spec's ``kind``."""
+    return STAGE_KINDS.register(cls.kind())(cls)
+
+
+def kind_of(stage: StageBase) -> StageKind:
+    return STAGE_KINDS.get(stage.kind)()

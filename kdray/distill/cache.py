@@ -1,0 +1,87 @@
+"""The teacher-output cache: the teacher runs once over the training data, each rank reads its rows.
+
+Layout (``<root>/_cache/teacher/<key>/``): ``logits-<start>.safetensors`` chunks of ``CHUNK_ROWS``
+rows in dataset order, then ``meta.json`` (written last: the commit point). The key hashes the
+teacher's weights, the training data's fingerprint and the input transform, so a changed teacher
+or a changed selection gets a new cache and a stale one is never used.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from kdray.core import data as kdata
+from kdray.core.checkpoint import Artifact, bytes_to_state, state_to_bytes
+from kdray.core.errors import KdrayError
+from kdray.core.specs import spec_hash
+from kdray.core.stage import StageContext
+from kdray.core.storage import Storage
+
+CHUNK_ROWS = 16384
+CACHE_FORMAT = 1
+
+
+def cache_key(teacher: Artifact, train: kdata.Split) -> str:
+    return spec_hash({"format": CACHE_FORMAT, "teacher": teacher.weights_sha256, "data": train.fingerprint,
+                      "transform": {"normalize": [train.mean, train.std]}})[:16]
+
+
+def read_cache_meta(store: Storage) -> dict[str, Any] | None:
+    if not store.exists("meta.json"):
+        return None
+    return json.loads(store.read_bytes("meta.json"))
+
+
+def build_cache(store: Storage, teacher: nn.Module, x: torch.Tensor, meta: dict[str, Any],
+                batch_size: int = 1024, log=print) -> dict[str, Any]:
+    """Run the teacher once over ``x`` and write its logits in chunks, then ``meta.json`` last."""
+    teacher.eval()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for start in range(0, len(x), CHUNK_ROWS):
+            rows = x[start:start + CHUNK_ROWS]
+            logits = torch.cat([teacher(rows[i:i + batch_size]).float() for i in range(0, len(rows), batch_size)])
+            store.write_bytes(f"logits-{start:09d}.safetensors", state_to_bytes({"logits": logits}))
+            log(f"  teacher cache: {min(start + CHUNK_ROWS, len(x)):,}/{len(x):,} rows")
+    meta = {**meta, "rows": len(x), "chunk_rows": CHUNK_ROWS, "format": CACHE_FORMAT,
+            "seconds": round(time.perf_counter() - t0, 3)}
+    store.write_bytes("meta.json", json.dumps(meta, indent=2).encode())
+    return meta
+
+
+def read_cache_rows(store: Storage, start: int, stop: int, *, expect_rows: int, expect_fingerprint: str) -> torch.Tensor:
+    """Logits of rows ``[start, stop)`` from the chunks that overlap them (a rank reads only its shard)."""
+    meta = read_cache_meta(store)
+    if meta is None or meta["rows"] != expect_rows or meta["data_fingerprint"] != expect_fingerprint:
+        raise KdrayError(f"teacher cache at {store.uri()} does not match this data "
+                         f"(rows {meta and meta['rows']} vs {expect_rows})",
+                         hint="Rerun the stage: the driver rebuilds a cache that does not match.")
+    chunk = meta["chunk_rows"]
+    parts = []
+    for c0 in range((start // chunk) * chunk, stop, chunk):
+        logits = bytes_to_state(store.read_bytes(f"logits-{c0:09d}.safetensors"), store.uri())["logits"]
+        parts.append(logits[max(start - c0, 0):stop - c0])
+    return torch.cat(parts)
+
+
+def ensure_cache(ctx: StageContext, teacher: Artifact) -> str:
+    """The URI of a cache that matches this teacher and data, building it if needed."""
+    train = kdata.load(ctx.stage.data, "train")
+    key = cache_key(teacher, train)
+    store = ctx.root.child(f"_cache/teacher/{key}")
+    meta = read_cache_meta(store)
+    if meta is not None and meta.get("rows") == len(train) and meta.get("data_fingerprint") == train.fingerprint:
+        ctx.log(f"[{ctx.stage.name}] teacher cache hit: {store.uri()} ({meta['rows']:,} rows)")
+        return store.uri()
+    if meta is not None:
+        ctx.log(f"[{ctx.stage.name}] teacher cache at {store.uri()} does not match; rebuilding it")
+    ctx.log(f"[{ctx.stage.name}] building teacher cache at {store.uri()}")
+    build_cache(store, teacher.build_model(), kdata.normalize(train.x, train),
+                {"teacher_uri": teacher.uri, "teacher_sha256": teacher.weights_sha256,
+                 "data_fingerprint": train.fingerprint, "num_classes": train.num_classes}, log=ctx.log)
+    return store.uri()

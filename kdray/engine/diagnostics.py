@@ -1,0 +1,72 @@
+"""Instruments for tests and for finding out where a run ran; the training loop knows none of this.
+
+* a **fault** (``job.extras["fault"]`` or ``$KDRAY_INJECT_FAULT`` with a ``stage`` name):
+  ``{"epoch": 1, "step": 3, "rank": 0, "marker": "/tmp/x", "how": "raise" | "kill"}`` fails once,
+  at that step of that epoch on that rank (the marker file makes it fire only on the first
+  attempt; ``kill`` ends the worker process abruptly). How fault-tolerance tests break a run for real.
+* a **placement log** (``job.extras["placement_log"]``): each rank writes its node and process id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch.nn as nn
+
+from kdray.core.stage import Job
+
+
+def fault_for(job: Job) -> dict[str, Any] | None:
+    fault = job.extras.get("fault")
+    if fault is None:
+        env = json.loads(os.environ.get("KDRAY_INJECT_FAULT") or "null")
+        fault = env if env and env.get("stage") == job.spec.name else None
+    return fault
+
+
+def instrument(job: Job, rank: int):
+    """The loop's ``instrument(method)`` callback for this job: installs a fault if one is configured."""
+    fault = fault_for(job)
+
+    def install(method: nn.Module) -> None:
+        if not fault or fault.get("rank", 0) != rank:
+            return
+        where = {"epoch": -1, "step": 0}
+        on_epoch_start = method.on_epoch_start
+
+        def count_epoch(epoch: int, progress: float) -> None:
+            where.update(epoch=epoch, step=0)
+            on_epoch_start(epoch, progress)  # type: ignore[operator]  # torch: Module.__getattr__
+
+        def before_step(_module: nn.Module, _args: Any) -> None:
+            if (where["epoch"], where["step"]) == (fault["epoch"], fault.get("step", 0)):
+                fire(fault, where["epoch"], where["step"], rank)
+            where["step"] += 1
+
+        method.on_epoch_start = count_epoch  # type: ignore[method-assign, assignment]
+        method.register_forward_pre_hook(before_step)
+
+    return install
+
+
+def fire(fault: dict[str, Any], epoch: int, step: int, rank: int) -> None:
+    if os.path.exists(fault["marker"]):
+        return
+    open(fault["marker"], "w").close()
+    if fault.get("how") == "kill":
+        os.kill(os.getpid(), 9)
+    raise RuntimeError(f"injected fault at epoch {epoch}, step {step}, rank {rank}")
+
+
+def record_placement(job: Job, rank: int) -> None:
+    """Write ``rank<r>.json`` (rank, Ray node id, pid) into ``job.extras["placement_log"]``, if set."""
+    folder = job.extras.get("placement_log")
+    if not folder:
+        return
+    import ray
+
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:
+        json.dump({"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}, f)

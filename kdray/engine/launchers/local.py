@@ -1,0 +1,24 @@
+"""The ``local`` launcher: the stage runs in this process (embedded Ray, or ``ray.init(address=run.address)``)."""
+
+from __future__ import annotations
+
+from kdray.core.checkpoint import Artifact
+from kdray.core.stage import StageContext, kind_of, run_name
+from kdray.core.storage import Storage
+from kdray.engine.driver import fit
+from kdray.engine.launchers import LAUNCHERS, Log, stage_store
+from kdray.engine.spec import PipelineSpec
+
+
+@LAUNCHERS.register("local")
+class LocalLauncher:
+    """Run the stage in this process: embedded Ray (or ``ray.init(address=run.address)``), ``fit()`` here."""
+
+    def run(self, spec: PipelineSpec, stage_name: str, key: str, log: Log = print, *,
+            parents: dict[str, Artifact], force: bool = False) -> Artifact:
+        stage = spec.stage(stage_name)
+        root = Storage(spec.storage.uri)
+        if force:  # start over: Ray would otherwise resume the finished run from its last checkpoint
+            root.delete_dir(f"_ray/{run_name(spec.name, stage_name, key)}")
+        ctx = StageContext(spec, stage, key, stage_store(spec, stage_name, key), root, parents, log, fit)
+        return kind_of(stage).run(ctx)

@@ -1,0 +1,215 @@
+"""The training loop, read top to bottom: data, method, optimiser, resume, epochs, metrics, report.
+
+``train(job, ...)`` is the same loop whether it runs in this process (``workers: 0``) or on each
+Ray Train worker (``kdray.engine.driver``, which supplies rank, device, DDP wrapping, checkpoints
+and reporting). What is optimised comes from the stage kind's plug-in: ``kind.data(job)`` gives
+the splits and ``kind.method(job, shard)`` the ``Method``, whose hooks (``param_groups``,
+``on_epoch_start``, ``epoch_scores``, ``on_epoch_end``) are all the loop knows of distillation,
+transfer or adaptation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from kdray.core import data as kdata
+from kdray.core.checkpoint import bytes_to_state, state_to_bytes
+from kdray.core.specs import OptimSpec
+from kdray.core.stage import Job, Shard, kind_of
+from kdray.engine import kinds  # noqa: F401  (the stage kinds this loop can run, also in a Ray worker process)
+from kdray.engine.progress import Progress
+
+Report = Callable[[dict[str, Any], "str | None"], None]
+
+
+# --------------------------------------------------------------------------- pieces of the loop
+
+
+def build_optimizer(spec: OptimSpec, groups: list[dict[str, Any]], steps: int):
+    """AdamW/Adam/SGD over param groups (a group's ``lr_scale`` multiplies the lr); cosine or constant."""
+    groups = [{**g, "lr": spec.lr * g.get("lr_scale", 1.0)} for g in groups]  # the caller's dicts stay as they are
+    for g in groups:
+        g.pop("lr_scale", None)
+    opt: torch.optim.Optimizer
+    if spec.name == "sgd":
+        opt = torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay, nesterov=True)
+    else:
+        cls = torch.optim.AdamW if spec.name == "adamw" else torch.optim.Adam
+        opt = cls(groups, lr=spec.lr, weight_decay=spec.weight_decay)
+    if spec.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    return opt, sched
+
+
+def shard(n: int, rank: int, world: int) -> range:
+    """Rank ``rank``'s contiguous slice of ``n`` examples; every rank gets ``n // world``."""
+    per = n // world
+    return range(rank * per, (rank + 1) * per)
+
+
+def batches(indices: torch.Tensor, batch_size: int, epoch: int, seed: int):
+    """The shard's indices in a seeded random order, in full batches (the last partial batch too)."""
+    order = indices[torch.randperm(len(indices), generator=torch.Generator().manual_seed(seed * 1000 + epoch))]
+    for i in range(0, len(order), batch_size):
+        yield order[i:i + batch_size]
+
+
+def autocast(device: torch.device, enabled: bool):
+    if device.type == "cuda" and enabled:
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast(device.type, enabled=False)
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
+                   batch_size: int = 1024) -> tuple[float, float, int]:
+    """(summed loss, correct, count) over labelled rows of ``x``; the caller all-reduces across ranks."""
+    was_training = model.training
+    model.eval()
+    loss = correct = count = 0.0
+    for i in range(0, len(y), batch_size):
+        xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+        logits = model(xb).float()
+        keep = yb >= 0
+        loss += float(nn.functional.cross_entropy(logits[keep], yb[keep], reduction="sum")) if keep.any() else 0.0
+        correct += float((logits.argmax(1)[keep] == yb[keep]).sum())
+        count += float(keep.sum())
+    model.train(was_training)
+    return loss, correct, int(count)
+
+
+def all_reduce(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Sum each named number over the ranks (the numbers themselves without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return dict(values)
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(values, t.tolist()))
+
+
+def save_train_state(folder: str, method: nn.Module, opt, sched, epoch: int, history: list[dict]) -> None:
+    with open(os.path.join(folder, "method.safetensors"), "wb") as f:
+        f.write(state_to_bytes(method.state_dict()))
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch},
+               os.path.join(folder, "train_state.pt"))  # read back with weights_only=True
+    with open(os.path.join(folder, "history.json"), "w") as f:
+        json.dump(history, f)
+
+
+def load_train_state(folder: str, method: nn.Module, opt, sched) -> tuple[int, list[dict]]:
+    with open(os.path.join(folder, "method.safetensors"), "rb") as f:
+        method.load_state_dict(bytes_to_state(f.read(), folder))
+    state = torch.load(os.path.join(folder, "train_state.pt"), weights_only=True)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    with open(os.path.join(folder, "history.json")) as f:
+        history = json.load(f)
+    return int(state["epoch"]) + 1, history
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train(job: Job, *, rank: int = 0, world: int = 1, device: torch.device = torch.device("cpu"),
+          resume_from: str | None = None, report: Report,
+          wrap: Callable[[nn.Module], nn.Module] = lambda m: m,
+          instrument: Callable[[nn.Module], None] = lambda m: None) -> None:
+    """The training loop. ``report(metrics, checkpoint_folder)`` is called every epoch on every rank
+    (rank 0 passes a folder); ``wrap`` makes the method data-parallel; ``instrument`` sees the method
+    once before training (diagnostics such as injected faults)."""
+    spec, run, kind = job.spec, job.run, kind_of(job.spec)
+    torch.set_num_threads(max(1, int(run.cpus_per_worker)))
+    torch.manual_seed(run.seed)  # same initial weights on every rank
+
+    # 1. Data: this rank's shard of the training set, the whole monitoring split.
+    train_set, test = kind.data(job)
+    x_train, x_test = kdata.normalize(train_set.x, train_set), kdata.normalize(test.x, test)
+    mine = torch.tensor(list(shard(len(train_set), rank, world)))
+    per_rank_batch = max(1, spec.optim.batch_size // world)
+    steps_per_epoch = math.ceil(len(mine) / per_rank_batch)
+
+    # 2. Model and method (the method holds the trainable model, plus frozen helpers such as a teacher).
+    method = kind.method(job, Shard(train_set, x_train, mine, rank, world))
+    method.to_device(device)
+    instrument(method)
+    opt, sched = build_optimizer(spec.optim, method.param_groups(), spec.optim.epochs * steps_per_epoch)
+    net = wrap(method) if world > 1 else method
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and run.amp
+                                  and not torch.cuda.is_bf16_supported())
+
+    # 3. Resume from the latest checkpoint of this run (after a worker failure or a rerun).
+    start, history = 0, list[dict[str, Any]]()
+    if resume_from:
+        start, history = load_train_state(resume_from, method, opt, sched)
+        shutil.rmtree(resume_from, ignore_errors=True)
+    resumed = (history[-1]["resumed"] + 1) if history else 0  # how many times this run has resumed
+
+    progress = Progress(rank == 0, f"{job.pipeline}/{spec.name}")
+    loop_started = time.time()  # wall clock, so the driver can tell start-up from training
+    for epoch in range(start, spec.optim.epochs):
+        # 4. One epoch over this rank's shard.
+        net.train()
+        method.on_epoch_start(epoch, epoch / spec.optim.epochs)
+        t0, seen, loss_sum, correct, labelled = time.perf_counter(), 0, 0.0, 0.0, 0
+        for step, idx in enumerate(batches(mine, per_rank_batch, epoch, run.seed)):
+            batch = {"x": x_train[idx].to(device, non_blocking=True), "y": train_set.y[idx].to(device),
+                     "index": idx, "progress": (epoch + step / steps_per_epoch) / spec.optim.epochs}
+            with autocast(device, run.amp):
+                out = net(batch)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(out["loss"]).backward()
+            if spec.optim.grad_clip:
+                scaler.unscale_(opt)
+                nn.utils.clip_grad_norm_(method.parameters(), spec.optim.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            seen += len(idx)
+            loss_sum += float(out["loss"].detach()) * len(idx)
+            keep = batch["y"] >= 0
+            if "logits" in out:  # methods that score other batches (adaptation) report no train accuracy
+                correct += float((out["logits"].detach().argmax(1)[keep] == batch["y"][keep]).sum())
+                labelled += int(keep.sum())
+            if step % 20 == 0:
+                progress.update(epoch, spec.optim.epochs, step + 1, steps_per_epoch, loss_sum / seen,
+                                seen * world / (time.perf_counter() - t0))
+        train_seconds = time.perf_counter() - t0
+
+        # 5. Metrics, summed over ranks by name: train loss/accuracy, and the monitoring split's accuracy.
+        part = shard(len(test), rank, world)
+        t_loss, t_correct, t_count = evaluate_model(method.model, x_test[part.start:part.stop],
+                                                    test.y[part.start:part.stop], device)
+        scores = method.epoch_scores(device)  # e.g. unsupervised validators for model selection
+        sums = all_reduce({"loss": loss_sum, "correct": correct, "labelled": labelled, "seen": seen,
+                           "test_loss": t_loss, "test_correct": t_correct, "test_count": t_count,
+                           **{f"score:{k}": v for k, v in scores.items()}}, device)
+        metrics = {"epoch": epoch + 1, "resumed": resumed, "train_loss": sums["loss"] / max(sums["seen"], 1),
+                   "train_acc": sums["correct"] / sums["labelled"] if sums["labelled"] else None,
+                   "test_loss": sums["test_loss"] / max(sums["test_count"], 1),
+                   "test_acc": sums["test_correct"] / max(sums["test_count"], 1),
+                   "samples_per_s": sums["seen"] / train_seconds, "epoch_seconds": train_seconds,
+                   "lr": sched.get_last_lr()[0], "loop_started": loop_started,
+                   **{k: sums[f"score:{k}"] / world for k in scores}}
+        method.on_epoch_end(metrics)  # every rank sees the same all-reduced metrics, so decides alike
+        history.append(metrics)
+        progress.epoch_done(metrics)
+
+        # 6. Report from every rank; rank 0 hands over a checkpoint folder.
+        folder = None
+        if rank == 0:
+            folder = tempfile.mkdtemp(prefix="kdray-ckpt-")
+            save_train_state(folder, method, opt, sched, epoch, history)
+        report(metrics, folder)

@@ -1,0 +1,154 @@
+"""The evaluate stage: accuracy, loss, size and speed of trained models, as JSON, Markdown and plots.
+
+For every referenced artifact: top-1/top-5 accuracy and loss on the test split, parameter count,
+weights size on disk, latency per batch on this machine's device; for a distilled model also
+agreement with its teacher and the compression ratio teacher/student. Writes ``report.json``,
+``report.md`` and ``curves.png`` (training curves from the manifests' histories).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from kdray.core import data as kdata
+from kdray.core.checkpoint import Artifact, write_artifact
+from kdray.core.metrics import latency_ms, metrics_for, predict
+from kdray.core.models import count_parameters
+from kdray.core.specs import DataSpec, StageBase
+from kdray.core.stage import StageContext, StageKind, stage_kind
+
+
+class EvaluateStage(StageBase):
+    """Evaluate trained stages on a test split and write ``report.json``, ``report.md`` and plots."""
+
+    kind: Literal["evaluate"] = "evaluate"
+    models: list[str] = Field(min_length=1)
+    data: DataSpec | None = None
+    batch_size: int = Field(512, ge=1)
+    latency_batch: int = Field(128, ge=1)
+    latency_batches: int = Field(10, ge=1)
+
+    def references(self) -> list[tuple[str, str]]:
+        return [(f"models[{i}]", m) for i, m in enumerate(self.models)]
+
+
+def data_spec_for(ctx: Any) -> Any:
+    """The stage's own data spec, or else the first evaluated model's training data (same selection)."""
+    if ctx.stage.data is not None:
+        return ctx.stage.data
+    first = ctx.parents[ctx.stage.models[0]]
+    spec = first.manifest["spec"]
+    # the task the published model is for: a share stage's task B, an adapt stage's target domain
+    return DataSpec.model_validate(spec.get("data_b") or spec.get("target_domain") or spec.get("data") or {})
+
+
+def evaluate_stage(ctx: Any) -> tuple[dict[str, Any], dict[str, bytes]]:
+    spec = data_spec_for(ctx)
+    test = kdata.load(spec, "test")
+    x = kdata.normalize(test.x, test)
+    rows, logits_by_stage = [], {}
+    for ref in ctx.stage.models:
+        art = ctx.parents[ref]
+        model = art.build_model()
+        logits = predict(model, x, ctx.stage.batch_size)
+        logits_by_stage[ref] = logits
+        row = {"stage": ref, "uri": art.uri, "kind": art.manifest["kind"], "model": art.manifest["model"]["name"],
+               **metrics_for(logits, test.y), "parameters": count_parameters(model),
+               "bytes": art.manifest["weights"]["bytes"],
+               "latency_ms": latency_ms(model, x, ctx.stage.latency_batch, ctx.stage.latency_batches),
+               "latency_batch": min(ctx.stage.latency_batch, len(x))}
+        rows.append(row)
+        ctx.log(f"[{ctx.stage.name}] {ref}: top-1 {row['top1']:.4f}, {row['parameters']:,} parameters")
+    add_relations(rows, ctx, logits_by_stage)
+    report = {"pipeline": ctx.pipeline.name, "data": spec.model_dump(mode="json"), "test_examples": len(test),
+              "models": rows}
+    files = {"report.json": json.dumps(report, indent=2).encode(), "report.md": markdown(report).encode()}
+    png = plot_curves({ref: ctx.parents[ref].manifest.get("history", []) for ref in ctx.stage.models})
+    if png:
+        files["curves.png"] = png
+    return report, files
+
+
+def add_relations(rows: list[dict[str, Any]], ctx: Any, logits: dict[str, torch.Tensor]) -> None:
+    """For a model distilled from a teacher that is also evaluated: agreement and compression."""
+    by_uri = {ctx.parents[r["stage"]].uri: r for r in rows}
+    for row in rows:
+        art = ctx.parents[row["stage"]]
+        for parent in art.manifest.get("parents", []):
+            teacher = by_uri.get(parent["uri"])
+            if teacher is None or parent["ref"] != art.manifest["spec"].get("teacher"):
+                continue
+            row["teacher"] = teacher["stage"]
+            row["agreement"] = float((logits[row["stage"]].argmax(1) == logits[teacher["stage"]].argmax(1)).float().mean())
+            row["compression_params"] = teacher["parameters"] / row["parameters"]
+            row["compression_bytes"] = teacher["bytes"] / row["bytes"]
+            row["speedup"] = teacher["latency_ms"] / row["latency_ms"]
+        # the same architecture trained from labels alone, if evaluated too: what distillation added
+        scratch = next((r for r in rows if r["kind"] == "train" and r["model"] == row["model"]
+                        and r is not row and row["kind"] != "train"), None)
+        if scratch is not None:
+            row["scratch"] = scratch["stage"]
+            row["gain_over_scratch"] = row["top1"] - scratch["top1"]
+
+
+def markdown(report: dict[str, Any]) -> str:
+    cols = [("stage", "{}"), ("kind", "{}"), ("model", "{}"), ("top1", "{:.4f}"), ("top5", "{:.4f}"),
+            ("loss", "{:.4f}"), ("parameters", "{:,}"), ("bytes", "{:,}"), ("latency_ms", "{:.2f}")]
+    extra = [("teacher", "{}"), ("agreement", "{:.4f}"), ("compression_params", "{:.2f}x"), ("speedup", "{:.1f}x"),
+             ("gain_over_scratch", "{:+.4f}")]
+    cols += [c for c in extra if any(c[0] in r for r in report["models"])]
+    lines = [f"# Evaluation: {report['pipeline']}", "",
+             f"Test split of `{report['data']['name']}`: {report['test_examples']:,} examples. "
+             "Latency: median forward time of one batch on this machine.", "",
+             "| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
+    for r in report["models"]:
+        lines.append("| " + " | ".join(fmt.format(r[c]) if c in r else "" for c, fmt in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(histories: dict[str, list[dict[str, Any]]]) -> bytes | None:
+    """Training loss and test accuracy per epoch, one line per model; None when nothing to plot."""
+    histories = {k: h for k, h in histories.items() if h}
+    if not histories:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, hist in histories.items():
+        epochs = [h["epoch"] for h in hist]
+        ax_loss.plot(epochs, [h["train_loss"] for h in hist], marker="o", label=name)
+        ax_acc.plot(epochs, [h["test_acc"] for h in hist], marker="o", label=name)
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="Training loss")
+    ax_acc.set(xlabel="epoch", ylabel="test accuracy", title="Test accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+@stage_kind
+class EvaluateKind(StageKind):
+    """Evaluate finished stages on a test split: ``report.json``, ``report.md`` and plots."""
+
+    spec = EvaluateStage
+    trains = False
+
+    def run(self, ctx: StageContext) -> Artifact:
+        t0 = time.perf_counter()
+        report, files = evaluate_stage(ctx)
+        metrics = {"models": {r["stage"]: {k: r[k] for k in ("top1", "top5", "loss")} for r in report["models"]}}
+        manifest = ctx.base_manifest() | {"metrics": metrics, "timings": {"seconds": round(time.perf_counter() - t0, 3)}}
+        return write_artifact(ctx.store, manifest, None, files)

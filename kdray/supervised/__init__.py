@@ -1,0 +1,52 @@
+"""The ``train`` stage: plain supervised training of a source network, a teacher, or a scratch baseline."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+from pydantic import Field
+
+from kdray.core.checkpoint import Artifact
+from kdray.core.method import Method, labelled_cross_entropy
+from kdray.core.models import create_model
+from kdray.core.specs import DataSpec, ModelSpec, OptimSpec, StageBase
+from kdray.core.stage import Job, Shard, StageContext, StageKind, stage_kind
+
+
+class TrainStage(StageBase):
+    """Plain supervised training: a source network, a teacher, or a scratch baseline."""
+
+    kind: Literal["train"] = "train"
+    model: ModelSpec
+    data: DataSpec = Field(default_factory=DataSpec)
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
+class Supervised(Method):
+    """Cross-entropy on labelled examples (label -1 is ignored); optional label smoothing."""
+
+    def __init__(self, model: nn.Module, label_smoothing: float = 0.0):
+        super().__init__(model)
+        self.label_smoothing = label_smoothing
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        logits = self.model(batch["x"])
+        return {"loss": labelled_cross_entropy(logits, batch["y"], self.label_smoothing), "logits": logits}
+
+
+@stage_kind
+class TrainKind(StageKind):
+    """Train ``model`` on ``data`` with cross-entropy."""
+
+    spec = TrainStage
+
+    def run(self, ctx: StageContext) -> Artifact:
+        job = ctx.job()
+        return ctx.publish(job, ctx.train(job))
+
+    def method(self, job: Job, shard: Shard) -> Supervised:
+        model = create_model(job.spec.model.name, **job.extras["model_kwargs"])
+        return Supervised(model, label_smoothing=job.spec.label_smoothing)
