@@ -60,19 +60,34 @@ def target_data(shift: str, limit: int) -> dict:
 
 
 def doc(root: str, args, stages: list[dict]) -> dict:
-    source = {"name": "source", "kind": "train", "model": {"name": "cnn_small"}, "data": source_data(args.limit),
-              "optim": {"epochs": args.epochs, "batch_size": 128, "lr": 2e-3}}
-    return {"name": "bench-adapt", "storage": {"uri": f"file://{root}"},
-            "run": {"workers": 0, "use_gpu": args.gpu, "amp": False, "cpus_per_worker": 2},
-            "stages": [source, *stages]}
+    source = {
+        "name": "source",
+        "kind": "train",
+        "model": {"name": "cnn_small"},
+        "data": source_data(args.limit),
+        "optim": {"epochs": args.epochs, "batch_size": 128, "lr": 2e-3},
+    }
+    return {
+        "name": "bench-adapt",
+        "storage": {"uri": f"file://{root}"},
+        "run": {"workers": 0, "use_gpu": args.gpu, "amp": False, "cpus_per_worker": 2},
+        "stages": [source, *stages],
+    }
 
 
 def adapt_stage(method: str, shift: str, seed: int, args) -> dict:
     block, selection = METHODS[method]
-    stage = {"name": f"{method.replace('_', '-')}-{shift}-s{seed}", "kind": "adapt", "model": {"name": "cnn_small"},
-             "source_domain": source_data(args.limit), "target_domain": target_data(shift, args.limit),
-             "method": block, "selection": selection, "run": {"seed": seed},
-             "optim": {"epochs": args.adapt_epochs, "batch_size": 128, "lr": 1e-3 if method == "shot" else 2e-3}}
+    stage = {
+        "name": f"{method.replace('_', '-')}-{shift}-s{seed}",
+        "kind": "adapt",
+        "model": {"name": "cnn_small"},
+        "source_domain": source_data(args.limit),
+        "target_domain": target_data(shift, args.limit),
+        "method": block,
+        "selection": selection,
+        "run": {"seed": seed},
+        "optim": {"epochs": args.adapt_epochs, "batch_size": 128, "lr": 1e-3 if method == "shot" else 2e-3},
+    }
     if method == "shot":
         stage["source"] = "source"  # source-free: adapts the trained source model
     return stage
@@ -122,8 +137,11 @@ def plain_adapt(method: str, shift: str, seed: int, args, device: torch.device) 
             val = float((model(xsv).argmax(1) == ysv).float().mean())  # selection: source validation
             if val > best_val:
                 best_val = val
-                best = float((torch.cat([model(xtt[i:i + 2000]) for i in range(0, len(ytt), 2000)]).argmax(1)
-                              == ytt).float().mean())
+                best = float(
+                    (torch.cat([model(xtt[i : i + 2000]) for i in range(0, len(ytt), 2000)]).argmax(1) == ytt)
+                    .float()
+                    .mean()
+                )
     return best
 
 
@@ -149,9 +167,11 @@ def summarise(rows: list[dict]) -> None:
                 continue
             plain = [x["acc"] for x in rows if x["part"] == "plain" and x["shift"] == shift and x["method"] == method]
             gain = statistics.mean(x["target_acc"] - x["source_only_acc"] for x in r)
-            print(f"| {method} | {r[0]['selection']}{' (not deployable)' if r[0]['selection'] == 'oracle' else ''} | "
-                  f"{mean_std([x['target_acc'] for x in r])} | {mean_std([x['source_only_acc'] for x in r])} | "
-                  f"{100 * gain:+.2f} | {mean_std(plain) if plain else ''} |")
+            print(
+                f"| {method} | {r[0]['selection']}{' (not deployable)' if r[0]['selection'] == 'oracle' else ''} | "
+                f"{mean_std([x['target_acc'] for x in r])} | {mean_std([x['source_only_acc'] for x in r])} | "
+                f"{100 * gain:+.2f} | {mean_std(plain) if plain else ''} |"
+            )
 
 
 def main() -> None:
@@ -186,8 +206,15 @@ def main() -> None:
                     a = open_artifact(res[-1].uri).manifest["adapt"]
                     emit({"part": "kdray", "shift": shift, "method": method, "seed": seed, **a})
                     if not args.no_plain and method in ("source_only", "dann"):
-                        emit({"part": "plain", "shift": shift, "method": method, "seed": seed,
-                              "acc": plain_adapt(method, shift, seed, args, device)})
+                        emit(
+                            {
+                                "part": "plain",
+                                "shift": shift,
+                                "method": method,
+                                "seed": seed,
+                                "acc": plain_adapt(method, shift, seed, args, device),
+                            }
+                        )
     with open(out) as f:
         summarise([json.loads(line) for line in f if line.strip()])
 

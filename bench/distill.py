@@ -40,15 +40,22 @@ from kdray.engine.loop import batches, build_optimizer
 from kdray.engine.pipeline import run_pipeline
 from kdray.engine.spec import parse_pipeline
 
-TEACHER = {"name": "teacher", "kind": "train", "model": {"name": "cnn_small"}, "data": {"name": "fashion_mnist"},
-           "optim": {"epochs": 5, "batch_size": 128, "lr": 2e-3}}
+TEACHER = {
+    "name": "teacher",
+    "kind": "train",
+    "model": {"name": "cnn_small"},
+    "data": {"name": "fashion_mnist"},
+    "optim": {"epochs": 5, "batch_size": 128, "lr": 2e-3},
+}
 OPTIM = {"epochs": 5, "batch_size": 128, "lr": 1e-3}
 RECIPES = {
     "scratch": [{"name": "cross_entropy", "weight": 1.0}],
     "hinton_T2": [{"name": "cross_entropy", "weight": 0.1}, {"name": "hinton_kl", "weight": 0.9, "temperature": 2}],
     "hinton_T4": [{"name": "cross_entropy", "weight": 0.1}, {"name": "hinton_kl", "weight": 0.9, "temperature": 4}],
-    "weighted_mse": [{"name": "cross_entropy", "weight": 0.5}, {"name": "weighted_output_mse", "weight": 0.5,
-                                                                 "weighting": "confidence"}],
+    "weighted_mse": [
+        {"name": "cross_entropy", "weight": 0.5},
+        {"name": "weighted_output_mse", "weight": 0.5, "weighting": "confidence"},
+    ],
 }
 
 
@@ -57,27 +64,43 @@ GPU = False  # --gpu: every run on the local CUDA device, in-process (no Ray), w
 
 def pipeline(root: str, students: list[dict], workers: int = 0, cpus: int = 2) -> dict:
     run = {"workers": 0, "use_gpu": True, "amp": False} if GPU else {"workers": workers, "cpus_per_worker": cpus}
-    return {"name": "bench-distill", "storage": {"uri": f"file://{root}"}, "run": {**run, "max_failures": 0},
-            "stages": [TEACHER, *students]}
+    return {
+        "name": "bench-distill",
+        "storage": {"uri": f"file://{root}"},
+        "run": {**run, "max_failures": 0},
+        "stages": [TEACHER, *students],
+    }
 
 
-def student(name: str, recipe: str, seed: int, data: dict | None = None, cache: str = "auto", model: str = "mlp_512") -> dict:
-    return {"name": name, "kind": "distill", "teacher": "teacher", "model": {"name": model},
-            "data": data or {"name": "fashion_mnist"}, "optim": OPTIM, "losses": RECIPES[recipe],
-            "teacher_cache": cache, "run": {"seed": seed}}
+def student(
+    name: str, recipe: str, seed: int, data: dict | None = None, cache: str = "auto", model: str = "mlp_512"
+) -> dict:
+    return {
+        "name": name,
+        "kind": "distill",
+        "teacher": "teacher",
+        "model": {"name": model},
+        "data": data or {"name": "fashion_mnist"},
+        "optim": OPTIM,
+        "losses": RECIPES[recipe],
+        "teacher_cache": cache,
+        "run": {"seed": seed},
+    }
 
 
 def kdray_run(root: str, stage: dict, workers: int = 0, force: bool = False) -> dict:
-    out = run_pipeline(parse_pipeline(pipeline(root, [stage], workers)), force=[stage["name"]] if force else False,
-                       log=lambda m: None)
+    out = run_pipeline(
+        parse_pipeline(pipeline(root, [stage], workers)), force=[stage["name"]] if force else False, log=lambda m: None
+    )
     return open_artifact(out[-1].uri).manifest
 
 
 # --------------------------------------------------------------------------- the plain PyTorch loop
 
 
-def plain_student(teacher: torch.nn.Module, recipe: str, seed: int, data: dict, threads: int = 2,
-                  online: bool = False) -> dict:
+def plain_student(
+    teacher: torch.nn.Module, recipe: str, seed: int, data: dict, threads: int = 2, online: bool = False
+) -> dict:
     """The same recipe, written out: same init seed, batch order, schedule and loss formulas."""
     torch.set_num_threads(threads)
     device = torch.device("cuda" if GPU else "cpu")
@@ -87,7 +110,7 @@ def plain_student(teacher: torch.nn.Module, recipe: str, seed: int, data: dict, 
     xt, yt = kdata.normalize(test.x, test).to(device), test.y.to(device)
     teacher = teacher.to(device).eval()
     with torch.no_grad():
-        cached = None if online else torch.cat([teacher(x[i:i + 1024]) for i in range(0, len(x), 1024)])
+        cached = None if online else torch.cat([teacher(x[i : i + 1024]) for i in range(0, len(x), 1024)])
     torch.manual_seed(seed)
     model = create_model("mlp_512", num_classes=10, in_channels=1, image_size=28).to(device)
     o = OptimSpec.model_validate(OPTIM)
@@ -126,7 +149,9 @@ def plain_term(term: dict, s: torch.Tensor, t: torch.Tensor, y: torch.Tensor) ->
         return F.cross_entropy(s[keep], y[keep]) if keep.any() else s.sum() * 0
     if term["name"] == "hinton_kl":
         T = term["temperature"]
-        return F.kl_div(F.log_softmax(s / T, 1), F.log_softmax(t / T, 1), reduction="batchmean", log_target=True) * T * T
+        return (
+            F.kl_div(F.log_softmax(s / T, 1), F.log_softmax(t / T, 1), reduction="batchmean", log_target=True) * T * T
+        )
     if term["name"] == "weighted_output_mse":
         w = F.softmax(t, 1).max(1).values
         return ((s - t).pow(2).sum(1) * w).sum() / w.sum()
@@ -146,8 +171,15 @@ def part_accuracy(root: str, teacher, seeds, emit) -> None:
         for seed in seeds:
             m = kdray_run(root, student(f"acc-{recipe.replace('_', '-').lower()}", recipe, seed))
             p = plain_student(teacher, recipe, seed, {"name": "fashion_mnist"})
-            emit({"part": "accuracy", "recipe": recipe, "seed": seed, "kdray": m["history"][-1]["test_acc"],
-                  "plain": p["test_acc"]})
+            emit(
+                {
+                    "part": "accuracy",
+                    "recipe": recipe,
+                    "seed": seed,
+                    "kdray": m["history"][-1]["test_acc"],
+                    "plain": p["test_acc"],
+                }
+            )
 
 
 def part_scarce(root: str, teacher, seeds, emit) -> None:
@@ -157,8 +189,15 @@ def part_scarce(root: str, teacher, seeds, emit) -> None:
             stage = student(f"scarce-{recipe.replace('_', '-').lower()}", recipe, seed, data={**data, "seed": seed})
             m = kdray_run(root, stage)
             p = plain_student(teacher, recipe, seed, {**data, "seed": seed})
-            emit({"part": "scarce", "recipe": recipe, "seed": seed, "kdray": m["history"][-1]["test_acc"],
-                  "plain": p["test_acc"]})
+            emit(
+                {
+                    "part": "scarce",
+                    "recipe": recipe,
+                    "seed": seed,
+                    "kdray": m["history"][-1]["test_acc"],
+                    "plain": p["test_acc"],
+                }
+            )
 
 
 def part_speed(root: str, teacher, emit, workers: int = 1) -> None:
@@ -169,22 +208,37 @@ def part_speed(root: str, teacher, emit, workers: int = 1) -> None:
     plain_online = plain_student(teacher, "hinton_T4", seed, {"name": "fashion_mnist"}, online=True)
     med = lambda hist: statistics.median(h["epoch_seconds"] for h in hist[1:])  # noqa: E731
     rate = lambda hist: statistics.median(h["samples_per_s"] for h in hist[1:])  # noqa: E731
-    emit({"part": "speed", "workers": workers, "epoch_s_student_only": med(only["history"]), "epoch_s_cached_kd": med(cached["history"]),
-          "epoch_s_online_kd": med(online["history"]),
-          "ratio_cached_over_student_only": med(cached["history"]) / med(only["history"]),
-          "online_kd_samples_per_s_kdray": rate(online["history"]),
-          "online_kd_samples_per_s_plain": statistics.median(plain_online["samples_per_s"][1:]),
-          "ratio_online_kdray_over_plain": rate(online["history"]) / statistics.median(plain_online["samples_per_s"][1:])})
+    emit(
+        {
+            "part": "speed",
+            "workers": workers,
+            "epoch_s_student_only": med(only["history"]),
+            "epoch_s_cached_kd": med(cached["history"]),
+            "epoch_s_online_kd": med(online["history"]),
+            "ratio_cached_over_student_only": med(cached["history"]) / med(only["history"]),
+            "online_kd_samples_per_s_kdray": rate(online["history"]),
+            "online_kd_samples_per_s_plain": statistics.median(plain_online["samples_per_s"][1:]),
+            "ratio_online_kdray_over_plain": rate(online["history"])
+            / statistics.median(plain_online["samples_per_s"][1:]),
+        }
+    )
 
 
 def part_memory(root: str, emit) -> None:
     rss = {}
     for mode in ("on", "off"):
-        out = subprocess.run([sys.executable, __file__, "--rss-probe", mode, "--root", root],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--rss-probe", mode, "--root", root], capture_output=True, text=True, check=True
+        )
         rss[mode] = json.loads(out.stdout.strip().splitlines()[-1])["max_rss_mb"]
-    emit({"part": "memory", "peak_rss_mb_cached": rss["on"], "peak_rss_mb_online": rss["off"],
-          "ratio_cached_over_online": rss["on"] / rss["off"]})
+    emit(
+        {
+            "part": "memory",
+            "peak_rss_mb_cached": rss["on"],
+            "peak_rss_mb_online": rss["off"],
+            "ratio_cached_over_online": rss["on"] / rss["off"],
+        }
+    )
 
 
 def rss_probe(root: str, cache: str) -> None:
@@ -202,7 +256,9 @@ def summarise(rows: list[dict]) -> None:
         for recipe in dict.fromkeys(r["recipe"] for r in sel):
             k = [r["kdray"] for r in sel if r["recipe"] == recipe]
             p = [r["plain"] for r in sel if r["recipe"] == recipe]
-            print(f"| {recipe} | {mean_std(k)} | {mean_std(p)} | {100 * (statistics.mean(k) - statistics.mean(p)):+.2f} |")
+            print(
+                f"| {recipe} | {mean_std(k)} | {mean_std(p)} | {100 * (statistics.mean(k) - statistics.mean(p)):+.2f} |"
+            )
     for r in rows:
         if r["part"] in ("speed", "memory"):
             print(json.dumps(r, indent=1))
@@ -226,8 +282,9 @@ def main() -> None:
     out = args.out or os.path.join(args.root, "results.jsonl")
     os.makedirs(args.root, exist_ok=True)
     if not args.summary_only:
-        teacher_manifest = open_artifact(run_pipeline(parse_pipeline(pipeline(args.root, [], workers=1)),
-                                                      log=print)[0].uri)
+        teacher_manifest = open_artifact(
+            run_pipeline(parse_pipeline(pipeline(args.root, [], workers=1)), log=print)[0].uri
+        )
         teacher = teacher_manifest.build_model()
         print(f"teacher test accuracy {teacher_manifest.manifest['history'][-1]['test_acc']:.4f}", flush=True)
 

@@ -63,8 +63,12 @@ def kdray_fit(spec, root: Storage, name: str) -> dict:
     hist = result.history
     loop_started = hist[0]["loop_started"]
     last_done = loop_started + sum(h["epoch_seconds"] for h in hist)
-    return {"rates": [h["samples_per_s"] for h in hist], "startup_s": loop_started - t_call,
-            "fit_s": t_back - t_call, "teardown_and_eval_s": t_back - last_done}
+    return {
+        "rates": [h["samples_per_s"] for h in hist],
+        "startup_s": loop_started - t_call,
+        "fit_s": t_back - t_call,
+        "teardown_and_eval_s": t_back - last_done,
+    }
 
 
 def main() -> None:
@@ -78,11 +82,20 @@ def main() -> None:
     args = ap.parse_args()
 
     tmp = tempfile.mkdtemp(prefix="kdray-bench-")
-    doc = {"name": "bench", "storage": {"uri": f"file://{tmp}"},
-           "run": {"workers": 1, "cpus_per_worker": args.threads, "max_failures": 0},
-           "stages": [{"name": "fit", "kind": "train", "model": {"name": args.model},
-                       "data": {"name": "fashion_mnist", "limit": args.limit, "test_limit": 2000},
-                       "optim": {"epochs": args.epochs, "batch_size": 128, "lr": 1e-3}}]}
+    doc = {
+        "name": "bench",
+        "storage": {"uri": f"file://{tmp}"},
+        "run": {"workers": 1, "cpus_per_worker": args.threads, "max_failures": 0},
+        "stages": [
+            {
+                "name": "fit",
+                "kind": "train",
+                "model": {"name": args.model},
+                "data": {"name": "fashion_mnist", "limit": args.limit, "test_limit": 2000},
+                "optim": {"epochs": args.epochs, "batch_size": 128, "lr": 1e-3},
+            }
+        ],
+    }
     spec = parse_pipeline(doc)
     t0 = time.perf_counter()
     ensure_ray(spec.run)
@@ -95,16 +108,26 @@ def main() -> None:
         kd += out["rates"][1:]
         startups.append(out["startup_s"])
         teardowns.append(out["teardown_and_eval_s"])
-        print(f"round {r}: plain {statistics.median(plain[-(args.epochs - 1):]):,.0f} samples/s, "
-              f"kdray {statistics.median(out['rates'][1:]):,.0f} samples/s, fit start-up {out['startup_s']:.2f} s, "
-              f"fit total {out['fit_s']:.1f} s", flush=True)
+        print(
+            f"round {r}: plain {statistics.median(plain[-(args.epochs - 1) :]):,.0f} samples/s, "
+            f"kdray {statistics.median(out['rates'][1:]):,.0f} samples/s, fit start-up {out['startup_s']:.2f} s, "
+            f"fit total {out['fit_s']:.1f} s",
+            flush=True,
+        )
     figures = {
-        "model": args.model, "examples": args.limit, "epochs": args.epochs, "threads": args.threads,
-        "plain_samples_per_s": statistics.median(plain), "kdray_samples_per_s": statistics.median(kd),
+        "model": args.model,
+        "examples": args.limit,
+        "epochs": args.epochs,
+        "threads": args.threads,
+        "plain_samples_per_s": statistics.median(plain),
+        "kdray_samples_per_s": statistics.median(kd),
         "ratio_kdray_over_plain": statistics.median(kd) / statistics.median(plain),
-        "fit_startup_s": statistics.median(startups), "fit_startup_s_all": startups,
-        "eval_and_teardown_s": statistics.median(teardowns), "ray_init_s": ray_init_s,
-        "cpu_count": os.cpu_count(), "torch": torch.__version__,
+        "fit_startup_s": statistics.median(startups),
+        "fit_startup_s_all": startups,
+        "eval_and_teardown_s": statistics.median(teardowns),
+        "ray_init_s": ray_init_s,
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
     }
     print(json.dumps(figures, indent=2))
     if args.json:

@@ -28,14 +28,29 @@ LRS = [0.001, 0.003]
 
 def spec(root: str, limit: int, epochs: int) -> dict:
     data = {"name": "fashion_mnist", "limit": limit, "test_limit": 2000}
-    return {"name": "bench-sweep", "storage": {"uri": f"file://{root}"},
-            "run": {"workers": 1, "cpus_per_worker": 1},
-            "stages": [
-                {"name": "teacher", "kind": "train", "model": {"name": "cnn_small"}, "data": data,
-                 "optim": {"epochs": 2, "lr": 2e-3}},
-                {"name": "student", "kind": "distill", "teacher": "teacher", "model": {"name": "mlp_64"}, "data": data,
-                 "optim": {"epochs": epochs, "lr": 1e-3},
-                 "losses": [{"name": "cross_entropy", "weight": 0.1}, {"name": "hinton_kl", "weight": 0.9}]}]}
+    return {
+        "name": "bench-sweep",
+        "storage": {"uri": f"file://{root}"},
+        "run": {"workers": 1, "cpus_per_worker": 1},
+        "stages": [
+            {
+                "name": "teacher",
+                "kind": "train",
+                "model": {"name": "cnn_small"},
+                "data": data,
+                "optim": {"epochs": 2, "lr": 2e-3},
+            },
+            {
+                "name": "student",
+                "kind": "distill",
+                "teacher": "teacher",
+                "model": {"name": "mlp_64"},
+                "data": data,
+                "optim": {"epochs": epochs, "lr": 1e-3},
+                "losses": [{"name": "cross_entropy", "weight": 0.1}, {"name": "hinton_kl", "weight": 0.9}],
+            },
+        ],
+    }
 
 
 def kdray(*args: str) -> None:
@@ -60,19 +75,46 @@ def main() -> None:
 
     t0 = time.perf_counter()
     for model, lr in itertools.product(MODELS, LRS):
-        kdray("run", paths["sequential"], f"stages.student.model.name={model}", f"stages.student.optim.lr={lr}",
-              "--only", "student")
+        kdray(
+            "run",
+            paths["sequential"],
+            f"stages.student.model.name={model}",
+            f"stages.student.optim.lr={lr}",
+            "--only",
+            "student",
+        )
     sequential = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    kdray("sweep", paths["sweep"], "--stage", "student", "--grid", "model.name=" + ",".join(MODELS),
-          "--grid", "optim.lr=" + ",".join(map(str, LRS)), "--max-concurrent", str(args.max_concurrent))
+    kdray(
+        "sweep",
+        paths["sweep"],
+        "--stage",
+        "student",
+        "--grid",
+        "model.name=" + ",".join(MODELS),
+        "--grid",
+        "optim.lr=" + ",".join(map(str, LRS)),
+        "--max-concurrent",
+        str(args.max_concurrent),
+    )
     sweep = time.perf_counter() - t0
 
-    print(json.dumps({"students": len(MODELS) * len(LRS), "examples": args.limit, "epochs": args.epochs,
-                      "sequential_s": round(sequential, 1), "sweep_s": round(sweep, 1),
-                      "ratio_sweep_over_sequential": round(sweep / sequential, 3),
-                      "max_concurrent": args.max_concurrent, "cpus": os.cpu_count()}, indent=2))
+    print(
+        json.dumps(
+            {
+                "students": len(MODELS) * len(LRS),
+                "examples": args.limit,
+                "epochs": args.epochs,
+                "sequential_s": round(sequential, 1),
+                "sweep_s": round(sweep, 1),
+                "ratio_sweep_over_sequential": round(sweep / sequential, 3),
+                "max_concurrent": args.max_concurrent,
+                "cpus": os.cpu_count(),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -102,23 +102,45 @@ STRATEGIES = {  # name -> the transfer block (None: a scratch train stage)
 MAIN_SOURCE = "src-0to4"
 ARCH_SOURCE = "res-0to4"  # the architecture part: resnet_small source and target
 SOURCES = {  # candidate sources on 1x28x28 Fashion-MNIST: cnn_small unless "model" says otherwise
-    "src-0to9": {"data": {"classes": list(range(10))}, "optim": {"epochs": 1, "lr": 2e-3},
-                 "text": "classes 0-9 (includes the target classes), 1 epoch"},
-    MAIN_SOURCE: {"data": {"classes": [0, 1, 2, 3, 4]}, "optim": {"epochs": 3, "lr": 2e-3},
-                  "text": "classes 0-4, 3 epochs (the strategies' source)"},
-    "src-0to4-small": {"data": {"classes": [0, 1, 2, 3, 4], "limit": 1000}, "optim": {"epochs": 1, "lr": 2e-3},
-                       "text": "classes 0-4, 1,000 images, 1 epoch"},
-    "src-01": {"data": {"classes": [0, 1]}, "optim": {"epochs": 3, "lr": 2e-3},
-               "text": "classes 0-1 only (T-shirt, Trouser), 3 epochs"},
-    "src-rot-5to9": {"data": {"classes": TARGET_CLASSES, "shifts": [{"name": "rotation", "degrees": 30},
-                                                                    {"name": "gaussian_noise", "sigma": 0.2}]},
-                     "optim": {"epochs": 3, "lr": 2e-3},
-                     "text": "the target's classes 5-9 in another domain (rotated 30 deg, noise 0.2), 3 epochs"},
-    ARCH_SOURCE: {"data": {"classes": [0, 1, 2, 3, 4]}, "optim": {"epochs": 3, "lr": 2e-3}, "model": "resnet_small",
-                  "text": "resnet_small on classes 0-4, 3 epochs"},
-    "src-near-random": {"data": {"classes": [0, 1, 2, 3, 4], "limit": 640}, "optim": {"epochs": 1, "lr": 1e-6,
-                                                                                      "batch_size": 64},
-                        "text": "classes 0-4, 10 steps at lr 1e-6 (near random)"},
+    "src-0to9": {
+        "data": {"classes": list(range(10))},
+        "optim": {"epochs": 1, "lr": 2e-3},
+        "text": "classes 0-9 (includes the target classes), 1 epoch",
+    },
+    MAIN_SOURCE: {
+        "data": {"classes": [0, 1, 2, 3, 4]},
+        "optim": {"epochs": 3, "lr": 2e-3},
+        "text": "classes 0-4, 3 epochs (the strategies' source)",
+    },
+    "src-0to4-small": {
+        "data": {"classes": [0, 1, 2, 3, 4], "limit": 1000},
+        "optim": {"epochs": 1, "lr": 2e-3},
+        "text": "classes 0-4, 1,000 images, 1 epoch",
+    },
+    "src-01": {
+        "data": {"classes": [0, 1]},
+        "optim": {"epochs": 3, "lr": 2e-3},
+        "text": "classes 0-1 only (T-shirt, Trouser), 3 epochs",
+    },
+    "src-rot-5to9": {
+        "data": {
+            "classes": TARGET_CLASSES,
+            "shifts": [{"name": "rotation", "degrees": 30}, {"name": "gaussian_noise", "sigma": 0.2}],
+        },
+        "optim": {"epochs": 3, "lr": 2e-3},
+        "text": "the target's classes 5-9 in another domain (rotated 30 deg, noise 0.2), 3 epochs",
+    },
+    ARCH_SOURCE: {
+        "data": {"classes": [0, 1, 2, 3, 4]},
+        "optim": {"epochs": 3, "lr": 2e-3},
+        "model": "resnet_small",
+        "text": "resnet_small on classes 0-4, 3 epochs",
+    },
+    "src-near-random": {
+        "data": {"classes": [0, 1, 2, 3, 4], "limit": 640},
+        "optim": {"epochs": 1, "lr": 1e-6, "batch_size": 64},
+        "text": "classes 0-4, 10 steps at lr 1e-6 (near random)",
+    },
 }
 
 
@@ -139,9 +161,14 @@ def source_stage(name: str) -> dict:
     s = SOURCES[name]
     optim = {"batch_size": 128, **s["optim"]}
     # The strategies' source runs as a Ray Train job (one worker); the other candidates in-process.
-    return {"name": name, "kind": "train", "model": {"name": s.get("model", "cnn_small")},
-            "data": {"name": "fashion_mnist", **s["data"]}, "optim": optim,
-            "run": {"workers": 1 if name == MAIN_SOURCE else 0}}
+    return {
+        "name": name,
+        "kind": "train",
+        "model": {"name": s.get("model", "cnn_small")},
+        "data": {"name": "fashion_mnist", **s["data"]},
+        "optim": optim,
+        "run": {"workers": 1 if name == MAIN_SOURCE else 0},
+    }
 
 
 def target_data(setting: str, seed: int) -> dict:
@@ -163,16 +190,25 @@ def stage_name(setting: str, strategy: str, source: str, seed: int, model: str =
 
 def target_stage(setting: str, strategy: str, source: str, seed: int, optim: dict, model: str = "cnn_small") -> dict:
     data = {**target_data(setting, seed), "test_limit": 100}  # monitoring only; accuracy comes from evaluate()
-    stage = {"name": stage_name(setting, strategy, source, seed, model), "model": {"name": model}, "data": data,
-             "optim": optim, "run": {"seed": seed}}
+    stage = {
+        "name": stage_name(setting, strategy, source, seed, model),
+        "model": {"name": model},
+        "data": data,
+        "optim": optim,
+        "run": {"seed": seed},
+    }
     if strategy == "scratch":
         return {**stage, "kind": "train"}
     return {**stage, "kind": "transfer", "source": source, "transfer": STRATEGIES[strategy]}
 
 
 def pipeline(root: str, stages: list[dict]) -> dict:
-    return {"name": "bench-transfer", "storage": {"uri": f"file://{root}"},
-            "run": {"workers": 0, "cpus_per_worker": 1, "max_failures": 0}, "stages": stages}
+    return {
+        "name": "bench-transfer",
+        "storage": {"uri": f"file://{root}"},
+        "run": {"workers": 0, "cpus_per_worker": 1, "max_failures": 0},
+        "stages": stages,
+    }
 
 
 def kdray_run(root: str, stages: list[dict]):
@@ -184,7 +220,7 @@ def kdray_run(root: str, stages: list[dict]):
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
     model.eval()
-    return torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
+    return torch.cat([model(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -209,8 +245,14 @@ def target_test() -> tuple[torch.Tensor, torch.Tensor]:
 # --------------------------------------------------------------------------- the plain PyTorch loop
 
 
-def plain_target(source_state: dict[str, torch.Tensor], setting: str, strategy: str, seed: int, optim: dict,
-                 test: tuple[torch.Tensor, torch.Tensor]) -> dict:
+def plain_target(
+    source_state: dict[str, torch.Tensor],
+    setting: str,
+    strategy: str,
+    seed: int,
+    optim: dict,
+    test: tuple[torch.Tensor, torch.Tensor],
+) -> dict:
     """The same recipe, written out: init seed, transferred weights, param groups, batch order,
     cosine schedule, cross-entropy, the L2-SP term and the BatchNorm mode of frozen layers."""
     torch.set_num_threads(1)
@@ -225,12 +267,20 @@ def plain_target(source_state: dict[str, torch.Tensor], setting: str, strategy: 
     if block is not None:
         # Initial weights through kdray's mapping (a plain copy here); what was transferred is decided by
         # hand (same name and shape, classifier excluded) and checked against kdray's plan.
-        plan = plan_transfer(source_state, model, TransferSpec.model_validate({"mapping": NEW_HEAD}),
-                             source_arch="cnn_small", target_arch="cnn_small")
+        plan = plan_transfer(
+            source_state,
+            model,
+            TransferSpec.model_validate({"mapping": NEW_HEAD}),
+            source_arch="cnn_small",
+            target_arch="cnn_small",
+        )
         apply_transfer(model, source_state, plan)
         params = dict(model.named_parameters())
-        mine = [k for k, p in params.items() if k in source_state and source_state[k].shape == p.shape
-                and not k.startswith("classifier.")]
+        mine = [
+            k
+            for k, p in params.items()
+            if k in source_state and source_state[k].shape == p.shape and not k.startswith("classifier.")
+        ]
         theirs = [e.key for e in plan.entries if e.status == "copied" and e.key in params]
         assert mine == theirs, f"transferred parameters differ: by hand {mine}, kdray plan {theirs}"
         refs = {k: source_state[k].detach().clone() for k in mine}
@@ -241,8 +291,10 @@ def plain_target(source_state: dict[str, torch.Tensor], setting: str, strategy: 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     scaled = PLAIN_SCALED.get(strategy)
     if scaled:
-        groups = [{"params": [p for n, p in named if n.startswith(scaled)], "lr": LR * 0.1},
-                  {"params": [p for n, p in named if not n.startswith(scaled)], "lr": LR}]
+        groups = [
+            {"params": [p for n, p in named if n.startswith(scaled)], "lr": LR * 0.1},
+            {"params": [p for n, p in named if not n.startswith(scaled)], "lr": LR},
+        ]
     else:
         groups = [{"params": [p for _, p in named], "lr": LR}]
     alpha = (block or {}).get("l2sp", {}).get("alpha", 0.0)
@@ -285,15 +337,34 @@ def train_sources(root: str, names: list[str], emit) -> dict:
         art = kdray_run(root, [source_stage(name)])
         arts[name] = art
         hist = art.manifest["history"]
-        print(f"source {name}: test accuracy on its own classes {hist[-1]['test_acc']:.4f} "
-              f"({time.perf_counter() - t0:.0f} s)", flush=True)
-        emit({"part": "source", "source": name, "text": SOURCES[name]["text"], "test_acc": hist[-1]["test_acc"],
-              "fit_seconds": art.manifest["timings"]["fit_seconds"], "workers": source_stage(name)["run"]["workers"]})
+        print(
+            f"source {name}: test accuracy on its own classes {hist[-1]['test_acc']:.4f} "
+            f"({time.perf_counter() - t0:.0f} s)",
+            flush=True,
+        )
+        emit(
+            {
+                "part": "source",
+                "source": name,
+                "text": SOURCES[name]["text"],
+                "test_acc": hist[-1]["test_acc"],
+                "fit_seconds": art.manifest["timings"]["fit_seconds"],
+                "workers": source_stage(name)["run"]["workers"],
+            }
+        )
     return arts
 
 
-def run_target(root: str, setting: str, strategy: str, source: str, seed: int, steps: int,
-               test: tuple[torch.Tensor, torch.Tensor], model: str = "cnn_small") -> tuple[dict, dict]:
+def run_target(
+    root: str,
+    setting: str,
+    strategy: str,
+    source: str,
+    seed: int,
+    steps: int,
+    test: tuple[torch.Tensor, torch.Tensor],
+    model: str = "cnn_small",
+) -> tuple[dict, dict]:
     n_train = len(kdata.load(DataSpec.model_validate(target_data(setting, seed)), "train"))
     optim = target_optim(setting, n_train, steps)
     stages = [] if strategy == "scratch" else [source_stage(source)]
@@ -301,8 +372,13 @@ def run_target(root: str, setting: str, strategy: str, source: str, seed: int, s
     art = kdray_run(root, [*stages, target_stage(setting, strategy, source, seed, optim, model)])
     seconds = time.perf_counter() - t0  # the whole stage: data, plan, loop, publishing (cached: ~0)
     acc, footwear = test_metrics(art.build_model(), *test)
-    kd = {"test_acc": acc, "footwear_error_share": footwear, "seconds": seconds,
-          "monitor_test_acc": art.manifest["history"][-1]["test_acc"], "epochs": optim["epochs"]}
+    kd = {
+        "test_acc": acc,
+        "footwear_error_share": footwear,
+        "seconds": seconds,
+        "monitor_test_acc": art.manifest["history"][-1]["test_acc"],
+        "epochs": optim["epochs"],
+    }
     return kd, {"n_train": n_train, "optim": optim, "art": art}
 
 
@@ -313,24 +389,52 @@ def part_strategies(root: str, arts: dict, seeds: list[int], steps: int, test, e
             for seed in seeds:
                 kd, info = run_target(root, setting, strategy, MAIN_SOURCE, seed, steps, test)
                 p = plain_target(source_state, setting, strategy, seed, info["optim"], test)
-                emit({"part": "strategies", "setting": setting, "strategy": strategy, "seed": seed,
-                      "n_train": info["n_train"], "epochs": info["optim"]["epochs"], "steps": p["steps"],
-                      "kdray": kd["test_acc"], "plain": p["test_acc"], "kdray_seconds": round(kd["seconds"], 2),
-                      "footwear_error_share": round(kd["footwear_error_share"], 4),
-                      "plain_seconds": round(p["seconds"], 2), "kdray_monitor_acc_100": kd["monitor_test_acc"]})
+                emit(
+                    {
+                        "part": "strategies",
+                        "setting": setting,
+                        "strategy": strategy,
+                        "seed": seed,
+                        "n_train": info["n_train"],
+                        "epochs": info["optim"]["epochs"],
+                        "steps": p["steps"],
+                        "kdray": kd["test_acc"],
+                        "plain": p["test_acc"],
+                        "kdray_seconds": round(kd["seconds"], 2),
+                        "footwear_error_share": round(kd["footwear_error_share"], 4),
+                        "plain_seconds": round(p["seconds"], 2),
+                        "kdray_monitor_acc_100": kd["monitor_test_acc"],
+                    }
+                )
 
 
 def part_ranking(root: str, arts: dict, seeds: list[int], steps: int, setting: str, test, emit) -> None:
     for seed in seeds:
         rows = score_sources(arts, DataSpec.model_validate(target_data(setting, seed)))
         for r in rows:
-            emit({"part": "score", "setting": setting, "seed": seed, "source": r["ref"], "logme": r["logme"],
-                  "leep": r["leep"]})
+            emit(
+                {
+                    "part": "score",
+                    "setting": setting,
+                    "seed": seed,
+                    "source": r["ref"],
+                    "logme": r["logme"],
+                    "leep": r["leep"],
+                }
+            )
     for name in arts:
         for seed in seeds:
             kd, info = run_target(root, setting, "init", name, seed, steps, test)
-            emit({"part": "ranking", "setting": setting, "source": name, "seed": seed, "kdray": kd["test_acc"],
-                  "kdray_seconds": round(kd["seconds"], 2)})
+            emit(
+                {
+                    "part": "ranking",
+                    "setting": setting,
+                    "source": name,
+                    "seed": seed,
+                    "kdray": kd["test_acc"],
+                    "kdray_seconds": round(kd["seconds"], 2),
+                }
+            )
 
 
 def part_relevance(root: str, seeds: list[int], steps: int, test, emit) -> None:
@@ -339,8 +443,17 @@ def part_relevance(root: str, seeds: list[int], steps: int, test, emit) -> None:
         for strategy in RELEVANCE_STRATEGIES:
             for seed in seeds:
                 kd, _ = run_target(root, "10pc", strategy, name, seed, steps, test)
-                emit({"part": "relevance", "setting": "10pc", "source": name, "strategy": strategy, "seed": seed,
-                      "kdray": kd["test_acc"], "footwear_error_share": round(kd["footwear_error_share"], 4)})
+                emit(
+                    {
+                        "part": "relevance",
+                        "setting": "10pc",
+                        "source": name,
+                        "strategy": strategy,
+                        "seed": seed,
+                        "kdray": kd["test_acc"],
+                        "footwear_error_share": round(kd["footwear_error_share"], 4),
+                    }
+                )
 
 
 def part_architecture(root: str, seeds: list[int], steps: int, test, emit) -> None:
@@ -348,9 +461,18 @@ def part_architecture(root: str, seeds: list[int], steps: int, test, emit) -> No
     for strategy in ("scratch", "init"):
         for seed in seeds:
             kd, _ = run_target(root, "10pc", strategy, ARCH_SOURCE, seed, steps, test, model="resnet_small")
-            emit({"part": "architecture", "setting": "10pc", "model": "resnet_small", "source": ARCH_SOURCE,
-                  "strategy": strategy, "seed": seed, "kdray": kd["test_acc"],
-                  "footwear_error_share": round(kd["footwear_error_share"], 4)})
+            emit(
+                {
+                    "part": "architecture",
+                    "setting": "10pc",
+                    "model": "resnet_small",
+                    "source": ARCH_SOURCE,
+                    "strategy": strategy,
+                    "seed": seed,
+                    "kdray": kd["test_acc"],
+                    "footwear_error_share": round(kd["footwear_error_share"], 4),
+                }
+            )
 
 
 # --------------------------------------------------------------------------- summary
@@ -381,8 +503,10 @@ def summarise(rows: list[dict]) -> None:
     sel = [r for r in rows if r["part"] == "strategies"]
     if sel:
         print("\nstrategies: classes 5-9 test accuracy (%, full test split), mean ± std over seeds")
-        print("| setting | strategy | seeds | steps | kdray | plain PyTorch | kdray − plain | kdray − scratch "
-              "| footwear share of errors |")
+        print(
+            "| setting | strategy | seeds | steps | kdray | plain PyTorch | kdray − plain | kdray − scratch "
+            "| footwear share of errors |"
+        )
         print("|---|---|---|---|---|---|---|---|---|")
         best = {}
         for setting in dict.fromkeys(r["setting"] for r in sel):
@@ -392,36 +516,50 @@ def summarise(rows: list[dict]) -> None:
                 k = [r["kdray"] for r in rs if r["strategy"] == strategy]
                 p = [r["plain"] for r in rs if r["strategy"] == strategy]
                 steps = sorted({r["steps"] for r in rs if r["strategy"] == strategy})
-                print(f"| {SETTING_TEXT.get(setting, setting)} | {strategy} | {len(k)} | {'/'.join(map(str, steps))} | "
-                      f"{mean_std(k)} | {mean_std(p)} | {points_over(k, p)} | {points_over(k, scratch)} | "
-                      f"{share(rs, strategy)} |")
+                print(
+                    f"| {SETTING_TEXT.get(setting, setting)} | {strategy} | {len(k)} | {'/'.join(map(str, steps))} | "
+                    f"{mean_std(k)} | {mean_std(p)} | {points_over(k, p)} | {points_over(k, scratch)} | "
+                    f"{share(rs, strategy)} |"
+                )
                 if strategy != "scratch" and scratch:
                     cur = best.get(setting)
                     if cur is None or statistics.mean(k) > cur[1]:
                         best[setting] = (strategy, statistics.mean(k), statistics.mean(k) - statistics.mean(scratch))
         diffs = [abs(r["kdray"] - r["plain"]) for r in sel]
         groups = {(r["setting"], r["strategy"]) for r in sel}
-        worst_mean = max(abs(statistics.mean([r["kdray"] - r["plain"] for r in sel if (r["setting"], r["strategy"]) == g]))
-                         for g in groups)
-        print(f"\nkdray vs plain: largest |mean difference| {100 * worst_mean:.2f} points; largest per-run "
-              f"|difference| {100 * max(diffs):.2f} points; identical in {sum(d == 0 for d in diffs)}/{len(diffs)} runs "
-              f"-> target (within 0.5 point) {'MET' if worst_mean <= 0.005 else 'NOT met'}")
+        worst_mean = max(
+            abs(statistics.mean([r["kdray"] - r["plain"] for r in sel if (r["setting"], r["strategy"]) == g]))
+            for g in groups
+        )
+        print(
+            f"\nkdray vs plain: largest |mean difference| {100 * worst_mean:.2f} points; largest per-run "
+            f"|difference| {100 * max(diffs):.2f} points; identical in {sum(d == 0 for d in diffs)}/{len(diffs)} runs "
+            f"-> target (within 0.5 point) {'MET' if worst_mean <= 0.005 else 'NOT met'}"
+        )
         for setting, (strategy, acc, gain) in best.items():
-            verdict = f"-> target (>= +5) {'MET' if gain >= 0.05 else 'NOT met'}" if setting == "10pc" else "(no target)"
-            print(f"best strategy at {SETTING_TEXT.get(setting, setting)}: {strategy} {100 * acc:.2f}%, "
-                  f"{100 * gain:+.2f} points over scratch {verdict}")
+            verdict = (
+                f"-> target (>= +5) {'MET' if gain >= 0.05 else 'NOT met'}" if setting == "10pc" else "(no target)"
+            )
+            print(
+                f"best strategy at {SETTING_TEXT.get(setting, setting)}: {strategy} {100 * acc:.2f}%, "
+                f"{100 * gain:+.2f} points over scratch {verdict}"
+            )
     rel = [r for r in rows if r["part"] == "relevance"]
     if rel:
         scratch = [r["kdray"] for r in sel if r["setting"] == "10pc" and r["strategy"] == "scratch"]
         print("\nrelevance: the same target (10 labelled images per class) from sources that know its classes")
-        print("| source | trained on | strategy | kdray | kdray − scratch | footwear share of errors |\n"
-              "|---|---|---|---|---|---|")
+        print(
+            "| source | trained on | strategy | kdray | kdray − scratch | footwear share of errors |\n"
+            "|---|---|---|---|---|---|"
+        )
         for name in dict.fromkeys(r["source"] for r in rel):
             for strategy in dict.fromkeys(r["strategy"] for r in rel if r["source"] == name):
                 rs = [r for r in rel if r["source"] == name and r["strategy"] == strategy]
                 k = [r["kdray"] for r in rs]
-                print(f"| {name} | {SOURCES[name]['text']} | {strategy} | {mean_std(k)} | {points_over(k, scratch)} | "
-                      f"{share(rs, strategy)} |")
+                print(
+                    f"| {name} | {SOURCES[name]['text']} | {strategy} | {mean_std(k)} | {points_over(k, scratch)} | "
+                    f"{share(rs, strategy)} |"
+                )
     arch = [r for r in rows if r["part"] == "architecture"]
     if arch:
         print("\narchitecture: resnet_small source (classes 0-4) and target, 10 labelled images per class")
@@ -429,7 +567,9 @@ def summarise(rows: list[dict]) -> None:
         scratch = [r["kdray"] for r in arch if r["strategy"] == "scratch"]
         for strategy in dict.fromkeys(r["strategy"] for r in arch):
             k = [r["kdray"] for r in arch if r["strategy"] == strategy]
-            print(f"| resnet_small | {strategy} | {mean_std(k)} | {points_over(k, scratch)} | {share(arch, strategy)} |")
+            print(
+                f"| resnet_small | {strategy} | {mean_std(k)} | {points_over(k, scratch)} | {share(arch, strategy)} |"
+            )
     scores = [r for r in rows if r["part"] == "score"]
     ranked = [r for r in rows if r["part"] == "ranking"]
     if scores and ranked:
@@ -438,28 +578,37 @@ def summarise(rows: list[dict]) -> None:
         acc = {n: statistics.mean(r["kdray"] for r in ranked if r["source"] == n) for n in names}
         lm = {n: statistics.mean(r["logme"] for r in scores if r["source"] == n) for n in names}
         lp = {n: statistics.mean(r["leep"] for r in scores if r["source"] == n) for n in names}
-        print(f"\nranking: candidate sources scored on the target training data ({SETTING_TEXT.get(setting, setting)}), "
-              "then fine-tuned with init; mean over seeds")
+        print(
+            f"\nranking: candidate sources scored on the target training data ({SETTING_TEXT.get(setting, setting)}), "
+            "then fine-tuned with init; mean over seeds"
+        )
         print("| source | trained on | LogME | LEEP | fine-tuned acc (%) |\n|---|---|---|---|---|")
         for n in sorted(names, key=lambda n: -acc[n]):
-            print(f"| {n} | {SOURCES.get(n, {}).get('text', '')} | "
-                  f"{mean_std([r['logme'] for r in scores if r['source'] == n], 1.0, 4)} | "
-                  f"{mean_std([r['leep'] for r in scores if r['source'] == n], 1.0, 4)} | "
-                  f"{mean_std([r['kdray'] for r in ranked if r['source'] == n])} |")
+            print(
+                f"| {n} | {SOURCES.get(n, {}).get('text', '')} | "
+                f"{mean_std([r['logme'] for r in scores if r['source'] == n], 1.0, 4)} | "
+                f"{mean_std([r['leep'] for r in scores if r['source'] == n], 1.0, 4)} | "
+                f"{mean_std([r['kdray'] for r in ranked if r['source'] == n])} |"
+            )
         per_seed = {}
         for score in ("logme", "leep"):
             taus = []
             for seed in sorted({r["seed"] for r in scores}):
                 s = {r["source"]: r[score] for r in scores if r["seed"] == seed and r["source"] in acc}
-                a = {n: statistics.mean(r["kdray"] for r in ranked if r["source"] == n and r["seed"] == seed)
-                     for n in s if any(r["source"] == n and r["seed"] == seed for r in ranked)}
+                a = {
+                    n: statistics.mean(r["kdray"] for r in ranked if r["source"] == n and r["seed"] == seed)
+                    for n in s
+                    if any(r["source"] == n and r["seed"] == seed for r in ranked)
+                }
                 if len(a) == len(s) >= 2:
                     taus.append(kendall_tau(s, a))
             per_seed[score] = taus
-        print(f"\nKendall τ (mean score vs mean fine-tuned accuracy, {len(names)} sources): "
-              f"LogME {kendall_tau(lm, acc):+.3f}, LEEP {kendall_tau(lp, acc):+.3f}; per seed: "
-              f"LogME {', '.join(f'{t:+.2f}' for t in per_seed['logme'])}; "
-              f"LEEP {', '.join(f'{t:+.2f}' for t in per_seed['leep'])}")
+        print(
+            f"\nKendall τ (mean score vs mean fine-tuned accuracy, {len(names)} sources): "
+            f"LogME {kendall_tau(lm, acc):+.3f}, LEEP {kendall_tau(lp, acc):+.3f}; per seed: "
+            f"LogME {', '.join(f'{t:+.2f}' for t in per_seed['logme'])}; "
+            f"LEEP {', '.join(f'{t:+.2f}' for t in per_seed['leep'])}"
+        )
     walls = [r for r in rows if r["part"] == "wall"]
     for r in walls:
         print(f"\nwall time of the run (parts {' '.join(r['parts'])}): {r['seconds'] / 60:.1f} min")
@@ -499,10 +648,24 @@ def main() -> None:
         if "architecture" in args.parts:
             part_architecture(args.root, args.seeds, args.steps, test, emit)
         if "ranking" in args.parts:
-            part_ranking(args.root, {n: arts[n] for n in ranking_sources()}, args.seeds, args.steps, args.ranking_setting,
-                         test, emit)
-        emit({"part": "wall", "parts": args.parts, "seeds": args.seeds, "steps": args.steps,
-              "seconds": round(time.perf_counter() - t0, 1)})
+            part_ranking(
+                args.root,
+                {n: arts[n] for n in ranking_sources()},
+                args.seeds,
+                args.steps,
+                args.ranking_setting,
+                test,
+                emit,
+            )
+        emit(
+            {
+                "part": "wall",
+                "parts": args.parts,
+                "seeds": args.seeds,
+                "steps": args.steps,
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+        )
     with open(out) as f:
         summarise([json.loads(line) for line in f if line.strip()])
 

@@ -16,8 +16,9 @@ from flows.tasks import run_kind
 
 
 @flow(name="kdray-adapt", persist_result=True, result_serializer="json")
-def adapt_flow(spec_uri: str, stages: Optional[list[str]] = None, overrides: Optional[list[str]] = None,
-               force: bool = False) -> list[dict[str, Any]]:
+def adapt_flow(
+    spec_uri: str, stages: Optional[list[str]] = None, overrides: Optional[list[str]] = None, force: bool = False
+) -> list[dict[str, Any]]:
     """Run the adapt stages of the pipeline (or only ``stages``) in order."""
     return run_kind(spec_uri, "adapt", stages, overrides, force)
 

@@ -33,12 +33,13 @@ IMAGE_SOURCE = "/opt/kdray"  # where the Dockerfile copies flows/ and examples/
 LOCAL_POOL, K8S_POOL = "kdray-local", "kdray-k8s"
 K8S_TEMPLATE = REPO / "k8s/base/prefect-base-job-template.json"
 DEFAULT_IMAGE, DEFAULT_NAMESPACE = "kdray:latest", "kdray"
-DRIVER_CPUS = 1.0     # the flow process itself (and Ray's head, when it trains in the pod)
+DRIVER_CPUS = 1.0  # the flow process itself (and Ray's head, when it trains in the pod)
 MEMORY_PER_CPU_GI = 2
 
 
-def k8s_job_variables(spec: PipelineSpec, *, image: str = DEFAULT_IMAGE,
-                      namespace: str = DEFAULT_NAMESPACE) -> dict[str, Any]:
+def k8s_job_variables(
+    spec: PipelineSpec, *, image: str = DEFAULT_IMAGE, namespace: str = DEFAULT_NAMESPACE
+) -> dict[str, Any]:
     """Job variables of the ``kdray-k8s`` pool's base job template for one pipeline's flow-run pod.
 
     With ``launcher: local`` the stages train inside the flow-run pod (embedded Ray), so the pod
@@ -62,10 +63,14 @@ def k8s_job_variables(spec: PipelineSpec, *, image: str = DEFAULT_IMAGE,
             gpus = max(gpus, max(run.workers, 1))
     memory = f"{MEMORY_PER_CPU_GI * math.ceil(cpus)}Gi"
     variables: dict[str, Any] = {
-        "image": image, "namespace": namespace, "name": spec.name,
+        "image": image,
+        "namespace": namespace,
+        "name": spec.name,
         "labels": {"app.kubernetes.io/name": "kdray", "kdray.io/pipeline": spec.name},
-        "cpu_request": cpu_quantity(cpus), "cpu_limit": cpu_quantity(cpus),
-        "memory_request": memory, "memory_limit": memory,
+        "cpu_request": cpu_quantity(cpus),
+        "cpu_limit": cpu_quantity(cpus),
+        "memory_request": memory,
+        "memory_limit": memory,
         "env": {"KDRAY_PIPELINE": spec.name},
     }
     if gpus:
@@ -77,9 +82,18 @@ def is_local_path(spec_uri: str) -> bool:
     return "://" not in spec_uri or spec_uri.startswith("file://")
 
 
-def build_deployment(spec_uri: str, *, cron: str, pool: str = LOCAL_POOL, pool_type: str = "process",
-                     name: str | None = None, timezone: str = "UTC", overrides: Sequence[str] = (),
-                     image: str = DEFAULT_IMAGE, namespace: str = DEFAULT_NAMESPACE):
+def build_deployment(
+    spec_uri: str,
+    *,
+    cron: str,
+    pool: str = LOCAL_POOL,
+    pool_type: str = "process",
+    name: str | None = None,
+    timezone: str = "UTC",
+    overrides: Sequence[str] = (),
+    image: str = DEFAULT_IMAGE,
+    namespace: str = DEFAULT_NAMESPACE,
+):
     """A ``RunnerDeployment`` of ``pipeline_flow`` for one spec (nothing is sent to the API).
 
     The deployment's parameters hold the spec URI (a local path made absolute for a process
@@ -97,13 +111,19 @@ def build_deployment(spec_uri: str, *, cron: str, pool: str = LOCAL_POOL, pool_t
     try:
         schedule = Cron(cron, timezone=timezone)
         deployment = pipeline_flow.to_deployment(
-            name or f"{spec.name}-{'k8s' if kubernetes else 'local'}", schedule=schedule,
-            parameters={"spec_uri": spec_uri, "overrides": list(overrides)}, work_pool_name=pool,
+            name or f"{spec.name}-{'k8s' if kubernetes else 'local'}",
+            schedule=schedule,
+            parameters={"spec_uri": spec_uri, "overrides": list(overrides)},
+            work_pool_name=pool,
             job_variables=k8s_job_variables(spec, image=image, namespace=namespace) if kubernetes else {},
-            tags=["kdray", spec.name], description=f"kdray pipeline {spec.name!r} from {spec_uri}")
+            tags=["kdray", spec.name],
+            description=f"kdray pipeline {spec.name!r} from {spec_uri}",
+        )
     except ValueError as e:  # pydantic checks the cron string and the timezone
-        raise KdrayError(f"--cron {cron!r} / --timezone {timezone!r}: {e}",
-                         hint='Give five cron fields, e.g. "0 3 * * *" (03:00 daily), and an IANA timezone.') from None
+        raise KdrayError(
+            f"--cron {cron!r} / --timezone {timezone!r}: {e}",
+            hint='Give five cron fields, e.g. "0 3 * * *" (03:00 daily), and an IANA timezone.',
+        ) from None
     deployment.entrypoint = ENTRYPOINT  # type: ignore[union-attr]  # to_deployment is sync here
     deployment.storage = LocalStorage(IMAGE_SOURCE if kubernetes else str(REPO))  # type: ignore[union-attr]
     return deployment
@@ -114,8 +134,10 @@ def api_url() -> str:
 
     url = PREFECT_API_URL.value()
     if not url:
-        raise KdrayError("PREFECT_API_URL is not set: deployments need a running Prefect server",
-                         hint="Start one (prefect server start) and export PREFECT_API_URL=http://127.0.0.1:4200/api.")
+        raise KdrayError(
+            "PREFECT_API_URL is not set: deployments need a running Prefect server",
+            hint="Start one (prefect server start) and export PREFECT_API_URL=http://127.0.0.1:4200/api.",
+        )
     return url
 
 
@@ -138,12 +160,15 @@ def ensure_work_pool(pool: str) -> str:
                 template = json.loads(K8S_TEMPLATE.read_text())
                 create = WorkPoolCreate(name=pool, type="kubernetes", base_job_template=template)
             else:
-                create = WorkPoolCreate(name=pool, type="process",
-                                        base_job_template=ProcessWorker.get_default_base_job_template())
+                create = WorkPoolCreate(
+                    name=pool, type="process", base_job_template=ProcessWorker.get_default_base_job_template()
+                )
             return client.create_work_pool(create).type
     except httpx.TransportError as e:
-        raise KdrayError(f"cannot reach the Prefect API at {url}: {e}",
-                         hint="Check that the server is running (prefect server start) and PREFECT_API_URL.") from None
+        raise KdrayError(
+            f"cannot reach the Prefect API at {url}: {e}",
+            hint="Check that the server is running (prefect server start) and PREFECT_API_URL.",
+        ) from None
 
 
 def deploy(spec_uri: str, *, cron: str, pool: str = LOCAL_POOL, **kwargs: Any) -> UUID:
@@ -164,13 +189,23 @@ def main(argv: list[str] | None = None) -> UUID:
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. storage.uri=s3://kdray/runs")
     args = parser.parse_args(argv)
     pool_type = ensure_work_pool(args.pool)
-    deployment = build_deployment(args.spec, cron=args.cron, pool=args.pool, pool_type=pool_type, name=args.name,
-                                  timezone=args.timezone, overrides=args.overrides, image=args.image,
-                                  namespace=args.namespace)
+    deployment = build_deployment(
+        args.spec,
+        cron=args.cron,
+        pool=args.pool,
+        pool_type=pool_type,
+        name=args.name,
+        timezone=args.timezone,
+        overrides=args.overrides,
+        image=args.image,
+        namespace=args.namespace,
+    )
     deployment_id = deployment.apply()
-    print(f"deployment {deployment.flow_name}/{deployment.name} ({deployment_id}) on pool {args.pool!r}, "
-          f"cron {args.cron!r} {args.timezone}; run it now: prefect deployment run "
-          f"'{deployment.flow_name}/{deployment.name}'")
+    print(
+        f"deployment {deployment.flow_name}/{deployment.name} ({deployment_id}) on pool {args.pool!r}, "
+        f"cron {args.cron!r} {args.timezone}; run it now: prefect deployment run "
+        f"'{deployment.flow_name}/{deployment.name}'"
+    )
     return deployment_id
 
 

@@ -16,8 +16,9 @@ from flows.tasks import run_kind
 
 
 @flow(name="kdray-source", persist_result=True, result_serializer="json")
-def source_flow(spec_uri: str, stages: Optional[list[str]] = None, overrides: Optional[list[str]] = None,
-                force: bool = False) -> list[dict[str, Any]]:
+def source_flow(
+    spec_uri: str, stages: Optional[list[str]] = None, overrides: Optional[list[str]] = None, force: bool = False
+) -> list[dict[str, Any]]:
     """Run the train stages of the pipeline (or only ``stages``) in order."""
     return run_kind(spec_uri, "train", stages, overrides, force)
 

@@ -71,18 +71,30 @@ def select_stages(spec: dict[str, Any], kind: str, names: list[str] | None = Non
     of_kind = [s["name"] for s in spec["stages"] if s["kind"] == kind]
     for name in names or []:
         if name not in of_kind:
-            raise KdrayError(f"stage {name!r} is not a {kind} stage of pipeline {spec['name']!r}; "
-                             f"its {kind} stages are: {', '.join(of_kind) or 'none'}.")
+            raise KdrayError(
+                f"stage {name!r} is not a {kind} stage of pipeline {spec['name']!r}; "
+                f"its {kind} stages are: {', '.join(of_kind) or 'none'}."
+            )
     chosen = [n for n in of_kind if names is None or n in names]
     if not chosen:
-        raise KdrayError(f"pipeline {spec['name']!r} has no {kind} stage; its stages are: "
-                         + ", ".join(f"{s['name']} ({s['kind']})" for s in spec["stages"]) + ".",
-                         hint="Run flows/pipeline.py to run every stage.")
+        raise KdrayError(
+            f"pipeline {spec['name']!r} has no {kind} stage; its stages are: "
+            + ", ".join(f"{s['name']} ({s['kind']})" for s in spec["stages"])
+            + ".",
+            hint="Run flows/pipeline.py to run every stage.",
+        )
     return chosen
 
 
-@task(name="load-spec", task_run_name="load-spec", retries=len(RETRY_DELAYS), retry_delay_seconds=RETRY_DELAYS,
-      retry_condition_fn=is_infrastructure_failure, persist_result=True, result_serializer="json")
+@task(
+    name="load-spec",
+    task_run_name="load-spec",
+    retries=len(RETRY_DELAYS),
+    retry_delay_seconds=RETRY_DELAYS,
+    retry_condition_fn=is_infrastructure_failure,
+    persist_result=True,
+    result_serializer="json",
+)
 def load_spec(spec_uri: str, overrides: list[str]) -> dict[str, Any]:
     """Read and validate the pipeline spec; return it as JSON (a path or a storage URI)."""
     spec = load_pipeline(spec_uri, overrides)
@@ -103,14 +115,22 @@ def check_parents(spec: dict[str, Any], stages: list[str]) -> None:
             store = artifact_store(root, pipeline.name, ref, keys[ref])
             if read_artifact(store) is None:
                 kind = pipeline.stage(ref).kind
-                raise KdrayError(f"stage {name!r} reads stage {ref!r} ({kind}), which has no finished artifact "
-                                 f"at {store.uri()}",
-                                 hint=f"Run it first: python {flow_for(kind)} SPEC "
-                                      f"--stages {ref} (or the whole pipeline: python flows/pipeline.py SPEC).")
+                raise KdrayError(
+                    f"stage {name!r} reads stage {ref!r} ({kind}), which has no finished artifact at {store.uri()}",
+                    hint=f"Run it first: python {flow_for(kind)} SPEC "
+                    f"--stages {ref} (or the whole pipeline: python flows/pipeline.py SPEC).",
+                )
 
 
-@task(name="run-stage", task_run_name="run-{stage}", retries=len(RETRY_DELAYS), retry_delay_seconds=RETRY_DELAYS,
-      retry_condition_fn=is_infrastructure_failure, persist_result=True, result_serializer="json")
+@task(
+    name="run-stage",
+    task_run_name="run-{stage}",
+    retries=len(RETRY_DELAYS),
+    retry_delay_seconds=RETRY_DELAYS,
+    retry_condition_fn=is_infrastructure_failure,
+    persist_result=True,
+    result_serializer="json",
+)
 def run_stage(spec: dict[str, Any], stage: str, force: bool = False) -> dict[str, Any]:
     """Run one stage (its parents must be finished) or find it cached; return its outcome as JSON."""
     outcome = kpipeline.run_stage(spec_from_json(spec), stage, force=force, log=get_run_logger().info)
@@ -125,14 +145,18 @@ def publish_report(outcome: dict[str, Any]) -> str | None:
     art = open_artifact(outcome["uri"])
     key = report_key(art.manifest["pipeline"], outcome["stage"])
     markdown = art.store.read_bytes("report.md").decode()
-    create_markdown_artifact(markdown=f"{markdown}\n\nArtifact: `{outcome['uri']}`\n", key=key,
-                             description=f"kdray report of stage {outcome['stage']!r} ({outcome['status']})")
+    create_markdown_artifact(
+        markdown=f"{markdown}\n\nArtifact: `{outcome['uri']}`\n",
+        key=key,
+        description=f"kdray report of stage {outcome['stage']!r} ({outcome['status']})",
+    )
     get_run_logger().info(f"published report {key!r} from {outcome['uri']}")
     return key
 
 
-def run_kind(spec_uri: str, kind: str, stages: list[str] | None, overrides: list[str] | None,
-             force: bool) -> list[dict[str, Any]]:
+def run_kind(
+    spec_uri: str, kind: str, stages: list[str] | None, overrides: list[str] | None, force: bool
+) -> list[dict[str, Any]]:
     """The body of the one-kind flows: the chosen stages of ``kind`` in order, parents checked first."""
     spec = load_spec(spec_uri, list(overrides or []))
     names = select_stages(spec, kind, stages)

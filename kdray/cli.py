@@ -42,8 +42,12 @@ from kdray.engine.sweep import parse_grid, run_sweep
 from kdray.transfer.mapping import MATCH_STRATEGIES
 from kdray.transfer.scoring import score_layers, score_sources
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="kdray: knowledge distillation, transfer and domain adaptation on Ray.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="kdray: knowledge distillation, transfer and domain adaptation on Ray.",
+)
 
 
 def fail(err: KdrayError) -> None:
@@ -53,6 +57,7 @@ def fail(err: KdrayError) -> None:
 
 def guarded(fn):
     """Turn a KdrayError into its message and exit code 2; let real bugs keep their traceback."""
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
@@ -65,22 +70,28 @@ def guarded(fn):
 
 @app.command()
 @guarded
-def validate(spec: str = typer.Argument(..., help="pipeline YAML file"),
-             overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value overrides")) -> None:
+def validate(
+    spec: str = typer.Argument(..., help="pipeline YAML file"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value overrides"),
+) -> None:
     """Check a pipeline spec (fields, registry names, stage references) without running it."""
 
     p = load_pipeline(spec, overrides or [])
-    typer.echo(f"{spec}: OK — pipeline {p.name!r}, {len(p.stages)} stages: "
-               + ", ".join(f"{s.name} ({s.kind})" for s in p.stages))
+    typer.echo(
+        f"{spec}: OK — pipeline {p.name!r}, {len(p.stages)} stages: "
+        + ", ".join(f"{s.name} ({s.kind})" for s in p.stages)
+    )
 
 
 @app.command()
 @guarded
-def run(spec: str = typer.Argument(..., help="pipeline YAML file"),
-        overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value overrides"),
-        force: bool = typer.Option(False, "--force", help="rerun stages even if their artifact exists"),
-        only: Optional[list[str]] = typer.Option(None, "--only", help="run only this stage (repeatable)"),
-        json_out: bool = typer.Option(False, "--json", help="print the stage outcomes as JSON")) -> None:
+def run(
+    spec: str = typer.Argument(..., help="pipeline YAML file"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value overrides"),
+    force: bool = typer.Option(False, "--force", help="rerun stages even if their artifact exists"),
+    only: Optional[list[str]] = typer.Option(None, "--only", help="run only this stage (repeatable)"),
+    json_out: bool = typer.Option(False, "--json", help="print the stage outcomes as JSON"),
+) -> None:
     """Run a pipeline here: embedded Ray (or run.address), artifacts to the spec's storage."""
 
     p = load_pipeline(spec, overrides or [])
@@ -103,9 +114,15 @@ def schema() -> None:
     typer.echo(json.dumps(json_schema(), indent=2))
 
 
-REGISTRIES: dict[str, Registry] = {"models": MODELS, "datasets": DATASETS, "losses": LOSSES, "stages": STAGE_KINDS,
-                                   "shifts": SHIFTS, "adapt-methods": ADAPT_METHODS,
-                                   "transfer-strategies": MATCH_STRATEGIES}
+REGISTRIES: dict[str, Registry] = {
+    "models": MODELS,
+    "datasets": DATASETS,
+    "losses": LOSSES,
+    "stages": STAGE_KINDS,
+    "shifts": SHIFTS,
+    "adapt-methods": ADAPT_METHODS,
+    "transfer-strategies": MATCH_STRATEGIES,
+}
 
 
 @app.command("ls")
@@ -146,26 +163,31 @@ def show(uri: str = typer.Argument(..., help="artifact URI (a stage's output fol
 
 @app.command()
 @guarded
-def sweep(spec: str = typer.Argument(..., help="pipeline YAML file"),
-          stage: str = typer.Option(..., "--stage", help="the stage to sweep (train, distill or transfer)"),
-          grid: list[str] = typer.Option(..., "--grid", help="key.path=v1,v2 (repeatable): the trials are the product"),
-          overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value overrides"),
-          max_concurrent: int = typer.Option(2, "--max-concurrent", min=1, help="trials running at once"),
-          metric: str = typer.Option("test_acc", help="what ranks the trials")) -> None:
+def sweep(
+    spec: str = typer.Argument(..., help="pipeline YAML file"),
+    stage: str = typer.Option(..., "--stage", help="the stage to sweep (train, distill or transfer)"),
+    grid: list[str] = typer.Option(..., "--grid", help="key.path=v1,v2 (repeatable): the trials are the product"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value overrides"),
+    max_concurrent: int = typer.Option(2, "--max-concurrent", min=1, help="trials running at once"),
+    metric: str = typer.Option("test_acc", help="what ranks the trials"),
+) -> None:
     """Run many variants of one stage (students x hyperparameters) as Ray Tune trials, ranked in a report."""
 
     p = load_pipeline(spec, overrides or [])
-    report = run_sweep(p, stage, parse_grid(grid), max_concurrent=max_concurrent, metric=metric,
-                       log=lambda m: typer.echo(m, err=True))
+    report = run_sweep(
+        p, stage, parse_grid(grid), max_concurrent=max_concurrent, metric=metric, log=lambda m: typer.echo(m, err=True)
+    )
     typer.echo(f"sweep report: {report['uri']}")
 
 
 @app.command()
 @guarded
-def score(spec: str = typer.Argument(..., help="pipeline YAML file"),
-          stage: str = typer.Option(..., "--stage", help="a transfer stage: its candidates (or source) are scored"),
-          layers: bool = typer.Option(False, "--layers", help="also score every feature layer of the best source"),
-          overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value overrides")) -> None:
+def score(
+    spec: str = typer.Argument(..., help="pipeline YAML file"),
+    stage: str = typer.Option(..., "--stage", help="a transfer stage: its candidates (or source) are scored"),
+    layers: bool = typer.Option(False, "--layers", help="also score every feature layer of the best source"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value overrides"),
+) -> None:
     """Rank candidate sources for a transfer stage by LogME and LEEP on its target data (no training)."""
 
     p = load_pipeline(spec, overrides or [])
@@ -184,32 +206,42 @@ def score(spec: str = typer.Argument(..., help="pipeline YAML file"),
         for r in result["layers"]:
             typer.echo(f"  {rows[0]['ref']}.{r['layer']:<12} ({r['dims']} dims) LogME {r['logme']:+.4f}")
     store = Storage(p.storage.uri).child(f"{p.name}/_scores/{stage}-{keys[stage]}")
-    write_artifact(store, {"kind": "score", "pipeline": p.name, "stage": stage, "key": keys[stage],
-                           "metrics": {"best": rows[0]["ref"]}}, None,
-                   {"ranking.json": json.dumps(result, indent=2).encode()})
+    write_artifact(
+        store,
+        {"kind": "score", "pipeline": p.name, "stage": stage, "key": keys[stage], "metrics": {"best": rows[0]["ref"]}},
+        None,
+        {"ranking.json": json.dumps(result, indent=2).encode()},
+    )
     typer.echo(f"ranking: {store.uri()}")
 
 
 @app.command()
 @guarded
-def submit(spec: str = typer.Argument(..., help="pipeline YAML file"),
-           overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value overrides"),
-           launcher: str = typer.Option("kuberay", "--launcher", help="ray (an existing cluster) or kuberay (a RayJob per stage)"),
-           only: Optional[list[str]] = typer.Option(None, "--only", help="submit only this stage (repeatable)"),
-           force: bool = typer.Option(False, "--force", help="rerun stages even if their artifact exists")) -> None:
+def submit(
+    spec: str = typer.Argument(..., help="pipeline YAML file"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value overrides"),
+    launcher: str = typer.Option(
+        "kuberay", "--launcher", help="ray (an existing cluster) or kuberay (a RayJob per stage)"
+    ),
+    only: Optional[list[str]] = typer.Option(None, "--only", help="submit only this stage (repeatable)"),
+    force: bool = typer.Option(False, "--force", help="rerun stages even if their artifact exists"),
+) -> None:
     """Run a pipeline's stages on a cluster: the Ray Job Submission API or KubeRay RayJobs."""
 
-    outcomes = submit_command(spec, overrides or [], launcher, only or None, force=force,
-                              log=lambda m: typer.echo(m, err=True))
+    outcomes = submit_command(
+        spec, overrides or [], launcher, only or None, force=force, log=lambda m: typer.echo(m, err=True)
+    )
     for o in outcomes:
         typer.echo(f"{o.stage:<16} {o.kind:<9} {o.status:<7} {o.seconds:7.1f}s  {o.uri}")
 
 
 @app.command()
 @guarded
-def render(spec: str = typer.Argument(..., help="pipeline YAML file"),
-           overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value overrides"),
-           stage: Optional[str] = typer.Option(None, "--stage", help="only this stage")) -> None:
+def render(
+    spec: str = typer.Argument(..., help="pipeline YAML file"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value overrides"),
+    stage: Optional[str] = typer.Option(None, "--stage", help="only this stage"),
+) -> None:
     """Print the KubeRay RayJob manifests the kuberay launcher would create (validated)."""
 
     typer.echo(render_command(spec, overrides or [], stage))

@@ -30,8 +30,9 @@ for key, value in {
 REPO = Path(__file__).resolve().parent.parent
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
-needs_fmnist = pytest.mark.skipif(not (FMNIST / "train-images-idx3-ubyte.gz").exists(),
-                                  reason="Debian package dataset-fashion-mnist is not installed")
+needs_fmnist = pytest.mark.skipif(
+    not (FMNIST / "train-images-idx3-ubyte.gz").exists(), reason="Debian package dataset-fashion-mnist is not installed"
+)
 
 
 @pytest.fixture(scope="session")
@@ -63,8 +64,13 @@ def synthetic_pipeline(tmp_path: Path, *, workers: int = 0, epochs: int = 2, ext
         "storage": {"uri": f"file://{tmp_path}/runs"},
         "run": {"workers": workers, **run},
         "stages": [
-            {"name": "teacher", "kind": "train", "model": {"name": "cnn_small"}, "data": data,
-             "optim": {"epochs": epochs, "batch_size": 32, "lr": 3e-3}},
+            {
+                "name": "teacher",
+                "kind": "train",
+                "model": {"name": "cnn_small"},
+                "data": data,
+                "optim": {"epochs": epochs, "batch_size": 32, "lr": 3e-3},
+            },
             *extra_stages,
         ],
     }

@@ -70,8 +70,13 @@ os.execv(sys.argv[1], sys.argv[1:])
 class SeaweedS3:
     """One ``weed server`` (master, volume, filer and S3 gateway in one process) on loopback."""
 
-    def __init__(self, data_dir: str | Path, buckets: tuple[str, ...] | list[str] = (),
-                 region: str = "us-east-1", timeout: float = 30.0):
+    def __init__(
+        self,
+        data_dir: str | Path,
+        buckets: tuple[str, ...] | list[str] = (),
+        region: str = "us-east-1",
+        timeout: float = 30.0,
+    ):
         self.data_dir = Path(data_dir)
         self.buckets = list(buckets)
         self.region = region
@@ -90,18 +95,31 @@ class SeaweedS3:
 
     def env(self) -> dict[str, str]:
         """What kdray reads: ``KDRAY_S3_ENDPOINT`` and the standard AWS variables."""
-        return {"KDRAY_S3_ENDPOINT": self.endpoint, "AWS_ACCESS_KEY_ID": self.access_key,
-                "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_REGION": self.region}
+        return {
+            "KDRAY_S3_ENDPOINT": self.endpoint,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_REGION": self.region,
+        }
 
     def client(self, timeout: float = 5.0):
         """A boto3 S3 client for this server (an independent reader and writer for assertions)."""
         import boto3
         from botocore.config import Config
 
-        return boto3.client("s3", endpoint_url=self.endpoint, region_name=self.region,
-                            aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
-                            config=Config(connect_timeout=timeout, read_timeout=timeout,
-                                          retries={"max_attempts": 1}, s3={"addressing_style": "path"}))
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name=self.region,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            config=Config(
+                connect_timeout=timeout,
+                read_timeout=timeout,
+                retries={"max_attempts": 1},
+                s3={"addressing_style": "path"},
+            ),
+        )
 
     @property
     def running(self) -> bool:
@@ -137,25 +155,50 @@ class SeaweedS3:
     def _launch(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         config = self.data_dir / "s3-identities.json"
-        config.write_text(json.dumps({"identities": [{
-            "name": "kdray-test", "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
-            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-        args = [weed_binary(), "server", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3",
-                f"-s3.config={config}", "-master.telemetry=false",
-                # extra listeners we do not need (each would take a fixed, maybe busy, port)
-                "-s3.port.iceberg=0", "-s3.port.lance=0",
-                # volumes are created per bucket; keep them small and let the count follow free disk
-                "-master.volumeSizeLimitMB=256", "-volume.max=0",
-                # a restarted master otherwise waits ~20 s for a raft election it alone can win; the
-                # objects live in the filer and volume folders, and the volumes re-register on heartbeat
-                "-master.resumeState=false"]
+        config.write_text(
+            json.dumps(
+                {
+                    "identities": [
+                        {
+                            "name": "kdray-test",
+                            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+                            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                        }
+                    ]
+                }
+            )
+        )
+        args = [
+            weed_binary(),
+            "server",
+            f"-dir={self.data_dir}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-s3",
+            f"-s3.config={config}",
+            "-master.telemetry=false",
+            # extra listeners we do not need (each would take a fixed, maybe busy, port)
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            # volumes are created per bucket; keep them small and let the count follow free disk
+            "-master.volumeSizeLimitMB=256",
+            "-volume.max=0",
+            # a restarted master otherwise waits ~20 s for a raft election it alone can win; the
+            # objects live in the filer and volume folders, and the volumes re-register on heartbeat
+            "-master.resumeState=false",
+        ]
         for name, port in self.ports.items():
             args += [f"-{name}.port={port}", f"-{name}.port.grpc={port + GRPC_OFFSET}"]
         self._remove_sockets()
         with open(self.log_path, "ab") as log:
             # its own process group, so stop() ends weed and anything it spawned, and nothing else
-            self.proc = subprocess.Popen([sys.executable, "-c", _EXEC_DYING_WITH_PARENT, *args], stdout=log,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", _EXEC_DYING_WITH_PARENT, *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
 
     def stop(self) -> None:
         """End the server abruptly (SIGKILL to its process group), as a crash or outage would."""
@@ -198,11 +241,15 @@ class SeaweedS3:
         last: Exception | None = None
         while pending:
             if self.proc is None or self.proc.poll() is not None:
-                raise RuntimeError(f"weed server exited with code {self.proc.returncode if self.proc else None} "
-                                   f"before S3 was ready on {self.endpoint}; log tail:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"weed server exited with code {self.proc.returncode if self.proc else None} "
+                    f"before S3 was ready on {self.endpoint}; log tail:\n{self.log_tail()}"
+                )
             if time.monotonic() > deadline:
-                raise RuntimeError(f"SeaweedFS S3 on {self.endpoint} was not ready after {self.timeout:.0f} s "
-                                   f"(waiting for {pending[0]!r}; last error: {last}); log tail:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"SeaweedFS S3 on {self.endpoint} was not ready after {self.timeout:.0f} s "
+                    f"(waiting for {pending[0]!r}; last error: {last}); log tail:\n{self.log_tail()}"
+                )
             try:
                 if pending[0] == "list":
                     self.client(timeout=2.0).list_buckets()

@@ -69,6 +69,7 @@ def batch(n_src: int = 6, n_tgt: int = 5):
 
 # ---------------------------------------------------------------------- the interface, every method
 
+
 @pytest.mark.parametrize("name", ADAPT_METHODS.names())
 def test_method_returns_finite_loss_with_gradients_to_the_model(name):
     model = tiny()
@@ -132,14 +133,17 @@ def test_batch_checks_name_both_sides():
         build_adapt_method("dann", tiny(), 5)
 
 
-@pytest.mark.parametrize("name,params,match", [
-    ("dann", {"weight": -1}, r"parameter 'weight' = -1 is invalid"),
-    ("mmd", {"kernels": []}, r"parameter 'kernels' = \[\] is invalid"),
-    ("mmd", {"kernels": [1, -2]}, r"parameter 'kernels\[1\]' = -2"),
-    ("coral", {"kernels": [1]}, r"adapt method 'coral' has no parameter 'kernels'; .*Known: all_gather, weight"),
-    ("shot", {"betta": 0.1}, r"no parameter 'betta'; did you mean 'beta'\?"),
-    ("dan", {}, r"unknown adapt method 'dan'; did you mean 'dann'\?"),
-])
+@pytest.mark.parametrize(
+    "name,params,match",
+    [
+        ("dann", {"weight": -1}, r"parameter 'weight' = -1 is invalid"),
+        ("mmd", {"kernels": []}, r"parameter 'kernels' = \[\] is invalid"),
+        ("mmd", {"kernels": [1, -2]}, r"parameter 'kernels\[1\]' = -2"),
+        ("coral", {"kernels": [1]}, r"adapt method 'coral' has no parameter 'kernels'; .*Known: all_gather, weight"),
+        ("shot", {"betta": 0.1}, r"no parameter 'betta'; did you mean 'beta'\?"),
+        ("dan", {}, r"unknown adapt method 'dan'; did you mean 'dann'\?"),
+    ],
+)
 def test_bad_method_params_raise_naming_them(name, params, match):
     with pytest.raises(KdrayError, match=match):
         build_adapt_method(name, tiny(), K, **params)
@@ -164,6 +168,7 @@ def test_method_spec_validates_and_builds():
 
 
 # ---------------------------------------------------------------------- DANN
+
 
 def test_gradient_reversal_flips_and_scales_the_gradient():
     x = torch.randn(4, 3, requires_grad=True)
@@ -212,6 +217,7 @@ def test_dann_reverses_the_discriminator_gradient_on_the_features():
 
 # ---------------------------------------------------------------------- MMD, CORAL, entropy
 
+
 def test_mmd_is_zero_for_identical_batches_and_positive_for_shifted():
     torch.manual_seed(0)
     f = torch.randn(16, 8)
@@ -233,7 +239,7 @@ def test_coral_equals_hand_computation():
     rng = np.random.default_rng(0)
     fs, ft = rng.normal(size=(10, 4)), rng.normal(size=(7, 4)) * 2 + 1
     cs, ct = np.cov(fs, rowvar=False), np.cov(ft, rowvar=False)
-    expected = ((cs - ct) ** 2).sum() / (4 * 4 ** 2)
+    expected = ((cs - ct) ** 2).sum() / (4 * 4**2)
     got = coral_loss(torch.tensor(fs), torch.tensor(ft))
     assert float(got) == pytest.approx(expected, rel=1e-10)
     assert float(coral_loss(torch.tensor(fs), torch.tensor(fs) + 5.0)) == pytest.approx(0.0, abs=1e-12)
@@ -253,6 +259,7 @@ def test_entropy_min_adds_weighted_target_entropy():
 
 
 # ---------------------------------------------------------------------- SHOT
+
 
 def test_shot_freezes_the_classifier_and_trains_the_features():
     model = tiny()
@@ -319,6 +326,7 @@ def test_shot_refresh_keeps_centroids_and_restores_train_mode():
 
 # ---------------------------------------------------------------------- short real trainings
 
+
 @pytest.mark.parametrize("name", ["coral", "dann"])
 def test_short_training_reduces_the_loss(name):
     x, y, x_t = make_domains(96)
@@ -357,7 +365,7 @@ def test_shot_adapts_a_source_model_without_source_data():
     method.refresh_pseudo_labels(x_t)
     ims = []
     for step in range(20):
-        out = method({"x_tgt": x_t[(step * 16) % 96:(step * 16) % 96 + 16]}, step / 19)
+        out = method({"x_tgt": x_t[(step * 16) % 96 : (step * 16) % 96 + 16]}, step / 19)
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
@@ -367,6 +375,7 @@ def test_shot_adapts_a_source_model_without_source_data():
 
 
 # ---------------------------------------------------------------------- model selection
+
 
 def test_entropy_score_hand_cases():
     assert entropy_score(torch.zeros(5, 4)) == pytest.approx(math.log(4))
@@ -402,12 +411,14 @@ def test_selection_rules():
 
 # ---------------------------------------------------------------------- torch.distributed (gloo, 2 ranks)
 
+
 def _gather_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)  # two ranks share the CPU cores
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))  # fail, not hang, if a rank dies
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
+    )  # fail, not hang, if a rank dies
     try:
         torch.manual_seed(0)  # same full batch on both ranks; each keeps its half
         fs_full, ft_full = torch.randn(8, 5), torch.randn(8, 5) + 1.0
@@ -426,8 +437,13 @@ def _gather_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             gather_from_all_ranks(torch.zeros(3 + rank, 2))
         except KdrayError as e:
             size_error = str(e)
-        result = {"mmd": float(mmd.detach()), "coral": float(coral.detach()), "grad_s": fs.grad.tolist(),
-                  "disc_grad": float(method.discriminator[0].weight.grad.mean()), "size_error": size_error}
+        result = {
+            "mmd": float(mmd.detach()),
+            "coral": float(coral.detach()),
+            "grad_s": fs.grad.tolist(),
+            "disc_grad": float(method.discriminator[0].weight.grad.mean()),
+            "size_error": size_error,
+        }
         with open(f"{out_dir}/rank{rank}.json", "w") as fh:
             json.dump(result, fh)
     finally:
@@ -444,8 +460,9 @@ def test_all_gather_over_two_ranks_matches_the_full_batch(tmp_path):
 
     # spawn, not fork: after a backward pass in this process, autograd's threads do not survive a
     # fork (PyTorch refuses it on CUDA builds). Two fresh interpreters cost a few seconds.
-    mp.start_processes(_gather_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,
-                       start_method="spawn")
+    mp.start_processes(
+        _gather_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True, start_method="spawn"
+    )
     torch.manual_seed(0)
     fs_full, ft_full = torch.randn(8, 5), torch.randn(8, 5) + 1.0
     fs_full.requires_grad_(True)
@@ -456,7 +473,7 @@ def test_all_gather_over_two_ranks_matches_the_full_batch(tmp_path):
         assert got["mmd"] + got["coral"] == pytest.approx(float(loss.detach()), rel=1e-5)
         # Each rank's local slice receives world_size x the full-batch gradient (every rank
         # computes the same loss); DDP's averaging over ranks divides it back.
-        expected = 2 * fs_full.grad[4 * rank:4 * rank + 4]
+        expected = 2 * fs_full.grad[4 * rank : 4 * rank + 4]
         torch.testing.assert_close(torch.tensor(got["grad_s"]), expected, rtol=1e-4, atol=1e-6)
         assert got["disc_grad"] == pytest.approx(1.5)  # mean of 1 and 2
         assert "same batch size on every rank, got [3, 4]" in got["size_error"]

@@ -15,9 +15,16 @@ TARGET = {**SOURCE, "shifts": [{"name": "rotation", "degrees": 30}, {"name": "ga
 
 
 def adapt(method, **kw):
-    return {"name": f"adapt-{method.replace('_', '-')}", "kind": "adapt", "model": {"name": "cnn_small"},
-            "source_domain": SOURCE, "target_domain": TARGET, "method": {"name": method},
-            "optim": {"epochs": 2, "batch_size": 32, "lr": 3e-3}, **kw}
+    return {
+        "name": f"adapt-{method.replace('_', '-')}",
+        "kind": "adapt",
+        "model": {"name": "cnn_small"},
+        "source_domain": SOURCE,
+        "target_domain": TARGET,
+        "method": {"name": method},
+        "optim": {"epochs": 2, "batch_size": 32, "lr": 3e-3},
+        **kw,
+    }
 
 
 def run(doc, logs=None):
@@ -57,23 +64,30 @@ def test_shot_is_source_free_and_oracle_is_flagged(tmp_path):
 
 
 def test_selected_epoch_is_what_is_published(tmp_path):
-    out = run(synthetic_pipeline(tmp_path, extra_stages=[adapt("coral", selection="oracle",
-                                                                optim={"epochs": 3, "batch_size": 32, "lr": 3e-3})]))
+    out = run(
+        synthetic_pipeline(
+            tmp_path,
+            extra_stages=[adapt("coral", selection="oracle", optim={"epochs": 3, "batch_size": 32, "lr": 3e-3})],
+        )
+    )
     m = open_artifact(out[-1].uri).manifest
     best = max(m["history"], key=lambda h: h["test_acc"])
     assert m["adapt"]["target_acc"] == pytest.approx(best["test_acc"], abs=1e-6)
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"target_domain": {**TARGET, "labels_per_class": 5}}, "target labels are never used for training"),
-    ({"method": {"name": "shot"}}, "source-free"),
-    ({"method": {"name": "shot"}, "source": "teacher", "selection": "source_val"}, "needs source data"),
-    ({"method": {"name": "dann", "weight": -1}}, "weight"),
-    ({"method": {"name": "mmd", "kernels": []}}, "kernels"),
-    ({"method": {"name": "dan"}}, "did you mean 'dann'"),
-    ({"target_domain": {**SOURCE, "shifts": [{"name": "rotation", "degres": 30}]}}, "degres"),
-    ({"target_domain": {**SOURCE, "shifts": [{"name": "gaussian_noise", "sigma": -1}]}}, "sigma"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"target_domain": {**TARGET, "labels_per_class": 5}}, "target labels are never used for training"),
+        ({"method": {"name": "shot"}}, "source-free"),
+        ({"method": {"name": "shot"}, "source": "teacher", "selection": "source_val"}, "needs source data"),
+        ({"method": {"name": "dann", "weight": -1}}, "weight"),
+        ({"method": {"name": "mmd", "kernels": []}}, "kernels"),
+        ({"method": {"name": "dan"}}, "did you mean 'dann'"),
+        ({"target_domain": {**SOURCE, "shifts": [{"name": "rotation", "degres": 30}]}}, "degres"),
+        ({"target_domain": {**SOURCE, "shifts": [{"name": "gaussian_noise", "sigma": -1}]}}, "sigma"),
+    ],
+)
 def test_bad_adapt_specs(tmp_path, change, message):
     with pytest.raises(KdrayError, match=message):
         parse_pipeline(synthetic_pipeline(tmp_path, extra_stages=[{**adapt("dann"), **change}]))
@@ -81,7 +95,11 @@ def test_bad_adapt_specs(tmp_path, change, message):
 
 def test_source_with_another_class_count(tmp_path):
     other = {**SOURCE, "options": {**SOURCE["options"], "num_classes": 3}}
-    doc = synthetic_pipeline(tmp_path, extra_stages=[adapt("dann", source="teacher", source_domain=other,
-                                                           target_domain={**other, "shifts": TARGET["shifts"]})])
+    doc = synthetic_pipeline(
+        tmp_path,
+        extra_stages=[
+            adapt("dann", source="teacher", source_domain=other, target_domain={**other, "shifts": TARGET["shifts"]})
+        ],
+    )
     with pytest.raises(KdrayError, match="4 classes"):
         run(doc)

@@ -13,7 +13,11 @@ from kdray.core.models import create_model
 
 
 def publish(store, model):
-    manifest = {"kind": "train", "key": "abc", "model": {"name": "mlp_64", "kwargs": {"num_classes": 4, "in_channels": 1, "image_size": 8}}}
+    manifest = {
+        "kind": "train",
+        "key": "abc",
+        "model": {"name": "mlp_64", "kwargs": {"num_classes": 4, "in_channels": 1, "image_size": 8}},
+    }
     return write_artifact(store, manifest, model.state_dict(), {"history.json": b"[]"})
 
 

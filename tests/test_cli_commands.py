@@ -17,8 +17,16 @@ DATA = {"name": "synthetic", "options": {"num_samples": 256, "image_size": 8, "n
 def test_score_ranks_candidate_sources(tmp_path):
     doc = synthetic_pipeline(tmp_path, epochs=3)
     doc["stages"].append({**doc["stages"][0], "name": "weak", "optim": {"epochs": 1, "batch_size": 256, "lr": 1e-6}})
-    doc["stages"].append({"name": "target", "kind": "transfer", "source": "auto", "candidates": ["weak", "teacher"],
-                          "model": {"name": "cnn_small"}, "data": {**DATA, "labels_per_class": 20}})
+    doc["stages"].append(
+        {
+            "name": "target",
+            "kind": "transfer",
+            "source": "auto",
+            "candidates": ["weak", "teacher"],
+            "model": {"name": "cnn_small"},
+            "data": {**DATA, "labels_per_class": 20},
+        }
+    )
     run_pipeline(parse_pipeline(doc), only=["teacher", "weak"], log=lambda m: None)
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(doc))

@@ -54,7 +54,9 @@ def test_reads_idx_from_a_storage_prefix(tmp_path):
 
 
 def test_missing_folder_is_a_clear_error(tmp_path):
-    with pytest.raises(DataError, match=r"no train-images-idx3-ubyte\[\.gz\] in .*nowhere.*apt-get install -y dataset-fashion-mnist"):
+    with pytest.raises(
+        DataError, match=r"no train-images-idx3-ubyte\[\.gz\] in .*nowhere.*apt-get install -y dataset-fashion-mnist"
+    ):
         kdata.load(DataSpec(name="fashion_mnist", path=str(tmp_path / "nowhere")), "train")
 
 
@@ -98,8 +100,9 @@ def test_digits_and_synthetic():
 
 def test_selection_is_deterministic_and_described_by_fingerprint(tmp_path):
     write_fake_fmnist(tmp_path / "fm", n=200)
-    spec = DataSpec(name="fashion_mnist", path=str(tmp_path / "fm"), classes=[5, 6, 7], limit=30,
-                    labels_per_class=2, seed=3)
+    spec = DataSpec(
+        name="fashion_mnist", path=str(tmp_path / "fm"), classes=[5, 6, 7], limit=30, labels_per_class=2, seed=3
+    )
     a, b = kdata.load(spec, "train"), kdata.load(spec, "train")
     assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y) and a.fingerprint == b.fingerprint
     assert a.num_classes == 3 and len(a) == 30

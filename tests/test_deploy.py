@@ -56,13 +56,22 @@ def prefect_api(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-server")
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(home / "home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_ENABLED": "false"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home / "home"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+    }
     env.pop("PREFECT_API_URL", None)
     log = home / "server.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         wait_healthy(url, proc, log)
         yield url, {**env, "PREFECT_API_URL": url}
@@ -99,8 +108,11 @@ def test_cron_deployment_runs_on_a_process_worker(tmp_path, prefect_api):
         k8s_id = deploy(str(spec_path), cron="0 4 * * *", pool=K8S_POOL)
         with get_client(sync_client=True) as client:
             dep = client.read_deployment(deployment_id)
-            assert (dep.name, dep.work_pool_name, dep.entrypoint) == ("synth-local", LOCAL_POOL,
-                                                                      "flows/pipeline.py:pipeline_flow")
+            assert (dep.name, dep.work_pool_name, dep.entrypoint) == (
+                "synth-local",
+                LOCAL_POOL,
+                "flows/pipeline.py:pipeline_flow",
+            )
             assert [s.schedule.cron for s in dep.schedules] == ["0 3 * * *"]
             assert dep.parameters == {"spec_uri": str(spec_path), "overrides": []}
             assert dep.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
@@ -108,8 +120,14 @@ def test_cron_deployment_runs_on_a_process_worker(tmp_path, prefect_api):
             flow_run = client.create_flow_run_from_deployment(deployment_id)
 
     # The worker runs in another folder: the deployment's pull step finds the flow code.
-    worker = subprocess.run([*PREFECT, "worker", "start", "--pool", LOCAL_POOL, "--run-once"], env=env,
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    worker = subprocess.run(
+        [*PREFECT, "worker", "start", "--pool", LOCAL_POOL, "--run-once"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     with temporary_settings(updates={PREFECT_API_URL: url}):
         with get_client(sync_client=True) as client:
             state = client.read_flow_run(flow_run.id).state

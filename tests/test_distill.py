@@ -16,9 +16,16 @@ DATA = {"name": "synthetic", "options": {"num_samples": 256, "image_size": 8, "n
 
 
 def student(name="student", model="mlp_64", losses=None, **kw):
-    return {"name": name, "kind": "distill", "teacher": "teacher", "model": {"name": model}, "data": DATA,
-            "optim": {"epochs": 2, "batch_size": 32, "lr": 3e-3},
-            "losses": losses or [{"name": "cross_entropy", "weight": 0.5}, {"name": "hinton_kl", "weight": 0.5}], **kw}
+    return {
+        "name": name,
+        "kind": "distill",
+        "teacher": "teacher",
+        "model": {"name": model},
+        "data": DATA,
+        "optim": {"epochs": 2, "batch_size": 32, "lr": 3e-3},
+        "losses": losses or [{"name": "cross_entropy", "weight": 0.5}, {"name": "hinton_kl", "weight": 0.5}],
+        **kw,
+    }
 
 
 def run(doc, logs=None):
@@ -27,9 +34,17 @@ def run(doc, logs=None):
 
 def test_cached_and_online_teacher_give_the_same_training(tmp_path):
     logs = []
-    out = run(synthetic_pipeline(tmp_path, extra_stages=[
-        student("cached", teacher_cache="on"), student("online", teacher_cache="off"),
-        student("again", model="mlp_128", teacher_cache="auto")]), logs)
+    out = run(
+        synthetic_pipeline(
+            tmp_path,
+            extra_stages=[
+                student("cached", teacher_cache="on"),
+                student("online", teacher_cache="off"),
+                student("again", model="mlp_128", teacher_cache="auto"),
+            ],
+        ),
+        logs,
+    )
     cached, online, again = (open_artifact(o.uri).manifest for o in out[1:])
     assert cached["teacher"]["cache"] and online["teacher"]["cache"] is None
     assert again["teacher"]["cache"] == cached["teacher"]["cache"], "students share one cache"
@@ -85,9 +100,17 @@ def test_teacher_by_artifact_uri(tmp_path):
     assert open_artifact(out[0].uri).manifest["parents"][0]["uri"] == first[0].uri
 
 
-@pytest.mark.parametrize("teacher,pupil", [("cnn_small", "mlp_64"), ("cnn_small", "gru_small"),
-                                           ("cnn_small", "vit_tiny"), ("vit_tiny", "cnn_small"),
-                                           ("gru_small", "cnn_small"), ("resnet_small", "mlp_32")])
+@pytest.mark.parametrize(
+    "teacher,pupil",
+    [
+        ("cnn_small", "mlp_64"),
+        ("cnn_small", "gru_small"),
+        ("cnn_small", "vit_tiny"),
+        ("vit_tiny", "cnn_small"),
+        ("gru_small", "cnn_small"),
+        ("resnet_small", "mlp_32"),
+    ],
+)
 def test_cross_family_distillation(tmp_path, teacher, pupil):
     doc = synthetic_pipeline(tmp_path, epochs=1, extra_stages=[student(model=pupil)])
     doc["stages"][0]["model"]["name"] = teacher
@@ -100,8 +123,12 @@ def test_data_free_distillation_synthesises_inputs_from_the_teacher(tmp_path):
     """DeepInversion on a small case: the student never sees a training image, only inputs optimised
     to match the teacher's BatchNorm statistics, and still beats chance on the real test split."""
     logs = []
-    df = student("data-free", model="mlp_64", losses=[{"name": "hinton_kl", "temperature": 4}],
-                 data_free={"samples": 256, "steps": 60, "batch_size": 128, "lr": 0.1})
+    df = student(
+        "data-free",
+        model="mlp_64",
+        losses=[{"name": "hinton_kl", "temperature": 4}],
+        data_free={"samples": 256, "steps": 60, "batch_size": 128, "lr": 0.1},
+    )
     df["optim"] = {"epochs": 8, "batch_size": 32, "lr": 3e-3}
     out = run(synthetic_pipeline(tmp_path, epochs=3, extra_stages=[df]), logs)
     manifest = open_artifact(out[1].uri).manifest

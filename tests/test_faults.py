@@ -47,11 +47,14 @@ def test_three_nodes_train_one_stage(tmp_path):
     from ray.cluster_utils import Cluster
 
     ray.shutdown()  # leave the session's local Ray; later tests start it again on demand
-    cluster = Cluster(initialize_head=True, connect=False,
-                      head_node_args={"num_cpus": 0, "include_dashboard": False, "object_store_memory": 96 * 1024 ** 2})
+    cluster = Cluster(
+        initialize_head=True,
+        connect=False,
+        head_node_args={"num_cpus": 0, "include_dashboard": False, "object_store_memory": 96 * 1024**2},
+    )
     try:
         for _ in range(3):
-            cluster.add_node(num_cpus=1, object_store_memory=96 * 1024 ** 2)
+            cluster.add_node(num_cpus=1, object_store_memory=96 * 1024**2)
         cluster.wait_for_nodes()
         ray.init(address=cluster.address)
         spec = parse_pipeline(synthetic_pipeline(tmp_path, workers=3, epochs=1, cpus_per_worker=1))

@@ -89,8 +89,10 @@ def test_spec_json_round_trip_keeps_keys_and_run_merging(tmp_path):
 def test_report_keys_and_stage_selection():
     assert report_key("fmnist-cnn-to-mlp", "eval") == "fmnist-cnn-to-mlp-eval"
     assert report_key("A_b", "x.y") == "a-b-x-y"
-    spec = {"name": "p", "stages": [{"name": "t", "kind": "train"}, {"name": "s", "kind": "distill"},
-                                    {"name": "s2", "kind": "distill"}]}
+    spec = {
+        "name": "p",
+        "stages": [{"name": "t", "kind": "train"}, {"name": "s", "kind": "distill"}, {"name": "s2", "kind": "distill"}],
+    }
     assert select_stages(spec, "distill") == ["s", "s2"]
     assert select_stages(spec, "distill", ["s2"]) == ["s2"]
     with pytest.raises(KdrayError, match=r"'t' is not a distill stage of pipeline 'p'; its distill stages are: s, s2"):
@@ -106,18 +108,24 @@ def test_k8s_job_variables_size_the_pod_from_the_run_settings(tmp_path):
     assert (v["cpu_request"], v["cpu_limit"], v["memory_request"], v["memory_limit"]) == ("4", "4", "8Gi", "8Gi")
     assert "gpu_limit" not in v and v["labels"]["kdray.io/pipeline"] == "synth"
 
-    big = {**synthetic_pipeline(tmp_path)["stages"][0], "name": "big",
-           "run": {"workers": 4, "use_gpu": True, "cpus_per_worker": 0.5}}
+    big = {
+        **synthetic_pipeline(tmp_path)["stages"][0],
+        "name": "big",
+        "run": {"workers": 4, "use_gpu": True, "cpus_per_worker": 0.5},
+    }
     gpu = k8s_job_variables(parse_pipeline(synthetic_pipeline(tmp_path, workers=1, extra_stages=[big])))
-    assert (gpu["cpu_request"], gpu["memory_request"], gpu["gpu_limit"]) == ("3", "6Gi", "4"), \
+    assert (gpu["cpu_request"], gpu["memory_request"], gpu["gpu_limit"]) == ("3", "6Gi", "4"), (
         "the largest stage: 1 + 4 x 0.5 CPUs, one GPU per worker"
+    )
 
     local_loop = k8s_job_variables(parse_pipeline(synthetic_pipeline(tmp_path, workers=0, cpus_per_worker=2.5)))
     assert (local_loop["cpu_request"], local_loop["memory_limit"]) == ("2500m", "6Gi")
-    remote = k8s_job_variables(parse_pipeline(synthetic_pipeline(tmp_path, workers=8, use_gpu=True,
-                                                                 launcher="kuberay")))
-    assert (remote["cpu_request"], remote["memory_request"]) == ("1", "2Gi") and "gpu_limit" not in remote, \
+    remote = k8s_job_variables(
+        parse_pipeline(synthetic_pipeline(tmp_path, workers=8, use_gpu=True, launcher="kuberay"))
+    )
+    assert (remote["cpu_request"], remote["memory_request"]) == ("1", "2Gi") and "gpu_limit" not in remote, (
         "with kuberay the workers run in their own pods; the flow pod only submits"
+    )
     for variables in (v, gpu, local_loop, remote):
         assert all(not any(w in k.upper() for w in ("SECRET", "PASSWORD", "TOKEN", "AWS_")) for k in variables["env"])
 
@@ -133,8 +141,10 @@ def test_k8s_job_variables_fit_the_work_pool_template(tmp_path):
     job = apply_values(template["job_configuration"], {**defaults, **v})
     container = job["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
     assert job["namespace"] == "kdray" and container["image"] == "kdray:latest"
-    assert container["resources"] == {"requests": {"cpu": "3", "memory": "6Gi"},
-                                      "limits": {"cpu": "3", "memory": "6Gi"}}
+    assert container["resources"] == {
+        "requests": {"cpu": "3", "memory": "6Gi"},
+        "limits": {"cpu": "3", "memory": "6Gi"},
+    }
 
 
 def test_deployment_schedule_parameters_and_code_location(tmp_path):
@@ -147,8 +157,14 @@ def test_deployment_schedule_parameters_and_code_location(tmp_path):
     assert local.entrypoint == "flows/pipeline.py:pipeline_flow" and local.job_variables == {}
     assert local.storage.to_pull_step() == {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}
 
-    k8s = build_deployment(EXAMPLE, cron="30 1 * * 1", pool="kdray-k8s", pool_type="kubernetes",
-                           timezone="Europe/Paris", overrides=["storage.uri=s3://kdray/runs"])
+    k8s = build_deployment(
+        EXAMPLE,
+        cron="30 1 * * 1",
+        pool="kdray-k8s",
+        pool_type="kubernetes",
+        timezone="Europe/Paris",
+        overrides=["storage.uri=s3://kdray/runs"],
+    )
     assert (k8s.schedules[0].schedule.cron, k8s.schedules[0].schedule.timezone) == ("30 1 * * 1", "Europe/Paris")
     assert k8s.parameters == {"spec_uri": EXAMPLE, "overrides": ["storage.uri=s3://kdray/runs"]}, "in the image"
     assert k8s.storage.to_pull_step()["prefect.deployments.steps.set_working_directory"]["directory"] == IMAGE_SOURCE
@@ -182,8 +198,10 @@ def test_pipeline_flow_publishes_json_results_and_a_report_then_caches(tmp_path,
     spec_path = write_spec(tmp_path, doc)
     state = pipeline_flow(spec_path, return_state=True)
     outcomes = state.result()
-    assert [(o["stage"], o["kind"], o["status"]) for o in outcomes] == [("teacher", "train", "ran"),
-                                                                       ("eval", "evaluate", "ran")]
+    assert [(o["stage"], o["kind"], o["status"]) for o in outcomes] == [
+        ("teacher", "train", "ran"),
+        ("eval", "evaluate", "ran"),
+    ]
     assert json.loads(json.dumps(outcomes)) == outcomes, "task results are plain JSON"
     assert [o["key"] for o in outcomes] == list(plan(parse_pipeline(doc)).values()), "the same keys as `kdray run`"
     teacher = open_artifact(outcomes[0]["uri"])
@@ -210,8 +228,10 @@ def test_pipeline_flow_publishes_json_results_and_a_report_then_caches(tmp_path,
 @pytest.mark.slow
 def test_a_retried_stage_resumes_from_its_last_checkpoint(tmp_path, prefect_server, ray_local, monkeypatch):
     marker = tmp_path / "fired"
-    monkeypatch.setenv("KDRAY_INJECT_FAULT", json.dumps(
-        {"stage": "teacher", "epoch": 1, "step": 0, "rank": 0, "marker": str(marker), "how": "raise"}))
+    monkeypatch.setenv(
+        "KDRAY_INJECT_FAULT",
+        json.dumps({"stage": "teacher", "epoch": 1, "step": 0, "rank": 0, "marker": str(marker), "how": "raise"}),
+    )
     spec_path = write_spec(tmp_path, synthetic_pipeline(tmp_path, workers=1, epochs=3, max_failures=0))
     state = pipeline_flow(spec_path, return_state=True)
     (outcome,) = state.result()
@@ -243,13 +263,27 @@ def test_bad_input_fails_without_retries_and_the_cli_exits_2(tmp_path, prefect_s
 
 def test_one_kind_flows_need_their_parents_finished(tmp_path, prefect_server):
     data = synthetic_pipeline(tmp_path)["stages"][0]["data"]
-    doc = synthetic_pipeline(tmp_path, epochs=1, extra_stages=[
-        {"name": "student", "kind": "distill", "teacher": "teacher", "model": {"name": "mlp_64"}, "data": data,
-         "optim": {"epochs": 1, "batch_size": 32}}])
+    doc = synthetic_pipeline(
+        tmp_path,
+        epochs=1,
+        extra_stages=[
+            {
+                "name": "student",
+                "kind": "distill",
+                "teacher": "teacher",
+                "model": {"name": "mlp_64"},
+                "data": data,
+                "optim": {"epochs": 1, "batch_size": 32},
+            }
+        ],
+    )
     spec_path = write_spec(tmp_path, doc)
     state = distill_flow(spec_path, return_state=True)
-    with pytest.raises(KdrayError, match=r"stage 'student' reads stage 'teacher' \(train\), which has no finished "
-                                         r"artifact.*Run it first: python flows/source.py SPEC --stages teacher"):
+    with pytest.raises(
+        KdrayError,
+        match=r"stage 'student' reads stage 'teacher' \(train\), which has no finished "
+        r"artifact.*Run it first: python flows/source.py SPEC --stages teacher",
+    ):
         state.result()
     assert [o["stage"] for o in source_flow(spec_path)] == ["teacher"]
     (student,) = distill_flow(spec_path, stages=["student"])

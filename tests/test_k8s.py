@@ -48,9 +48,13 @@ def rendered() -> dict[str, list[dict]]:
 
 
 def request(**kw) -> JobRequest:
-    base = dict(pipeline="fmnist-cnn-to-mlp", stage="student", key="3f2a9c0b7d1e4f6a8b9c",
-                stage_uri="s3://kdray/runs/fmnist-cnn-to-mlp/student/3f2a9c0b7d1e4f6a8b9c/stage.json",
-                s3_endpoint="http://seaweedfs.kdray.svc.cluster.local:8333")
+    base = dict(
+        pipeline="fmnist-cnn-to-mlp",
+        stage="student",
+        key="3f2a9c0b7d1e4f6a8b9c",
+        stage_uri="s3://kdray/runs/fmnist-cnn-to-mlp/student/3f2a9c0b7d1e4f6a8b9c/stage.json",
+        s3_endpoint="http://seaweedfs.kdray.svc.cluster.local:8333",
+    )
     base.update(kw)
     return JobRequest(**base)
 
@@ -112,8 +116,18 @@ def test_every_rendered_object_validates(rendered, overlay):
 
     docs = rendered[overlay]
     kinds = sorted({d["kind"] for d in docs})
-    assert {"Namespace", "ServiceAccount", "Role", "RoleBinding", "Deployment", "Service",
-            "PersistentVolumeClaim", "ConfigMap", "RayCluster", "RayJob"} <= set(kinds), kinds
+    assert {
+        "Namespace",
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
+        "Deployment",
+        "Service",
+        "PersistentVolumeClaim",
+        "ConfigMap",
+        "RayCluster",
+        "RayJob",
+    } <= set(kinds), kinds
     for doc in docs:
         if doc["apiVersion"].startswith("ray.io/"):
             validate_kuberay(doc)
@@ -228,17 +242,31 @@ def test_gpu_overlay_adds_gpus_tolerations_and_node_selector_to_workers_only(ren
 @needs_kubectl
 def test_images_are_set_by_kustomize_everywhere(rendered, tmp_path):
     """`images:` reaches every container, including those nested in RayJob/RayCluster templates."""
-    images = {c["image"] for doc in rendered["overlays/cpu"] for _, s in pod_specs(doc)
-              for c in s.get("initContainers", []) + s["containers"]}
+    images = {
+        c["image"]
+        for doc in rendered["overlays/cpu"]
+        for _, s in pod_specs(doc)
+        for c in s.get("initContainers", []) + s["containers"]
+    }
     assert images == {"kdray:latest", "chrislusf/seaweedfs:4.48"}
     overlay = tmp_path / "mine"
     overlay.mkdir()
-    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
-        "resources": [os.path.relpath(K8S / "overlays" / "gpu", overlay)],
-        "images": [{"name": "kdray", "newName": "registry.example.invalid/ml/kdray", "newTag": "v9"}]}))
+    (overlay / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "resources": [os.path.relpath(K8S / "overlays" / "gpu", overlay)],
+                "images": [{"name": "kdray", "newName": "registry.example.invalid/ml/kdray", "newTag": "v9"}],
+            }
+        )
+    )
     docs = kustomize(overlay)
-    kdray_images = [c["image"] for doc in docs for _, s in pod_specs(doc)
-                    for c in s.get("initContainers", []) + s["containers"] if "seaweedfs" not in c["image"]]
+    kdray_images = [
+        c["image"]
+        for doc in docs
+        for _, s in pod_specs(doc)
+        for c in s.get("initContainers", []) + s["containers"]
+        if "seaweedfs" not in c["image"]
+    ]
     assert len(kdray_images) == 8 and set(kdray_images) == {"registry.example.invalid/ml/kdray:v9"}
 
 
@@ -249,10 +277,18 @@ def test_prefect_worker_uses_the_generated_pool_config(rendered):
     worker = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "prefect-worker")
     spec = worker["spec"]["template"]["spec"]
     assert spec["volumes"] == [{"name": "pool", "configMap": {"name": cm["metadata"]["name"]}}]
-    assert spec["containers"][0]["command"] == ["prefect", "worker", "start", "--pool", "kdray-k8s",
-                                                 "--type", "kubernetes"]
+    assert spec["containers"][0]["command"] == [
+        "prefect",
+        "worker",
+        "start",
+        "--pool",
+        "kdray-k8s",
+        "--type",
+        "kubernetes",
+    ]
     assert json.loads(cm["data"]["base-job-template.json"]) == json.loads(
-        (K8S / "base" / "prefect-base-job-template.json").read_text())
+        (K8S / "base" / "prefect-base-job-template.json").read_text()
+    )
 
 
 def test_prefect_base_job_template_renders_a_valid_hardened_job():
@@ -307,27 +343,49 @@ def test_vendored_schemas_equal_the_kuberay_crds():
 
 
 # ---- validate_kuberay catches what the API server would silently drop or the operator reject -----
-@pytest.mark.parametrize("mutate, path, words", [
-    (lambda d: d["spec"].update(shutdownAfterJobFinish=True), "at spec:", "shutdownAfterJobFinish"),
-    (lambda d: d["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
-     .update(imagePullPolcy="Always"), "spec.rayClusterSpec.headGroupSpec.template.spec.containers[0]",
-     "imagePullPolcy"),
-    (lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].update(replicas="two"),
-     "spec.rayClusterSpec.workerGroupSpecs[0].replicas", "not of type 'integer'"),
-    (lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].pop("groupName"),
-     "spec.rayClusterSpec.workerGroupSpecs[0]", "'groupName' is a required property"),
-    (lambda d: d["metadata"].update(name="x" * 48), "metadata.name", "at most 47"),
-    (lambda d: d["metadata"].update(name="1-starts-with-digit"), "metadata.name", "DNS-1035"),
-    (lambda d: d["spec"].update(suspend=True, shutdownAfterJobFinishes=False), "spec.suspend",
-     "shutdownAfterJobFinishes"),
-    (lambda d: d["spec"].pop("rayClusterSpec"), "at spec:", "neither rayClusterSpec nor clusterSelector"),
-    (lambda d: d["spec"].update(activeDeadlineSeconds=0), "spec.activeDeadlineSeconds", "positive"),
-    (lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].update(minReplicas=3, maxReplicas=2),
-     "spec.rayClusterSpec.workerGroupSpecs[0]", "minReplicas (3) is greater than maxReplicas (2)"),
-    (lambda d: d["spec"].update(runtimeEnvYAML="pip: [unclosed"), "spec.runtimeEnvYAML", "does not parse"),
-    (lambda d: d["spec"]["rayClusterSpec"]["headGroupSpec"].update(resources={"CPU": "1"}),
-     "spec.rayClusterSpec.headGroupSpec", "both in rayStartParams and in resources"),
-])
+@pytest.mark.parametrize(
+    "mutate, path, words",
+    [
+        (lambda d: d["spec"].update(shutdownAfterJobFinish=True), "at spec:", "shutdownAfterJobFinish"),
+        (
+            lambda d: d["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0].update(
+                imagePullPolcy="Always"
+            ),
+            "spec.rayClusterSpec.headGroupSpec.template.spec.containers[0]",
+            "imagePullPolcy",
+        ),
+        (
+            lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].update(replicas="two"),
+            "spec.rayClusterSpec.workerGroupSpecs[0].replicas",
+            "not of type 'integer'",
+        ),
+        (
+            lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].pop("groupName"),
+            "spec.rayClusterSpec.workerGroupSpecs[0]",
+            "'groupName' is a required property",
+        ),
+        (lambda d: d["metadata"].update(name="x" * 48), "metadata.name", "at most 47"),
+        (lambda d: d["metadata"].update(name="1-starts-with-digit"), "metadata.name", "DNS-1035"),
+        (
+            lambda d: d["spec"].update(suspend=True, shutdownAfterJobFinishes=False),
+            "spec.suspend",
+            "shutdownAfterJobFinishes",
+        ),
+        (lambda d: d["spec"].pop("rayClusterSpec"), "at spec:", "neither rayClusterSpec nor clusterSelector"),
+        (lambda d: d["spec"].update(activeDeadlineSeconds=0), "spec.activeDeadlineSeconds", "positive"),
+        (
+            lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].update(minReplicas=3, maxReplicas=2),
+            "spec.rayClusterSpec.workerGroupSpecs[0]",
+            "minReplicas (3) is greater than maxReplicas (2)",
+        ),
+        (lambda d: d["spec"].update(runtimeEnvYAML="pip: [unclosed"), "spec.runtimeEnvYAML", "does not parse"),
+        (
+            lambda d: d["spec"]["rayClusterSpec"]["headGroupSpec"].update(resources={"CPU": "1"}),
+            "spec.rayClusterSpec.headGroupSpec",
+            "both in rayStartParams and in resources",
+        ),
+    ],
+)
 def test_validate_kuberay_names_the_path_of_each_problem(mutate, path, words):
     doc = render_rayjob(request())
     validate_kuberay(doc)
@@ -364,15 +422,21 @@ def test_render_rayjob_validates_and_runs_the_worker_module():
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # the head does not train
     (group,) = cluster["workerGroupSpecs"]
     assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 3
-    assert doc["metadata"]["labels"] == {"app.kubernetes.io/name": "kdray", "kdray.io/pipeline": "fmnist-cnn-to-mlp",
-                                         "kdray.io/stage": "student", "kdray.io/key": "3f2a9c0b7d1e4f6a"}
+    assert doc["metadata"]["labels"] == {
+        "app.kubernetes.io/name": "kdray",
+        "kdray.io/pipeline": "fmnist-cnn-to-mlp",
+        "kdray.io/stage": "student",
+        "kdray.io/key": "3f2a9c0b7d1e4f6a",
+    }
     assert doc["metadata"]["annotations"]["kdray.io/key"] == req.key
     for where, pod in pod_specs(doc):
         assert_pod_hardened(where, pod)
         assert pod["containers"][0]["image"] == "kdray:latest"
     worker = group["template"]["spec"]
-    assert worker["containers"][0]["resources"] == {"requests": {"cpu": "1", "memory": "4Gi"},
-                                                    "limits": {"cpu": "1", "memory": "4Gi"}}
+    assert worker["containers"][0]["resources"] == {
+        "requests": {"cpu": "1", "memory": "4Gi"},
+        "limits": {"cpu": "1", "memory": "4Gi"},
+    }
     # /dev/shm is 40% of the pod memory: more than Ray's 30% object store, so it stays in shared memory.
     assert worker["volumes"] == [{"name": "shared-mem", "emptyDir": {"medium": "Memory", "sizeLimit": "1638Mi"}}]
 
@@ -381,8 +445,10 @@ def test_render_rayjob_gpu_cpu_and_memory_come_from_the_request():
     doc = render_rayjob(request(use_gpu=True, gpus_per_worker=2, cpus_per_worker=0.5, memory_per_worker="10Gi"))
     validate_kuberay(doc)
     worker = worker_groups(doc)[0]["template"]["spec"]
-    assert worker["containers"][0]["resources"] == {"requests": {"cpu": "500m", "memory": "10Gi"},
-                                                    "limits": {"cpu": "500m", "memory": "10Gi", "nvidia.com/gpu": 2}}
+    assert worker["containers"][0]["resources"] == {
+        "requests": {"cpu": "500m", "memory": "10Gi"},
+        "limits": {"cpu": "500m", "memory": "10Gi", "nvidia.com/gpu": 2},
+    }
     assert worker["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert worker["volumes"][0]["emptyDir"]["sizeLimit"] == "4096Mi"
     head = doc["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
@@ -432,23 +498,26 @@ def test_rayjob_names_are_short_distinct_and_valid():
     assert all(len(v) <= 63 for v in doc["metadata"]["labels"].values())
 
 
-@pytest.mark.parametrize("field, value, words", [
-    ("workers", 0, "JobRequest.workers: is 0; a RayJob needs at least 1 worker"),
-    ("workers", True, "JobRequest.workers"),
-    ("key", "XYZ", "JobRequest.key: 'XYZ' is not a stage key"),
-    ("stage", "__", "JobRequest.stage: '__' has no letters or digits"),
-    ("stage_uri", "s3://b/p/stage.json; rm -rf /", "JobRequest.stage_uri"),
-    ("stage_uri", "s3://b/$(whoami)/stage.json", "JobRequest.stage_uri"),
-    ("memory_per_worker", "4GB", "JobRequest.memory_per_worker: '4GB' is not a Kubernetes memory quantity"),
-    ("memory_per_worker", "100Mi", "below 512Mi"),
-    ("cpus_per_worker", 0, "JobRequest.cpus_per_worker"),
-    ("gpus_per_worker", 0, "JobRequest.gpus_per_worker"),
-    ("namespace", "Kd_Ray", "JobRequest.namespace"),
-    ("s3_endpoint", "seaweedfs:8333", "http(s):// URL"),
-    ("active_deadline_s", 0, "JobRequest.active_deadline_s"),
-    ("ttl_s", -1, "JobRequest.ttl_s"),
-    ("s3_secret", "Bad Secret", "JobRequest.s3_secret"),
-])
+@pytest.mark.parametrize(
+    "field, value, words",
+    [
+        ("workers", 0, "JobRequest.workers: is 0; a RayJob needs at least 1 worker"),
+        ("workers", True, "JobRequest.workers"),
+        ("key", "XYZ", "JobRequest.key: 'XYZ' is not a stage key"),
+        ("stage", "__", "JobRequest.stage: '__' has no letters or digits"),
+        ("stage_uri", "s3://b/p/stage.json; rm -rf /", "JobRequest.stage_uri"),
+        ("stage_uri", "s3://b/$(whoami)/stage.json", "JobRequest.stage_uri"),
+        ("memory_per_worker", "4GB", "JobRequest.memory_per_worker: '4GB' is not a Kubernetes memory quantity"),
+        ("memory_per_worker", "100Mi", "below 512Mi"),
+        ("cpus_per_worker", 0, "JobRequest.cpus_per_worker"),
+        ("gpus_per_worker", 0, "JobRequest.gpus_per_worker"),
+        ("namespace", "Kd_Ray", "JobRequest.namespace"),
+        ("s3_endpoint", "seaweedfs:8333", "http(s):// URL"),
+        ("active_deadline_s", 0, "JobRequest.active_deadline_s"),
+        ("ttl_s", -1, "JobRequest.ttl_s"),
+        ("s3_secret", "Bad Secret", "JobRequest.s3_secret"),
+    ],
+)
 def test_job_request_rejects_bad_input_naming_the_field(field, value, words):
     with pytest.raises(KdrayError) as info:
         request(**{field: value})
@@ -485,10 +554,17 @@ def test_dockerfile_and_manifests_hold_no_secrets_or_registry_hosts():
         if op in ("ENV", "ARG"):
             names = re.findall(r"([A-Za-z_][A-Za-z0-9_]*)=", a) or [a.split()[0]]
             assert not [n for n in names if SECRETISH.search(n)], a
-    files = [ROOT / "Dockerfile", ROOT / ".dockerignore", ROOT / "docs" / "kubernetes.md",
-             *K8S.rglob("*.yaml"), *K8S.rglob("*.json")]
-    host = re.compile(r"https?://(?!(localhost|127\.0\.0\.1|[a-z0-9-]+\.kdray\.svc(\.cluster\.local)?)[:/])|"
-                      r"\b(docker\.io|quay\.io|ghcr\.io|gcr\.io|pypi\.org|download\.pytorch\.org)\b")
+    files = [
+        ROOT / "Dockerfile",
+        ROOT / ".dockerignore",
+        ROOT / "docs" / "kubernetes.md",
+        *K8S.rglob("*.yaml"),
+        *K8S.rglob("*.json"),
+    ]
+    host = re.compile(
+        r"https?://(?!(localhost|127\.0\.0\.1|[a-z0-9-]+\.kdray\.svc(\.cluster\.local)?)[:/])|"
+        r"\b(docker\.io|quay\.io|ghcr\.io|gcr\.io|pypi\.org|download\.pytorch\.org)\b"
+    )
     for f in files:
         text = f.read_text()
         assert not host.search(text), f"{f.relative_to(ROOT)}: {host.search(text).group(0)}"

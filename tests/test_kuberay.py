@@ -33,13 +33,36 @@ INIT = {"jobDeploymentStatus": "Initializing"}
 PENDING = {"jobDeploymentStatus": "Running", "jobStatus": "PENDING"}
 RUNNING = {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}
 SUCCESS = [{}, INIT, PENDING, RUNNING, {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}]
-APP_FAILED = [{}, INIT, RUNNING, {"jobDeploymentStatus": "Failed", "jobStatus": "FAILED", "reason": "AppFailed",
-                                  "message": "Job entrypoint command failed with exit code 1"}]
-VALIDATION_FAILED = [{}, {"jobDeploymentStatus": "ValidationFailed", "reason": "ValidationFailed",
-                          "message": "The RayJob spec is invalid: RayJob name should be no more than 47 characters"}]
-DEADLINE = [{}, INIT, RUNNING, {"jobDeploymentStatus": "Failed", "jobStatus": "RUNNING", "reason": "DeadlineExceeded",
-                                "message": "The RayJob has passed the activeDeadlineSeconds. "
-                                           "ActiveDeadlineSeconds: 21600"}]
+APP_FAILED = [
+    {},
+    INIT,
+    RUNNING,
+    {
+        "jobDeploymentStatus": "Failed",
+        "jobStatus": "FAILED",
+        "reason": "AppFailed",
+        "message": "Job entrypoint command failed with exit code 1",
+    },
+]
+VALIDATION_FAILED = [
+    {},
+    {
+        "jobDeploymentStatus": "ValidationFailed",
+        "reason": "ValidationFailed",
+        "message": "The RayJob spec is invalid: RayJob name should be no more than 47 characters",
+    },
+]
+DEADLINE = [
+    {},
+    INIT,
+    RUNNING,
+    {
+        "jobDeploymentStatus": "Failed",
+        "jobStatus": "RUNNING",
+        "reason": "DeadlineExceeded",
+        "message": "The RayJob has passed the activeDeadlineSeconds. ActiveDeadlineSeconds: 21600",
+    },
+]
 STOPPED = [{}, INIT, RUNNING, {"jobDeploymentStatus": "Complete", "jobStatus": "STOPPED"}]
 STUCK = [{}, INIT, RUNNING]
 # A log that is itself one JSON document: the client must return it verbatim, not a Python repr.
@@ -78,8 +101,18 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _status(self, code: int, reason: str, message: str):
-        self._send(code, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                          "message": message, "reason": reason, "code": code})
+        self._send(
+            code,
+            {
+                "kind": "Status",
+                "apiVersion": "v1",
+                "metadata": {},
+                "status": "Failure",
+                "message": message,
+                "reason": reason,
+                "code": code,
+            },
+        )
 
     def _handle(self, method: str):
         fake = self.fake
@@ -92,8 +125,9 @@ class Handler(BaseHTTPRequestHandler):
             for i, (m, code) in enumerate(fake.inject):
                 if m == method:
                     del fake.inject[i]
-                    return self._status(code, {403: "Forbidden", 404: "NotFound"}.get(code, "InternalError"),
-                                        f"injected {code}")
+                    return self._status(
+                        code, {403: "Forbidden", 404: "NotFound"}.get(code, "InternalError"), f"injected {code}"
+                    )
             m = re.fullmatch(r"/apis/ray\.io/v1/namespaces/([^/]+)/rayjobs(?:/([^/]+))?", url.path)
             if m:
                 return self._rayjobs(method, m.group(1), m.group(2), body)
@@ -115,8 +149,12 @@ class Handler(BaseHTTPRequestHandler):
             if name in fake.jobs:
                 return self._status(409, "AlreadyExists", f'rayjobs.ray.io "{name}" already exists')
             obj = json.loads(json.dumps(body))
-            obj["metadata"].update(namespace=ns, uid=f"uid-{len(fake.requests)}", resourceVersion="1",
-                                   creationTimestamp="2026-01-01T00:00:00Z")
+            obj["metadata"].update(
+                namespace=ns,
+                uid=f"uid-{len(fake.requests)}",
+                resourceVersion="1",
+                creationTimestamp="2026-01-01T00:00:00Z",
+            )
             script = fake.scripts.pop(0) if fake.scripts else SUCCESS
             fake.jobs[name] = {"obj": obj, "script": script, "step": 0, "deleting": None}
             return self._send(201, obj)
@@ -134,12 +172,14 @@ class Handler(BaseHTTPRequestHandler):
                 job["deleting"] -= 1
             status = job["script"][min(job["step"], len(job["script"]) - 1)]
             job["step"] += 1
-            if status.get("jobDeploymentStatus") == "Running" and not any(
-                    p["job"] == name for p in fake.pods.values()):
+            if status.get("jobDeploymentStatus") == "Running" and not any(p["job"] == name for p in fake.pods.values()):
                 # K8sJobMode: KubeRay creates the submitter Job (named like the RayJob) once the
                 # cluster is ready; its pod carries the Job controller's job-name label.
-                fake.pods[f"{name}-{len(fake.pods)}"] = {"job": name, "log": JSON_LOG,
-                                                          "created": "2026-01-01T00:01:00Z"}
+                fake.pods[f"{name}-{len(fake.pods)}"] = {
+                    "job": name,
+                    "log": JSON_LOG,
+                    "created": "2026-01-01T00:01:00Z",
+                }
             return self._send(200, dict(job["obj"], status=status))
         return self._status(405, "MethodNotAllowed", method)
 
@@ -149,10 +189,18 @@ class Handler(BaseHTTPRequestHandler):
         for pod_name, pod in self.fake.pods.items():
             labels = {"job-name": pod["job"], "batch.kubernetes.io/job-name": pod["job"]}
             if all(labels.get(k) == v for k, v in wanted.items()):
-                items.append({"metadata": {"name": pod_name, "namespace": ns, "labels": labels,
-                                           "creationTimestamp": pod["created"]},
-                              "spec": {"containers": [{"name": "ray-job-submitter", "image": "kdray:latest"}]},
-                              "status": {"phase": "Running"}})
+                items.append(
+                    {
+                        "metadata": {
+                            "name": pod_name,
+                            "namespace": ns,
+                            "labels": labels,
+                            "creationTimestamp": pod["created"],
+                        },
+                        "spec": {"containers": [{"name": "ray-job-submitter", "image": "kdray:latest"}]},
+                        "status": {"phase": "Running"},
+                    }
+                )
         self._send(200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items})
 
     def do_GET(self):
@@ -180,8 +228,12 @@ def kube():
 
 
 def request(**kw) -> JobRequest:
-    base = dict(pipeline="fmnist", stage="student", key="c0ffee0123456789",
-                stage_uri="s3://kdray/runs/fmnist/student/c0ffee0123456789/stage.json")
+    base = dict(
+        pipeline="fmnist",
+        stage="student",
+        key="c0ffee0123456789",
+        stage_uri="s3://kdray/runs/fmnist/student/c0ffee0123456789/stage.json",
+    )
     base.update(kw)
     return JobRequest(**base)
 
@@ -202,19 +254,32 @@ def test_success_submits_the_rendered_rayjob_and_follows_it_to_complete(kube):
 
     seen = []
     final = client.wait(name, poll_s=0.001, on_status=seen.append)
-    assert final == {"name": name, "jobStatus": "SUCCEEDED", "jobDeploymentStatus": "Complete",
-                     "reason": "", "message": ""}
+    assert final == {
+        "name": name,
+        "jobStatus": "SUCCEEDED",
+        "jobDeploymentStatus": "Complete",
+        "reason": "",
+        "message": "",
+    }
     assert [(s["jobDeploymentStatus"], s["jobStatus"]) for s in seen] == [
-        ("", ""), ("Initializing", ""), ("Running", "PENDING"), ("Running", "RUNNING"), ("Complete", "SUCCEEDED")]
+        ("", ""),
+        ("Initializing", ""),
+        ("Running", "PENDING"),
+        ("Running", "RUNNING"),
+        ("Complete", "SUCCEEDED"),
+    ]
     assert client.logs(name) == JSON_LOG
     assert client.status(name)["jobDeploymentStatus"] == "Complete"
 
 
-@pytest.mark.parametrize("script, reason, words", [
-    (APP_FAILED, "AppFailed", "exit code 1"),
-    (VALIDATION_FAILED, "ValidationFailed", "no more than 47 characters"),
-    (DEADLINE, "DeadlineExceeded", "activeDeadlineSeconds"),
-])
+@pytest.mark.parametrize(
+    "script, reason, words",
+    [
+        (APP_FAILED, "AppFailed", "exit code 1"),
+        (VALIDATION_FAILED, "ValidationFailed", "no more than 47 characters"),
+        (DEADLINE, "DeadlineExceeded", "activeDeadlineSeconds"),
+    ],
+)
 def test_failures_raise_job_failed_with_kuberays_reason(kube, script, reason, words):
     fake, client, _ = kube
     fake.scripts.append(script)
@@ -343,11 +408,18 @@ def test_namespace_of_request_and_client_must_agree(kube):
 def test_default_client_loads_the_kubeconfig(kube, tmp_path, monkeypatch):
     fake, _, port = kube
     kubeconfig = tmp_path / "config"
-    kubeconfig.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "standin",
-        "clusters": [{"name": "standin", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
-        "users": [{"name": "runner", "user": {"token": "not-a-real-token"}}],
-        "contexts": [{"name": "standin", "context": {"cluster": "standin", "user": "runner"}}]}))
+    kubeconfig.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "standin",
+                "clusters": [{"name": "standin", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
+                "users": [{"name": "runner", "user": {"token": "not-a-real-token"}}],
+                "contexts": [{"name": "standin", "context": {"cluster": "standin", "user": "runner"}}],
+            }
+        )
+    )
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
     client = KubeRayClient()

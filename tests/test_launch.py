@@ -68,8 +68,9 @@ def test_evaluate_runs_locally_and_launchers_do_not_change_keys(tmp_path):
     an evaluate stage of a ``ray`` pipeline runs here even though no cluster is reachable."""
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
-    doc = synthetic_pipeline(tmp_path, workers=0, epochs=1,
-                             extra_stages=[{"name": "eval", "kind": "evaluate", "models": ["teacher"]}])
+    doc = synthetic_pipeline(
+        tmp_path, workers=0, epochs=1, extra_stages=[{"name": "eval", "kind": "evaluate", "models": ["teacher"]}]
+    )
     doc["stages"][0]["run"] = {"seed": 3}  # a per-stage override must survive the launcher swap
     local = parse_pipeline(doc)
     (teacher,) = run_pipeline(local, only=["teacher"], log=quiet)
@@ -101,7 +102,11 @@ def test_worker_runs_a_stage_from_its_stage_file_and_then_finds_it_cached(tmp_pa
     uri = write_stage_file(spec, "teacher", key)
     assert uri == stage_file_uri(spec, "teacher", key) == f"file://{tmp_path}/runs/synth/teacher/{key}/stage.json"
     assert json.loads(Storage(uri.rsplit("/", 1)[0]).read_bytes("stage.json")) == {
-        "spec": spec.model_dump(mode="json", exclude_unset=True), "stage": "teacher", "key": key, "force": False}
+        "spec": spec.model_dump(mode="json", exclude_unset=True),
+        "stage": "teacher",
+        "key": key,
+        "force": False,
+    }
 
     assert worker.main([uri]) == 0
     out = capsys.readouterr()
@@ -109,8 +114,9 @@ def test_worker_runs_a_stage_from_its_stage_file_and_then_finds_it_cached(tmp_pa
     assert (outcome["stage"], outcome["key"], outcome["status"]) == ("teacher", key, "ran")
     art = read_artifact(artifact_store(Storage(spec.storage.uri), "synth", "teacher", key))
     assert art is not None and art.uri == outcome["uri"] and art.manifest["key"] == key
-    assert art.manifest["run"]["launcher"] == "local" and art.manifest["run"]["address"] is None, \
+    assert art.manifest["run"]["launcher"] == "local" and art.manifest["run"]["address"] is None, (
         "outside Ray the worker starts its own (here: no) Ray instead of using the dashboard URL"
+    )
     assert "Traceback" not in out.err
 
     assert worker.main([uri]) == 0
@@ -119,8 +125,9 @@ def test_worker_runs_a_stage_from_its_stage_file_and_then_finds_it_cached(tmp_pa
 
 def test_worker_joins_the_cluster_it_runs_in(tmp_path, monkeypatch):
     spec = spec_of(tmp_path, workers=1, launcher="ray", address="http://head:8265")
-    doc = json.loads(json.dumps({"spec": spec.model_dump(mode="json", exclude_unset=True), "stage": "teacher",
-                                 "key": "0" * 12}))
+    doc = json.loads(
+        json.dumps({"spec": spec.model_dump(mode="json", exclude_unset=True), "stage": "teacher", "key": "0" * 12})
+    )
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # what Ray's job supervisor sets
     pinned = worker.pinned_spec(doc, "x")
     run = pinned.run_for(pinned.stages[0])
@@ -140,8 +147,7 @@ def test_worker_refuses_a_key_from_another_kdray(tmp_path, capsys):
 
 def test_worker_command_with_a_bad_uri_exits_2_without_traceback(tmp_path):
     missing = f"file://{tmp_path}/nowhere/stage.json"
-    proc = subprocess.run([PY, "-m", "kdray.worker", missing], capture_output=True, text=True, timeout=120,
-                          cwd=REPO)
+    proc = subprocess.run([PY, "-m", "kdray.worker", missing], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: ") and f"{missing} does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
@@ -215,19 +221,22 @@ class FakeJobAPI:
         return self.jobs[sid]
 
     def get_job_logs(self, sid):
-        return "".join(self.chunks[:self.polls - self.flaky])
+        return "".join(self.chunks[: self.polls - self.flaky])
 
 
-@pytest.mark.parametrize("before, force, has_artifact, submitted", [
-    ({}, False, False, "base"),
-    ({"base": "FAILED"}, False, False, "base-r2"),
-    ({"base": "FAILED", "base-r2": "STOPPED"}, False, False, "base-r3"),
-    ({"base-r3": "FAILED", "base": "FAILED"}, False, False, "base-r4"),  # after the highest attempt
-    ({"base": "SUCCEEDED"}, False, False, "base-r2"),   # succeeded, but its artifact is gone
-    ({"base": "SUCCEEDED"}, True, True, "base-r2"),     # --force reruns a finished stage
-    ({"base": "SUCCEEDED"}, False, True, None),         # nothing to do
-    ({"base": "FAILED", "base-r2": "RUNNING"}, False, False, None),  # attach to the running attempt
-])
+@pytest.mark.parametrize(
+    "before, force, has_artifact, submitted",
+    [
+        ({}, False, False, "base"),
+        ({"base": "FAILED"}, False, False, "base-r2"),
+        ({"base": "FAILED", "base-r2": "STOPPED"}, False, False, "base-r3"),
+        ({"base-r3": "FAILED", "base": "FAILED"}, False, False, "base-r4"),  # after the highest attempt
+        ({"base": "SUCCEEDED"}, False, False, "base-r2"),  # succeeded, but its artifact is gone
+        ({"base": "SUCCEEDED"}, True, True, "base-r2"),  # --force reruns a finished stage
+        ({"base": "SUCCEEDED"}, False, True, None),  # nothing to do
+        ({"base": "FAILED", "base-r2": "RUNNING"}, False, False, None),  # attach to the running attempt
+    ],
+)
 def test_ray_launcher_picks_the_job_to_follow(tmp_path, monkeypatch, before, force, has_artifact, submitted):
     pytest.importorskip("ray.job_submission")
     from kdray.core.checkpoint import write_artifact
@@ -256,16 +265,21 @@ def test_ray_launcher_streams_whole_lines_masks_secrets_and_rides_out_api_errors
     monkeypatch.setenv("KDRAY_S3_ENDPOINT", "http://s3.example:8333")
     spec = spec_of(tmp_path, workers=1, launcher="ray", address="http://head:8265")
     monkeypatch.setenv("KDRAY_RAY_FORWARD_CREDENTIALS", "1")  # opt in: credentials travel to the job
-    api = FakeJobAPI({}, log_chunks=["\x1b[36m(RayTrainWorker pid=7)\x1b[0m epo", "ch 1\nkey s3cr3t-value\n", "tail"],
-                     flaky_polls=2)
+    api = FakeJobAPI(
+        {}, log_chunks=["\x1b[36m(RayTrainWorker pid=7)\x1b[0m epo", "ch 1\nkey s3cr3t-value\n", "tail"], flaky_polls=2
+    )
     monkeypatch.setattr(RayJobLauncher, "client", lambda self, url: api)
     lines: list[str] = []
     RayJobLauncher(poll_s=0).run(spec, "teacher", plan(spec)["teacher"], lines.append)
     assert lines[1:] == ["(RayTrainWorker pid=7) epoch 1", "key ***", "tail"], "whole lines, once each"
     (sub,) = api.submitted
-    assert sub["runtime_env"] == {"env_vars": {"KDRAY_S3_ENDPOINT": "http://s3.example:8333",
-                                               "AWS_ACCESS_KEY_ID": "access-id",
-                                               "AWS_SECRET_ACCESS_KEY": "s3cr3t-value"}}
+    assert sub["runtime_env"] == {
+        "env_vars": {
+            "KDRAY_S3_ENDPOINT": "http://s3.example:8333",
+            "AWS_ACCESS_KEY_ID": "access-id",
+            "AWS_SECRET_ACCESS_KEY": "s3cr3t-value",
+        }
+    }
     assert not any("s3cr3t" in line for line in lines)
 
     monkeypatch.delenv("KDRAY_RAY_FORWARD_CREDENTIALS")  # the default: only the endpoint travels
@@ -323,22 +337,63 @@ def ray_cluster():
     temp = tempfile.mkdtemp(prefix="kdl", dir="/tmp")  # short: Ray's unix sockets live below it
     gcs, dash, client_port, agent_http, agent_grpc, runtime_env, metrics, node_mgr, obj_mgr = free_ports(9)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", PATH=f"{bin_dir}:{env.get('PATH', '')}",
-               RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.25", RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0",
-               RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION="0", RAY_TRAIN_ENABLE_PRINT_PATCH="0",
-               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")  # SIGTERM: stop now, do not drain first
-    args = [str(bin_dir / "ray"), "start", "--head", "--block", "--disable-usage-stats",
-            "--node-ip-address", "127.0.0.1", "--port", str(gcs), "--num-cpus", "2",
-            "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-            "--ray-client-server-port", str(client_port), "--dashboard-agent-listen-port", str(agent_http),
-            "--dashboard-agent-grpc-port", str(agent_grpc), "--runtime-env-agent-port", str(runtime_env),
-            "--metrics-export-port", str(metrics), "--node-manager-port", str(node_mgr),
-            "--object-manager-port", str(obj_mgr), "--object-store-memory", str(256 * 1024 ** 2),
-            "--temp-dir", temp]
+    env.update(
+        RAY_AUTH_MODE="disabled",
+        RAY_USAGE_STATS_ENABLED="0",
+        PATH=f"{bin_dir}:{env.get('PATH', '')}",
+        RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.25",
+        RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0",
+        RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION="0",
+        RAY_TRAIN_ENABLE_PRINT_PATCH="0",
+        RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
+    )  # SIGTERM: stop now, do not drain first
+    args = [
+        str(bin_dir / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--disable-usage-stats",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--port",
+        str(gcs),
+        "--num-cpus",
+        "2",
+        "--include-dashboard",
+        "true",
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dash),
+        "--ray-client-server-port",
+        str(client_port),
+        "--dashboard-agent-listen-port",
+        str(agent_http),
+        "--dashboard-agent-grpc-port",
+        str(agent_grpc),
+        "--runtime-env-agent-port",
+        str(runtime_env),
+        "--metrics-export-port",
+        str(metrics),
+        "--node-manager-port",
+        str(node_mgr),
+        "--object-manager-port",
+        str(obj_mgr),
+        "--object-store-memory",
+        str(256 * 1024**2),
+        "--temp-dir",
+        temp,
+    ]
     log_path = Path(temp) / "ray-start.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([PY, "-c", _EXEC_DYING_WITH_PARENT, *args], stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            [PY, "-c", _EXEC_DYING_WITH_PARENT, *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{dash}"
     try:
         deadline = time.monotonic() + 180
@@ -394,8 +449,9 @@ def test_ray_launcher_runs_a_stage_as_a_ray_job(ray_cluster, tmp_path, monkeypat
     assert f"Ray job {first} ended STOPPED; submitting attempt 2" in text
     assert f"submitted Ray job {first}-r2" in text
     assert "[synth/teacher] epoch 1" in text, f"the worker's epoch line was not streamed:\n{text}"
-    assert any(line.startswith("{") and json.loads(line)["status"] == "ran" for line in lines), \
+    assert any(line.startswith("{") and json.loads(line)["status"] == "ran" for line in lines), (
         "the worker's JSON outcome line comes through the job log"
+    )
     assert secret not in text
     art = read_artifact(artifact_store(Storage(spec.storage.uri), "synth", "teacher", key))
     assert art.uri == outcome.uri and art.manifest["metrics"]["epoch"] == 1
@@ -474,11 +530,20 @@ def kube(s3_server, monkeypatch, tmp_path):
     monkeypatch.setattr(KubeRayLauncher, "poll_s", 0.01)
     # run_pipeline builds its own client: from this kubeconfig, as on a workstation
     kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "standin",
-        "clusters": [{"name": "standin", "cluster": {"server": f"http://127.0.0.1:{server.server_address[1]}"}}],
-        "users": [{"name": "runner", "user": {"token": "not-a-real-token"}}],
-        "contexts": [{"name": "standin", "context": {"cluster": "standin", "user": "runner"}}]}))
+    kubeconfig.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "standin",
+                "clusters": [
+                    {"name": "standin", "cluster": {"server": f"http://127.0.0.1:{server.server_address[1]}"}}
+                ],
+                "users": [{"name": "runner", "user": {"token": "not-a-real-token"}}],
+                "contexts": [{"name": "standin", "context": {"cluster": "standin", "user": "runner"}}],
+            }
+        )
+    )
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
     yield fake, KubeRayClient(namespace="kdray")
@@ -551,9 +616,11 @@ def test_kuberay_failure_raises_with_the_job_log(kube, tmp_path):
     fake.scripts.append(APP_FAILED)
     spec = s3_spec(tmp_path, "fail")
     key = plan(spec)["teacher"]
-    fake.add_pod(rayjob_name("synth", "teacher", key),
-                 "Traceback (most recent call last):\nerror: stages[0]: something the user can fix\n",
-                 "2026-01-01T00:02:00Z")
+    fake.add_pod(
+        rayjob_name("synth", "teacher", key),
+        "Traceback (most recent call last):\nerror: stages[0]: something the user can fix\n",
+        "2026-01-01T00:02:00Z",
+    )
     with pytest.raises(KdrayError) as info:
         KubeRayLauncher(client).run(spec, "teacher", key, quiet)
     message = str(info.value)
@@ -576,7 +643,8 @@ def test_kuberay_ctrl_c_deletes_the_rayjob(kube, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         KubeRayLauncher(client).run(spec, "teacher", plan(spec)["teacher"], interrupt)
     assert [path for m, path, _ in fake.requests if m == "DELETE"] == [
-        f"/apis/ray.io/v1/namespaces/kdray/rayjobs/{next(iter(fake.jobs))}"]
+        f"/apis/ray.io/v1/namespaces/kdray/rayjobs/{next(iter(fake.jobs))}"
+    ]
 
 
 def test_kuberay_refuses_local_storage(tmp_path):
@@ -596,11 +664,21 @@ def test_render_command_gives_valid_rayjobs_naming_the_stage_files(tmp_path, mon
     monkeypatch.setenv("KDRAY_IMAGE", "registry.example/kdray:1.2")
     monkeypatch.setenv("KDRAY_NAMESPACE", "ml")
     monkeypatch.setenv("KDRAY_S3_ENDPOINT", "http://seaweedfs.kdray.svc.cluster.local:8333")
-    doc = synthetic_pipeline(tmp_path, workers=2, extra_stages=[
-        {"name": "student", "kind": "distill", "teacher": "teacher", "model": {"name": "mlp_32"},
-         "data": {"name": "synthetic", "options": {"num_samples": 256, "image_size": 8, "num_classes": 4}},
-         "run": {"use_gpu": True, "workers": 0}},
-        {"name": "eval", "kind": "evaluate", "models": ["teacher", "student"]}])
+    doc = synthetic_pipeline(
+        tmp_path,
+        workers=2,
+        extra_stages=[
+            {
+                "name": "student",
+                "kind": "distill",
+                "teacher": "teacher",
+                "model": {"name": "mlp_32"},
+                "data": {"name": "synthetic", "options": {"num_samples": 256, "image_size": 8, "num_classes": 4}},
+                "run": {"use_gpu": True, "workers": 0},
+            },
+            {"name": "eval", "kind": "evaluate", "models": ["teacher", "student"]},
+        ],
+    )
     doc["storage"] = {"uri": "s3://kdray/runs"}
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(doc))

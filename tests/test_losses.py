@@ -1,6 +1,6 @@
 """Tests for kdray.losses: hand-computed values, shape bridging, errors and real optimisation steps.
 
-    .venv/bin/python -m pytest tests/test_losses.py -q -p no:cacheprovider
+.venv/bin/python -m pytest tests/test_losses.py -q -p no:cacheprovider
 """
 
 from __future__ import annotations
@@ -42,12 +42,17 @@ T_ = [[3.0, 1.0, 0.0], [1.0, 1.0, 1.5]]
 EXAMPLES = {
     "cross_entropy": dict(student="mlp_32", teacher=None, params={"label_smoothing": 0.1}),
     "hinton_kl": dict(student="mlp_32", teacher="cnn_small", params={"temperature": 2.0}),
-    "weighted_output_mse": dict(student="mlp_32", teacher="cnn_small",
-                                params={"weighting": "column", "target": "probs", "temperature": 2.0}),
-    "feature_hint": dict(student="mlp_32", teacher="cnn_small",
-                         params={"student_layer": "layers.1", "teacher_layer": "features.1"}),
-    "attention_transfer": dict(student="cnn_small", teacher="resnet_small",
-                               params={"pairs": [["features.0", "layers.1"], ["features.1", "layers.2"]]}),
+    "weighted_output_mse": dict(
+        student="mlp_32", teacher="cnn_small", params={"weighting": "column", "target": "probs", "temperature": 2.0}
+    ),
+    "feature_hint": dict(
+        student="mlp_32", teacher="cnn_small", params={"student_layer": "layers.1", "teacher_layer": "features.1"}
+    ),
+    "attention_transfer": dict(
+        student="cnn_small",
+        teacher="resnet_small",
+        params={"pairs": [["features.0", "layers.1"], ["features.1", "layers.2"]]},
+    ),
     "rkd": dict(student="mlp_32", teacher="cnn_small", params={}),
     "dkd": dict(student="mlp_32", teacher="cnn_small", params={"temperature": 2.0}),
 }
@@ -64,8 +69,11 @@ def test_registered_loss_is_documented_and_builds(name):
     doc = cls.__doc__ or ""
     # the formula, the paper (a year) and the parameters are in the docstring
     assert "L = " in doc and "Args:" in doc and any(f"20{y:02d}" in doc for y in range(26)), name
-    required = [p for p, v in inspect.signature(cls.__init__).parameters.items()
-                if p != "self" and v.default is inspect.Parameter.empty]
+    required = [
+        p
+        for p, v in inspect.signature(cls.__init__).parameters.items()
+        if p != "self" and v.default is inspect.Parameter.empty
+    ]
     if required:  # a spec without them gets a SpecError naming them, not a TypeError
         with pytest.raises(SpecError, match=required[0]):
             build_loss(name)
@@ -120,8 +128,13 @@ def test_cross_entropy_ignores_unlabelled_rows():
     eps = 0.2
     q0 = [(1 - eps) * (k == 0) + eps / 3 for k in range(3)]
     q2 = [(1 - eps) * (k == 2) + eps / 3 for k in range(3)]
-    smoothed = -(sum(q * math.log(p) for q, p in zip(q0, softmax(logits[0])))
-                 + sum(q * math.log(p) for q, p in zip(q2, softmax(logits[2])))) / 2
+    smoothed = (
+        -(
+            sum(q * math.log(p) for q, p in zip(q0, softmax(logits[0])))
+            + sum(q * math.log(p) for q, p in zip(q2, softmax(logits[2])))
+        )
+        / 2
+    )
     got = build_loss("cross_entropy", label_smoothing=eps)(out(logits), None, {"y": y})
     assert got.item() == pytest.approx(smoothed, rel=1e-6)
 
@@ -154,8 +167,11 @@ def test_hinton_kl_is_zero_for_equal_logits_and_handles_topk_cache_fill():
     s = out(S)
     value = loss(s, out(t), {})
     kept = [[k for k, v in enumerate(tr) if v > -1e9] for tr in t]
-    expected = 16 * sum(kl(softmax([tr[k] for k in ks], 4), [softmax(sr, 4)[k] for k in ks])
-                        for sr, tr, ks in zip(S, t, kept)) / 2
+    expected = (
+        16
+        * sum(kl(softmax([tr[k] for k in ks], 4), [softmax(sr, 4)[k] for k in ks]) for sr, tr, ks in zip(S, t, kept))
+        / 2
+    )
     assert value.item() == pytest.approx(expected, rel=1e-5)
     value.backward()
     assert torch.isfinite(s.logits.grad).all()
@@ -177,13 +193,16 @@ D = [1.0, 4.0, 4.0]  # ‖f_T − f_S‖² per row for target="logits"
 Y = torch.tensor([0, 1, -1])
 
 
-@pytest.mark.parametrize("weighting,params,w", [
-    ("uniform", {}, [1.0, 1.0, 1.0]),
-    # row 2 is unlabelled: the teacher's argmax (class 0) picks its weight
-    ("class_table", {"class_weights": [1.0, 3.0]}, [1.0, 3.0, 1.0]),
-    ("confidence", {}, [max(softmax(r)) for r in WT]),
-    ("column", {}, [0.5, 0.0, 2.0]),
-])
+@pytest.mark.parametrize(
+    "weighting,params,w",
+    [
+        ("uniform", {}, [1.0, 1.0, 1.0]),
+        # row 2 is unlabelled: the teacher's argmax (class 0) picks its weight
+        ("class_table", {"class_weights": [1.0, 3.0]}, [1.0, 3.0, 1.0]),
+        ("confidence", {}, [max(softmax(r)) for r in WT]),
+        ("column", {}, [0.5, 0.0, 2.0]),
+    ],
+)
 def test_weighted_output_mse_weightings(weighting, params, w):
     loss = build_loss("weighted_output_mse", weighting=weighting, **params)
     batch = {"y": Y, "w": torch.tensor([0.5, 0.0, 2.0])}
@@ -210,17 +229,23 @@ def test_weighted_output_mse_reduction_and_probs_target():
 
 
 def test_weighted_output_mse_validation():
-    with pytest.raises(SpecError, match="'weighting' = 'confidnce' is invalid: Input should be 'uniform', 'class_table', 'confidence' or 'column'"):
+    with pytest.raises(
+        SpecError,
+        match="'weighting' = 'confidnce' is invalid: Input should be 'uniform', 'class_table', 'confidence' or 'column'",
+    ):
         build_loss("weighted_output_mse", weighting="confidnce")
     with pytest.raises(SpecError, match="needs class_weights"):
         build_loss("weighted_output_mse", weighting="class_table")
     with pytest.raises(SpecError, match="only used with weighting='class_table'"):
         build_loss("weighted_output_mse", class_weights=[1.0, 2.0])
-    with pytest.raises(SpecError, match=r"parameter 'class_weights\[1\]' = -2.0 is invalid: Input should be greater than or equal to 0"):
+    with pytest.raises(
+        SpecError, match=r"parameter 'class_weights\[1\]' = -2.0 is invalid: Input should be greater than or equal to 0"
+    ):
         build_loss("weighted_output_mse", weighting="class_table", class_weights=[1.0, -2.0])
     with pytest.raises(KdrayError, match="class_weights has 3 entries but the logits have 2 classes"):
         build_loss("weighted_output_mse", weighting="class_table", class_weights=[1.0, 1.0, 1.0])(
-            out(WS), out(WT), {"y": Y})
+            out(WS), out(WT), {"y": Y}
+        )
     with pytest.raises(KdrayError, match=r"needs per-sample weights batch\['w'\]"):
         build_loss("weighted_output_mse", weighting="column")(out(WS), out(WT), {"y": Y})
 
@@ -260,7 +285,9 @@ def test_forward_with_features_embedding_is_the_classifier_input():
 
 def test_bad_layer_path_lists_close_names():
     model = create_model("cnn_small", image_size=8)
-    expected = r"no module 'features\.3'; did you mean 'features\.1' or 'features\.0'.*feature layers are: features\.0, "
+    expected = (
+        r"no module 'features\.3'; did you mean 'features\.1' or 'features\.0'.*feature layers are: features\.0, "
+    )
     with pytest.raises(KdrayError, match=expected + r"features\.1, head"):
         with capture(model, ["features.3"]):
             pass
@@ -276,14 +303,17 @@ def width(feature: torch.Tensor) -> int:
     return feature.shape[1] if feature.dim() == 4 else feature.shape[-1]
 
 
-@pytest.mark.parametrize("teacher,t_layer,student,s_layer,kind", [
-    ("cnn_small", "features.1", "mlp_512", "layers.1", nn.Linear),      # 4-D vs 2-D: GAP the map
-    ("cnn_large", "features.2", "cnn_small", "features.1", nn.Conv2d),  # 4-D vs 4-D: other width and H×W
-    ("cnn_large", "features.0", "cnn_small", "features.1", nn.Conv2d),  # the teacher's map is the larger
-    ("vit_small", "blocks.5", "gru_small", "encoder", nn.Linear),       # 3-D vs 3-D: mean over sequence
-    ("gru_large", "encoder", "vit_tiny", "blocks.1", nn.Linear),
-    ("cnn_small", "features.1", "vit_tiny", "blocks.3", nn.Linear),     # 4-D vs 3-D
-])
+@pytest.mark.parametrize(
+    "teacher,t_layer,student,s_layer,kind",
+    [
+        ("cnn_small", "features.1", "mlp_512", "layers.1", nn.Linear),  # 4-D vs 2-D: GAP the map
+        ("cnn_large", "features.2", "cnn_small", "features.1", nn.Conv2d),  # 4-D vs 4-D: other width and H×W
+        ("cnn_large", "features.0", "cnn_small", "features.1", nn.Conv2d),  # the teacher's map is the larger
+        ("vit_small", "blocks.5", "gru_small", "encoder", nn.Linear),  # 3-D vs 3-D: mean over sequence
+        ("gru_large", "encoder", "vit_tiny", "blocks.1", nn.Linear),
+        ("cnn_small", "features.1", "vit_tiny", "blocks.3", nn.Linear),  # 4-D vs 3-D
+    ],
+)
 def test_feature_hint_projection_shapes(teacher, t_layer, student, s_layer, kind):
     torch.manual_seed(0)
     t_model = create_model(teacher, image_size=28).eval()
@@ -313,7 +343,7 @@ def test_feature_hint_pools_the_larger_map_to_the_smaller():
     loss.proj = nn.Conv2d(1, 1, 1, bias=False)
     with torch.no_grad():
         loss.proj.weight.fill_(1.0)
-    s = torch.arange(16.0).reshape(1, 1, 4, 4)                   # 2x2 block means: 2.5, 4.5, 10.5, 12.5
+    s = torch.arange(16.0).reshape(1, 1, 4, 4)  # 2x2 block means: 2.5, 4.5, 10.5, 12.5
     t = torch.tensor([[[[2.5, 4.5], [10.5, 13.5]]]])
     value = loss(Outputs(torch.zeros(1, 2), {"s": s}), Outputs(torch.zeros(1, 2), {"t": t}), {})
     assert value.item() == pytest.approx(1.0 / 4)
@@ -341,8 +371,8 @@ def test_feature_hint_cannot_bridge_5d():
 
 
 def test_attention_transfer_hand_case():
-    s = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]], requires_grad=True)                 # [1, 1, 2, 2]
-    t = torch.tensor([[[[1.0, 0.0], [0.0, -1.0]], [[0.0, 1.0], [1.0, 0.0]]]])          # [1, 2, 2, 2]
+    s = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]], requires_grad=True)  # [1, 1, 2, 2]
+    t = torch.tensor([[[[1.0, 0.0], [0.0, -1.0]], [[0.0, 1.0], [1.0, 0.0]]]])  # [1, 2, 2, 2]
     q_s = [v * v for v in (1.0, 2.0, 3.0, 4.0)]
     q_s = [v / math.sqrt(sum(u * u for u in q_s)) for v in q_s]
     q_t = [0.5, 0.5, 0.5, 0.5]  # Σ_c A_c² = 1 everywhere
@@ -352,16 +382,20 @@ def test_attention_transfer_hand_case():
     assert value.item() == pytest.approx(3.0 / 2 * dist, rel=1e-6)
     # two pairs: averaged; the second pair (uniform maps of 2x2 vs 4x4, interpolated) contributes 0
     loss2 = build_loss("attention_transfer", pairs=[["a", "b"], ["c", "d"]], beta=3.0)
-    value2 = loss2(Outputs(torch.zeros(1, 2), {"a": s, "c": torch.ones(1, 3, 2, 2)}),
-                   Outputs(torch.zeros(1, 2), {"b": t, "d": 2 * torch.ones(1, 5, 4, 4)}), {})
+    value2 = loss2(
+        Outputs(torch.zeros(1, 2), {"a": s, "c": torch.ones(1, 3, 2, 2)}),
+        Outputs(torch.zeros(1, 2), {"b": t, "d": 2 * torch.ones(1, 5, 4, 4)}),
+        {},
+    )
     assert value2.item() == pytest.approx(3.0 / 2 * dist / 2, rel=1e-6)
 
 
 def test_attention_transfer_needs_conv_maps():
     loss = build_loss("attention_transfer", pairs=[["layers.1", "features.1"]])
     with pytest.raises(KdrayError, match=r"needs conv feature maps.*student 'layers.1' gives \(2, 32\)"):
-        loss.setup(create_model("mlp_32", image_size=8), create_model("cnn_small", image_size=8),
-                   torch.randn(2, 1, 8, 8))
+        loss.setup(
+            create_model("mlp_32", image_size=8), create_model("cnn_small", image_size=8), torch.randn(2, 1, 8, 8)
+        )
     with pytest.raises(SpecError, match="parameter 'pairs(\\[0\\])?' = .* is invalid"):
         build_loss("attention_transfer", pairs=["features.1"])
 

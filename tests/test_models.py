@@ -26,8 +26,9 @@ def test_contract(name, size, channels):
     modules = dict(model.named_modules())
     assert model.feature_layers, "a model must expose feature layers for hints"
     outputs = {}
-    hooks = [modules[p].register_forward_hook(lambda m, i, o, p=p: outputs.__setitem__(p, o))
-             for p in model.feature_layers]
+    hooks = [
+        modules[p].register_forward_hook(lambda m, i, o, p=p: outputs.__setitem__(p, o)) for p in model.feature_layers
+    ]
     model(x)
     for h in hooks:
         h.remove()
@@ -49,8 +50,12 @@ def test_backward_reaches_every_parameter(name):
 def test_sizes_are_ordered_within_a_family():
     sizes = {n: count_parameters(create_model(n)) for n in MODELS.names()}
     assert sizes["mlp_64"] < sizes["mlp_128"] < sizes["mlp_512"] < sizes["mlp_1024"]
-    convs = {n: sum(isinstance(m, torch.nn.Conv2d) for m in create_model(n).modules()) for n in ("cnn_small", "cnn_large")}
-    assert convs["cnn_small"] < convs["cnn_large"], "cnn_large is the deeper one (cnn_small's flat head has the parameters)"
+    convs = {
+        n: sum(isinstance(m, torch.nn.Conv2d) for m in create_model(n).modules()) for n in ("cnn_small", "cnn_large")
+    }
+    assert convs["cnn_small"] < convs["cnn_large"], (
+        "cnn_large is the deeper one (cnn_small's flat head has the parameters)"
+    )
     assert sizes["gru_small"] < sizes["gru_large"]
     assert sizes["vit_tiny"] < sizes["vit_small"]
 

@@ -99,13 +99,12 @@ def test_a_loss_is_one_class(registered):
 
 def test_a_model_is_one_function(registered):
     @MODELS.register("toy_linear", family="toy")
-    def toy_linear(num_classes: int = 10, in_channels: int = 1, image_size: int = 28,
-                   bias: bool = True) -> Classifier:
+    def toy_linear(num_classes: int = 10, in_channels: int = 1, image_size: int = 28, bias: bool = True) -> Classifier:
         class Linear(Classifier):
             def __init__(self):
                 super().__init__()
                 self.flat = nn.Flatten()
-                self.classifier = nn.Linear(in_channels * image_size ** 2, num_classes, bias=bias)
+                self.classifier = nn.Linear(in_channels * image_size**2, num_classes, bias=bias)
 
             def embed(self, x):
                 return self.flat(x)
@@ -152,7 +151,9 @@ def test_an_adaptation_method_is_one_class(registered):
     registered.append((ADAPT_METHODS, "mean_match"))
     spec = AdaptMethodSpec.model_validate({"name": "mean_match", "weight": 0.3})
     method = spec.build(create_model("mlp_32", num_classes=4, image_size=8), 4)
-    out = method({"x_src": torch.randn(5, 1, 8, 8), "y_src": torch.arange(5) % 4, "x_tgt": torch.randn(6, 1, 8, 8)}, 0.5)
+    out = method(
+        {"x_src": torch.randn(5, 1, 8, 8), "y_src": torch.arange(5) % 4, "x_tgt": torch.randn(6, 1, 8, 8)}, 0.5
+    )
     assert out["loss"].ndim == 0 and float(out["gap"]) >= 0 and method.weight == 0.3
 
 

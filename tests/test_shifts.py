@@ -1,6 +1,6 @@
 """Domain shifts: determinism, the pixel changes each one promises, spec validation and hashing.
 
-    .venv/bin/python -m pytest tests/test_shifts.py -q -p no:cacheprovider
+.venv/bin/python -m pytest tests/test_shifts.py -q -p no:cacheprovider
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def test_rotation_turns_counter_clockwise_and_rigidly(h, w):
     # to (dx, dy_up) = (5 cos 30°, 5 sin 30°); on a non-square image the distance must not change.
     x = torch.zeros(1, 1, h, w)
     cy, cx = (h - 1) / 2, (w - 1) / 2
-    x[0, 0, int(cy):int(cy) + 2, int(cx) + 5:int(cx) + 7] = 1.0
+    x[0, 0, int(cy) : int(cy) + 2, int(cx) + 5 : int(cx) + 7] = 1.0
     r0, c0 = blob_centroid(x[0, 0])
     assert (r0, c0) == pytest.approx((cy, cx + 5))
     out, _ = build_shift("rotation", degrees=30)(x, None, 0)
@@ -162,19 +162,25 @@ def test_class_subset_errors(data):
         compose([{"name": "class_subset", "classes": [3, 12]}], num_classes=10)
 
 
-@pytest.mark.parametrize("entry,match", [
-    ({"name": "rotation", "degree": 30}, r"no parameter 'degree'; did you mean 'degrees'\?"),
-    ({"name": "rotation", "degrees": 181}, r"parameter 'degrees' = 181 is invalid: .*less than or equal to 180"),
-    ({"name": "rotation", "degrees": -200}, r"parameter 'degrees' = -200"),
-    ({"name": "gaussian_noise", "sigma": -0.1}, r"parameter 'sigma' = -0.1 is invalid: .*greater than or equal to 0"),
-    ({"name": "contrast", "background": 1.5}, r"parameter 'background' = 1.5"),
-    ({"name": "class_subset", "classes": []}, r"parameter 'classes' = \[\] is invalid: .*at least 1 item"),
-    ({"name": "class_subset", "classes": [1, 1]}, r"'classes' .* must not repeat"),
-    ({"name": "class_subset", "classes": [-1]}, r"parameter 'classes\[0\]' = -1"),
-    ({"name": "class_subset"}, r"needs parameter 'classes'"),
-    ({"name": "invert", "amount": 1}, r"no parameter 'amount'; it takes no parameters"),
-    ({"name": "rotaton"}, r"unknown shift 'rotaton'; did you mean 'rotation'\?"),
-])
+@pytest.mark.parametrize(
+    "entry,match",
+    [
+        ({"name": "rotation", "degree": 30}, r"no parameter 'degree'; did you mean 'degrees'\?"),
+        ({"name": "rotation", "degrees": 181}, r"parameter 'degrees' = 181 is invalid: .*less than or equal to 180"),
+        ({"name": "rotation", "degrees": -200}, r"parameter 'degrees' = -200"),
+        (
+            {"name": "gaussian_noise", "sigma": -0.1},
+            r"parameter 'sigma' = -0.1 is invalid: .*greater than or equal to 0",
+        ),
+        ({"name": "contrast", "background": 1.5}, r"parameter 'background' = 1.5"),
+        ({"name": "class_subset", "classes": []}, r"parameter 'classes' = \[\] is invalid: .*at least 1 item"),
+        ({"name": "class_subset", "classes": [1, 1]}, r"'classes' .* must not repeat"),
+        ({"name": "class_subset", "classes": [-1]}, r"parameter 'classes\[0\]' = -1"),
+        ({"name": "class_subset"}, r"needs parameter 'classes'"),
+        ({"name": "invert", "amount": 1}, r"no parameter 'amount'; it takes no parameters"),
+        ({"name": "rotaton"}, r"unknown shift 'rotaton'; did you mean 'rotation'\?"),
+    ],
+)
 def test_bad_params_raise_kdray_error_naming_them(entry, match):
     with pytest.raises(KdrayError, match=match):
         build_shift(entry)

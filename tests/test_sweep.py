@@ -11,8 +11,14 @@ from kdray.engine.spec import parse_pipeline
 from kdray.engine.sweep import expand, parse_grid, run_sweep
 
 DATA = {"name": "synthetic", "options": {"num_samples": 256, "image_size": 8, "num_classes": 4}}
-STUDENT = {"name": "student", "kind": "distill", "teacher": "teacher", "model": {"name": "mlp_64"}, "data": DATA,
-           "optim": {"epochs": 2, "batch_size": 32}}
+STUDENT = {
+    "name": "student",
+    "kind": "distill",
+    "teacher": "teacher",
+    "model": {"name": "mlp_64"},
+    "data": DATA,
+    "optim": {"epochs": 2, "batch_size": 32},
+}
 
 
 def test_grid_parsing_and_expansion(tmp_path):
@@ -34,8 +40,13 @@ def test_grid_parsing_and_expansion(tmp_path):
 def test_sweep_runs_trials_shares_the_teacher_cache_and_resumes(tmp_path, ray_local):
     spec = parse_pipeline(synthetic_pipeline(tmp_path, workers=1, extra_stages=[STUDENT]))
     logs = []
-    report = run_sweep(spec, "student", parse_grid(["model.name=mlp_32,mlp_64", "optim.lr=0.001,0.01"]),
-                       max_concurrent=2, log=logs.append)
+    report = run_sweep(
+        spec,
+        "student",
+        parse_grid(["model.name=mlp_32,mlp_64", "optim.lr=0.001,0.01"]),
+        max_concurrent=2,
+        log=logs.append,
+    )
     trials = report["trials"]
     assert len(trials) == 4 and [t["rank"] for t in trials] == [1, 2, 3, 4]
     accs = [t["test_acc"] for t in trials]
@@ -46,7 +57,12 @@ def test_sweep_runs_trials_shares_the_teacher_cache_and_resumes(tmp_path, ray_lo
     sweep = open_artifact(report["uri"])
     assert {"sweep.json", "sweep.md", "sweep.png"} <= {p.rsplit("/", 1)[-1] for p in sweep.store.list()}
 
-    again = run_sweep(spec, "student", parse_grid(["model.name=mlp_32,mlp_64", "optim.lr=0.001,0.01"]),
-                      max_concurrent=2, log=lambda m: None)
+    again = run_sweep(
+        spec,
+        "student",
+        parse_grid(["model.name=mlp_32,mlp_64", "optim.lr=0.001,0.01"]),
+        max_concurrent=2,
+        log=lambda m: None,
+    )
     assert {t["status"] for t in again["trials"]} == {"cached"}, "a finished sweep trains nothing again"
     assert [t["uri"] for t in again["trials"]] == [t["uri"] for t in trials]

@@ -118,8 +118,13 @@ def test_repeat_channels_keeps_activations_for_equal_channels():
 
 def test_slice_mlp_512_to_256_takes_every_other_unit():
     src, tgt = model("mlp_512", 0), model("mlp_256", 1)
-    report = transfer_weights(src.state_dict(), tgt, spec(mapping=[{"match": "name", "op": "slice"}]),
-                              source_arch="mlp_512", target_arch="mlp_256")
+    report = transfer_weights(
+        src.state_dict(),
+        tgt,
+        spec(mapping=[{"match": "name", "op": "slice"}]),
+        source_arch="mlp_512",
+        target_arch="mlp_256",
+    )
     by = report.by_key()
     assert by["layers.0.0.weight"].how == "slice 512x64 -> 256x64"
     assert by["layers.1.0.weight"].how == "slice 512x512 -> 256x256"
@@ -169,9 +174,13 @@ def test_shape_rule_pairs_cnn_small_into_resnet_small_in_order():
 def test_explicit_slice_reinit_and_skip():
     src = model("cnn_small", 0)
     tgt = model("cnn_small", 1, num_classes=5)
-    report = transfer_weights(src.state_dict(), tgt, spec(mapping=[
-        {"match": "explicit", "pairs": {"classifier.*": "classifier.*"}, "op": "slice"},
-        {"match": "name"}]))
+    report = transfer_weights(
+        src.state_dict(),
+        tgt,
+        spec(
+            mapping=[{"match": "explicit", "pairs": {"classifier.*": "classifier.*"}, "op": "slice"}, {"match": "name"}]
+        ),
+    )
     assert report.by_key()["classifier.weight"].how == "slice 10x128 -> 5x128"
     assert torch.equal(tgt.classifier.weight, src.classifier.weight[[0, 2, 4, 6, 8]])
     assert report.unused_source == []
@@ -181,10 +190,18 @@ def test_explicit_slice_reinit_and_skip():
     tgt2 = model("cnn_small", 2)
     tgt2.load_state_dict(src.state_dict())
     torch.manual_seed(3)
-    report = transfer_weights(src.state_dict(), tgt2, spec(mapping=[
-        {"match": "explicit", "pairs": {"head.1.weight": None}, "op": "reinit"},
-        {"match": "explicit", "pairs": {"classifier.*": None}, "op": "skip"},
-        {"match": "name"}], strict=True))
+    report = transfer_weights(
+        src.state_dict(),
+        tgt2,
+        spec(
+            mapping=[
+                {"match": "explicit", "pairs": {"head.1.weight": None}, "op": "reinit"},
+                {"match": "explicit", "pairs": {"classifier.*": None}, "op": "skip"},
+                {"match": "name"},
+            ],
+            strict=True,
+        ),
+    )
     by = report.by_key()
     assert by["head.1.weight"].status == "reinitialised" and "rule reinit" in by["head.1.weight"].reason
     assert not torch.equal(tgt2.head[1].weight, src.head[1].weight)
@@ -213,8 +230,14 @@ def test_strict_lists_unmapped_tensors_with_shapes():
     assert "transfer.strict" in msg and "classifier.weight 5x128" in msg and "10x128" in msg
     assert "classifier.bias 5" in msg
     # Reinitialising them by rule satisfies strict.
-    plan_transfer(src.state_dict(), tgt, spec(strict=True, mapping=[
-        {"match": "name"}, {"match": "explicit", "pairs": {"classifier.*": None}, "op": "reinit"}]))
+    plan_transfer(
+        src.state_dict(),
+        tgt,
+        spec(
+            strict=True,
+            mapping=[{"match": "name"}, {"match": "explicit", "pairs": {"classifier.*": None}, "op": "reinit"}],
+        ),
+    )
 
 
 def test_explicit_glob_that_matches_nothing_names_close_keys():
@@ -237,15 +260,20 @@ def test_explicit_pair_to_missing_source_key():
 def test_shape_mismatch_without_adapter_names_both_sides():
     src, tgt = model("cnn_small", 0), model("cnn_small", 1, num_classes=5)
     with pytest.raises(KdrayError) as e:
-        plan_transfer(src.state_dict(), tgt, spec(mapping=[{"match": "explicit", "pairs": {"classifier.*": "classifier.*"}}]))
+        plan_transfer(
+            src.state_dict(), tgt, spec(mapping=[{"match": "explicit", "pairs": {"classifier.*": "classifier.*"}}])
+        )
     msg = str(e.value)
     assert "target 'classifier.weight' has shape 5x128" in msg
     assert "source 'classifier.weight' has shape 10x128" in msg and "op: slice" in msg
     # slice cannot grow a tensor.
     small, big = model("mlp_32", 0), model("mlp_64", 1)
     with pytest.raises(KdrayError) as e:
-        plan_transfer(small.state_dict(), big,
-                      spec(mapping=[{"match": "explicit", "pairs": {"layers.*": "layers.*"}, "op": "slice"}]))
+        plan_transfer(
+            small.state_dict(),
+            big,
+            spec(mapping=[{"match": "explicit", "pairs": {"layers.*": "layers.*"}, "op": "slice"}]),
+        )
     assert "64x64" in str(e.value) and "32x64" in str(e.value) and "target 64 > source 32" in str(e.value)
 
 
@@ -269,8 +297,13 @@ def test_layer_copy_action_requires_transfer():
 def test_architecture_change_mapped_by_name_alone_fails():
     src, tgt = model("cnn_small", 0), model("resnet_small", 1)
     with pytest.raises(KdrayError) as e:
-        plan_transfer(src.state_dict(), tgt, spec(mapping=[{"match": "name"}]),
-                      source_arch="cnn_small", target_arch="resnet_small")
+        plan_transfer(
+            src.state_dict(),
+            tgt,
+            spec(mapping=[{"match": "name"}]),
+            source_arch="cnn_small",
+            target_arch="resnet_small",
+        )
     msg = str(e.value)
     assert "'cnn_small'" in msg and "'resnet_small'" in msg and "stem.0.weight 16x1x3x3 (not in source)" in msg
     assert "{match: shape}" in msg
@@ -288,26 +321,32 @@ def test_architecture_change_mapped_by_name_alone_fails():
 
 def test_name_rule_with_no_common_names():
     with pytest.raises(KdrayError) as e:
-        plan_transfer(model("mlp_32", 0).state_dict(), model("resnet_small", 1), spec(mapping=[
-            {"match": "explicit", "pairs": {"classifier.*": None}, "op": "reinit"}, {"match": "name"}]))
+        plan_transfer(
+            model("mlp_32", 0).state_dict(),
+            model("resnet_small", 1),
+            spec(mapping=[{"match": "explicit", "pairs": {"classifier.*": None}, "op": "reinit"}, {"match": "name"}]),
+        )
     assert "transfer.mapping[1]" in str(e.value) and "no target tensor name in the source" in str(e.value)
 
 
-@pytest.mark.parametrize("block, words", [
-    ({"mapping": [{"match": "explicit"}]}, "needs pairs"),
-    ({"mapping": [{"match": "name", "pairs": {"a": "b"}}]}, "match: explicit"),
-    ({"mapping": [{"match": "shape", "op": "slice"}]}, "takes op copy"),
-    ({"mapping": [{"match": "explicit", "pairs": {"a.*": "b"}}]}, "1 '*' on the target side but 0"),
-    ({"mapping": [{"match": "explicit", "pairs": {"a.*": "b.*"}, "op": "reinit"}]}, "'a.*': null"),
-    ({"mapping": [{"match": "explicit", "pairs": {"a.*": None}}]}, "no source glob"),
-    ({"mapping": []}, "at least one rule"),
-    ({"layers": [{"select": "x", "action": "lr_scale"}]}, "no lr_scale value"),
-    ({"layers": [{"select": "x", "action": "lr_scale", "lr_scale": 0}]}, "use action: freeze"),
-    ({"layers": [{"select": "x", "action": "freeze", "lr_scale": 0.1}]}, "only read with action: lr_scale"),
-    ({"l2sp": {"alpha": 0, "beta": 0}}, "does nothing"),
-    ({"batchnorm": "fixed"}, "'train', 'eval' or 'frozen'"),
-    ({"mapping": [{"match": "name"}], "stict": True}, "Extra inputs are not permitted"),
-])
+@pytest.mark.parametrize(
+    "block, words",
+    [
+        ({"mapping": [{"match": "explicit"}]}, "needs pairs"),
+        ({"mapping": [{"match": "name", "pairs": {"a": "b"}}]}, "match: explicit"),
+        ({"mapping": [{"match": "shape", "op": "slice"}]}, "takes op copy"),
+        ({"mapping": [{"match": "explicit", "pairs": {"a.*": "b"}}]}, "1 '*' on the target side but 0"),
+        ({"mapping": [{"match": "explicit", "pairs": {"a.*": "b.*"}, "op": "reinit"}]}, "'a.*': null"),
+        ({"mapping": [{"match": "explicit", "pairs": {"a.*": None}}]}, "no source glob"),
+        ({"mapping": []}, "at least one rule"),
+        ({"layers": [{"select": "x", "action": "lr_scale"}]}, "no lr_scale value"),
+        ({"layers": [{"select": "x", "action": "lr_scale", "lr_scale": 0}]}, "use action: freeze"),
+        ({"layers": [{"select": "x", "action": "freeze", "lr_scale": 0.1}]}, "only read with action: lr_scale"),
+        ({"l2sp": {"alpha": 0, "beta": 0}}, "does nothing"),
+        ({"batchnorm": "fixed"}, "'train', 'eval' or 'frozen'"),
+        ({"mapping": [{"match": "name"}], "stict": True}, "Extra inputs are not permitted"),
+    ],
+)
 def test_spec_validation_messages(block, words):
     with pytest.raises(ValidationError) as e:
         TransferSpec.model_validate(block)
@@ -319,8 +358,12 @@ def test_spec_validation_messages(block, words):
 
 def test_freeze_and_lr_scale_groups():
     src, tgt = model("cnn_small", 0), model("cnn_small", 1, num_classes=5)
-    sp = spec(layers=[{"select": "features.0.*", "action": "freeze"},
-                      {"select": "features.*", "action": "lr_scale", "lr_scale": 0.1}])
+    sp = spec(
+        layers=[
+            {"select": "features.0.*", "action": "freeze"},
+            {"select": "features.*", "action": "lr_scale", "lr_scale": 0.1},
+        ]
+    )
     report = transfer_weights(src.state_dict(), tgt, sp)
     by = report.by_key()
     assert by["features.0.0.0.weight"].frozen and by["features.0.0.0.weight"].lr_scale is None  # first rule wins
@@ -331,7 +374,9 @@ def test_freeze_and_lr_scale_groups():
     scales = {g["lr_scale"]: g["names"] for g in groups}
     assert set(scales) == {0.1, 1.0}
     assert all(n.startswith("features.1.") for n in scales[0.1]) and "features.1.0.0.weight" in scales[0.1]
-    assert "classifier.weight" in scales[1.0] and not any(n.startswith("features.0.") for names in scales.values() for n in names)
+    assert "classifier.weight" in scales[1.0] and not any(
+        n.startswith("features.0.") for names in scales.values() for n in names
+    )
     assert tgt.features[0][0][0].weight.requires_grad is False
 
     opt = torch.optim.SGD([{"params": g["params"], "lr": 0.5 * g["lr_scale"]} for g in groups])

@@ -11,13 +11,24 @@ from kdray.core.errors import KdrayError
 from kdray.engine.pipeline import run_pipeline
 from kdray.engine.spec import parse_pipeline
 
-TARGET_DATA = {"name": "synthetic", "classes": [2, 3],
-               "options": {"num_samples": 256, "image_size": 8, "num_classes": 4}}
+TARGET_DATA = {
+    "name": "synthetic",
+    "classes": [2, 3],
+    "options": {"num_samples": 256, "image_size": 8, "num_classes": 4},
+}
 
 
 def target(transfer=None, model="cnn_small", source="teacher", **kw):
-    return {"name": "target", "kind": "transfer", "source": source, "model": {"name": model}, "data": TARGET_DATA,
-            "optim": {"epochs": 2, "batch_size": 32, "lr": 3e-3}, "transfer": transfer or {}, **kw}
+    return {
+        "name": "target",
+        "kind": "transfer",
+        "source": source,
+        "model": {"name": model},
+        "data": TARGET_DATA,
+        "optim": {"epochs": 2, "batch_size": 32, "lr": 3e-3},
+        "transfer": transfer or {},
+        **kw,
+    }
 
 
 def run(doc, logs=None):
@@ -26,8 +37,11 @@ def run(doc, logs=None):
 
 def test_new_head_freeze_and_report(tmp_path):
     logs = []
-    transfer = {"mapping": [{"match": "name"}], "layers": [{"select": "features.0*", "action": "freeze"}],
-                "batchnorm": "frozen"}
+    transfer = {
+        "mapping": [{"match": "name"}],
+        "layers": [{"select": "features.0*", "action": "freeze"}],
+        "batchnorm": "frozen",
+    }
     out = run(synthetic_pipeline(tmp_path, extra_stages=[target(transfer)]), logs)
     source, tgt = open_artifact(out[0].uri), open_artifact(out[1].uri)
     report = tgt.read_json("transfer_report.json")
@@ -46,16 +60,19 @@ def test_new_head_freeze_and_report(tmp_path):
 
 
 def test_l2sp_and_lr_scale_train(tmp_path):
-    transfer = {"layers": [{"select": "features.*", "action": "lr_scale", "lr_scale": 0.1}],
-                "l2sp": {"alpha": 0.01, "beta": 0.0001}}
+    transfer = {
+        "layers": [{"select": "features.*", "action": "lr_scale", "lr_scale": 0.1}],
+        "l2sp": {"alpha": 0.01, "beta": 0.0001},
+    }
     out = run(synthetic_pipeline(tmp_path, extra_stages=[target(transfer)]))
     hist = open_artifact(out[1].uri).manifest["history"]
     assert len(hist) == 2 and hist[-1]["train_loss"] < hist[0]["train_loss"] * 1.5
 
 
 def test_cross_architecture_by_shape(tmp_path):
-    out = run(synthetic_pipeline(tmp_path, extra_stages=[
-        target({"mapping": [{"match": "shape"}]}, model="resnet_small")]))
+    out = run(
+        synthetic_pipeline(tmp_path, extra_stages=[target({"mapping": [{"match": "shape"}]}, model="resnet_small")])
+    )
     report = open_artifact(out[1].uri).read_json("transfer_report.json")
     assert any(e["status"] == "copied" for e in report["tensors"])
 
@@ -101,12 +118,19 @@ def test_same_sized_head_for_other_classes_starts_fresh(tmp_path):
 def test_share_trains_two_tasks_with_one_trunk(tmp_path):
     """Joint parameter sharing: tasks A (classes 0-1) and B (classes 2-3) train one tied trunk."""
     doc = synthetic_pipeline(tmp_path)
-    share = {"name": "joint", "kind": "share", "model": {"name": "cnn_small"},
-             "data": {**TARGET_DATA, "classes": [0, 1]}, "data_b": TARGET_DATA, "shared": ["features.*", "head"],
-             "optim": {"epochs": 2, "batch_size": 32, "lr": 3e-3}}
+    share = {
+        "name": "joint",
+        "kind": "share",
+        "model": {"name": "cnn_small"},
+        "data": {**TARGET_DATA, "classes": [0, 1]},
+        "data_b": TARGET_DATA,
+        "shared": ["features.*", "head"],
+        "optim": {"epochs": 2, "batch_size": 32, "lr": 3e-3},
+    }
     logs = []
-    out = run({**doc, "stages": [doc["stages"][0], share,
-                                 {"name": "eval", "kind": "evaluate", "models": ["joint"]}]}, logs)
+    out = run(
+        {**doc, "stages": [doc["stages"][0], share, {"name": "eval", "kind": "evaluate", "models": ["joint"]}]}, logs
+    )
     art = open_artifact(out[1].uri)
     row = open_artifact(out[2].uri).read_json("report.json")["models"][0]
     assert row["top1"] == pytest.approx(art.manifest["history"][-1]["test_acc"], abs=1e-6), "evaluated on task B"
@@ -118,7 +142,13 @@ def test_share_trains_two_tasks_with_one_trunk(tmp_path):
 
 def test_share_with_a_glob_that_matches_nothing(tmp_path):
     doc = synthetic_pipeline(tmp_path)
-    share = {"name": "joint", "kind": "share", "model": {"name": "cnn_small"}, "data": TARGET_DATA,
-             "data_b": TARGET_DATA, "shared": ["trunk.*"]}
+    share = {
+        "name": "joint",
+        "kind": "share",
+        "model": {"name": "cnn_small"},
+        "data": TARGET_DATA,
+        "data_b": TARGET_DATA,
+        "shared": ["trunk.*"],
+    }
     with pytest.raises(KdrayError, match="trunk"):
         run({**doc, "stages": [share]})

@@ -20,9 +20,14 @@ def direct_evidence(f: np.ndarray, t: np.ndarray, alpha: float, beta: float) -> 
     n, d = f.shape
     a = alpha * np.eye(d) + beta * f.T @ f
     m = beta * np.linalg.solve(a, f.T @ t)
-    return (d / 2 * math.log(alpha) + n / 2 * math.log(beta) - n / 2 * math.log(2 * math.pi)
-            - beta / 2 * float(np.sum((f @ m - t) ** 2)) - alpha / 2 * float(m @ m)
-            - 0.5 * np.linalg.slogdet(a)[1])
+    return (
+        d / 2 * math.log(alpha)
+        + n / 2 * math.log(beta)
+        - n / 2 * math.log(2 * math.pi)
+        - beta / 2 * float(np.sum((f @ m - t) ** 2))
+        - alpha / 2 * float(m @ m)
+        - 0.5 * np.linalg.slogdet(a)[1]
+    )
 
 
 def brute_force_logme(f: np.ndarray, y: np.ndarray) -> float:
@@ -34,7 +39,7 @@ def brute_force_logme(f: np.ndarray, y: np.ndarray) -> float:
         for _ in range(5):
             grid_a = np.linspace(centre[0] - half, centre[0] + half, 41)
             grid_b = np.linspace(centre[1] - half, centre[1] + half, 41)
-            best = max((direct_evidence(f, t, 10 ** la, 10 ** lb), la, lb) for la in grid_a for lb in grid_b)
+            best = max((direct_evidence(f, t, 10**la, 10**lb), la, lb) for la in grid_a for lb in grid_b)
             centre, half = (best[1], best[2]), half / 10
         total += best[0]
     return total / len(np.unique(y)) / f.shape[0]
@@ -57,7 +62,7 @@ def test_log_evidence_matches_the_definition(n, d):
     u, s, _ = np.linalg.svd(f, full_matrices=False)
     z2 = (u.T @ t) ** 2
     for alpha, beta in [(0.3, 2.0), (5.0, 0.1), (1.0, 1.0)]:
-        got = log_evidence(alpha, beta, s ** 2, z2, float(t @ t - z2.sum()), n, d)[0]
+        got = log_evidence(alpha, beta, s**2, z2, float(t @ t - z2.sum()), n, d)[0]
         assert got == pytest.approx(direct_evidence(f, t, alpha, beta), abs=1e-9)
 
 
@@ -99,8 +104,7 @@ def test_leep_hand_computed():
     # Joint P(y, z) = (1/4)·Σ θ over rows of class y: y=0 -> (1.7, 0.3)/4, y=1 -> (0.4, 1.6)/4.
     # P(z) = (2.1, 1.9)/4, so P(y=0|z) = (17/21, 3/19) and P(y=1|z) = (4/21, 16/19).
     p0, p1 = (17 / 21, 3 / 19), (4 / 21, 16 / 19)
-    eep = [0.9 * p0[0] + 0.1 * p0[1], 0.8 * p0[0] + 0.2 * p0[1],
-           0.3 * p1[0] + 0.7 * p1[1], 0.1 * p1[0] + 0.9 * p1[1]]
+    eep = [0.9 * p0[0] + 0.1 * p0[1], 0.8 * p0[0] + 0.2 * p0[1], 0.3 * p1[0] + 0.7 * p1[1], 0.1 * p1[0] + 0.9 * p1[1]]
     expected = sum(math.log(v) for v in eep) / 4
     assert expected == pytest.approx(-0.3426, abs=1e-4)
     assert leep(theta, y, 2) == pytest.approx(expected, abs=1e-12)

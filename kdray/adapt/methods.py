@@ -35,7 +35,7 @@ Model selection without target labels (DomainBed: the rule changes conclusions) 
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, ClassVar, Iterable, Mapping
+from typing import Annotated, Any, ClassVar, Iterable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -60,7 +60,7 @@ SELECTION_RULES: tuple[str, ...] = ("source_val", "entropy", "snd", "oracle")
 NonNegative = Annotated[float, Field(ge=0)]
 Positive = Annotated[float, Field(gt=0)]
 PositiveInt = Annotated[int, Field(gt=0)]
-Kernels = Annotated[list[Positive], Field(min_length=1)]
+Kernels = Annotated[Sequence[Positive], Field(min_length=1)]
 
 EPS = 1e-5
 
@@ -68,6 +68,7 @@ EPS = 1e-5
 # --------------------------------------------------------------------------------------------
 # Functional pieces: each is a formula with its paper, usable and testable on its own.
 # --------------------------------------------------------------------------------------------
+
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Prediction entropy ``H(softmax(z)) = -Σ_k p_k log p_k`` in nats; [N, K] -> [N]."""
@@ -155,8 +156,11 @@ def gather_from_all_ranks(t: torch.Tensor) -> torch.Tensor:
     sizes = [torch.zeros_like(size) for _ in range(world)]
     dist.all_gather(sizes, size)
     if len({int(s) for s in sizes}) != 1:
-        raise KdrayError(f"all_gather needs the same batch size on every rank, got {[int(s) for s in sizes]} "
-                         f"(rank {rank} has {t.shape[0]}).", hint="Use drop_last=True in the data loader.")
+        raise KdrayError(
+            f"all_gather needs the same batch size on every rank, got {[int(s) for s in sizes]} "
+            f"(rank {rank} has {t.shape[0]}).",
+            hint="Use drop_last=True in the data loader.",
+        )
     gather = _autograd_all_gather()
     if gather is not None:
         return gather(t.contiguous())
@@ -181,8 +185,9 @@ def gaussian_mmd(f_s: torch.Tensor, f_t: torch.Tensor, kernels: Iterable[float] 
     """
     kernels = [float(k) for k in kernels]
     if f_s.ndim != 2 or f_s.shape[1:] != f_t.shape[1:]:
-        raise KdrayError(f"MMD needs features [N, D] and [M, D], got source {tuple(f_s.shape)} and target "
-                         f"{tuple(f_t.shape)}.")
+        raise KdrayError(
+            f"MMD needs features [N, D] and [M, D], got source {tuple(f_s.shape)} and target {tuple(f_t.shape)}."
+        )
     z = torch.cat([f_s, f_t])
     with no_autocast(z):
         z = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
@@ -208,8 +213,11 @@ def coral_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
         f_s: [N, d] source features; f_t: [M, d] target features; N, M >= 2.
     """
     if f_s.ndim != 2 or f_s.shape[1:] != f_t.shape[1:] or min(f_s.shape[0], f_t.shape[0]) < 2:
-        raise KdrayError(f"CORAL needs features [N, d] and [M, d] with N, M >= 2, got source {tuple(f_s.shape)} "
-                         f"and target {tuple(f_t.shape)}.", hint="Use batches of at least 2 samples per domain.")
+        raise KdrayError(
+            f"CORAL needs features [N, d] and [M, d] with N, M >= 2, got source {tuple(f_s.shape)} "
+            f"and target {tuple(f_t.shape)}.",
+            hint="Use batches of at least 2 samples per domain.",
+        )
     d = f_s.shape[1]
     with no_autocast(f_s):
         f_s, f_t = (f.float() if f.dtype in (torch.float16, torch.bfloat16) else f for f in (f_s, f_t))
@@ -228,8 +236,9 @@ def entropy_score(logits: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def snd_score(embeddings_or_logits: torch.Tensor, temperature: float = 0.05, *, softmax: bool = False,
-              chunk: int = 1024) -> float:
+def snd_score(
+    embeddings_or_logits: torch.Tensor, temperature: float = 0.05, *, softmax: bool = False, chunk: int = 1024
+) -> float:
     """Model selection: Soft Neighbourhood Density (Saito et al., ICCV 2021). Higher is better.
 
     With ``f̂_i`` the L2-normalised rows, ``S_ij = f̂_i · f̂_j`` for ``j != i`` and
@@ -253,7 +262,7 @@ def snd_score(embeddings_or_logits: torch.Tensor, temperature: float = 0.05, *, 
     f = F.normalize(f, dim=1)
     total = 0.0
     for start in range(0, f.shape[0], chunk):
-        s = f[start:start + chunk] @ f.T / temperature
+        s = f[start : start + chunk] @ f.T / temperature
         rows = torch.arange(s.shape[0], device=f.device)
         s[rows, rows + start] = float("-inf")  # a sample is not its own neighbour
         logp = s.log_softmax(dim=1)
@@ -264,6 +273,7 @@ def snd_score(embeddings_or_logits: torch.Tensor, temperature: float = 0.05, *, 
 # --------------------------------------------------------------------------------------------
 # The interface.
 # --------------------------------------------------------------------------------------------
+
 
 class AdaptMethod(nn.Module):
     """Base class. Subclasses implement ``forward(batch, progress) -> {"loss": ..., parts...}``.
@@ -283,14 +293,20 @@ class AdaptMethod(nn.Module):
         inner = unwrap(model)
         head = getattr(inner, "classifier", None)
         if not isinstance(head, nn.Linear) or not hasattr(inner, "embed"):
-            raise KdrayError(f"adapt method {self.name!r} needs a kdray model with .embed and a nn.Linear "
-                             f".classifier, got {type(inner).__name__} with classifier {type(head).__name__}.")
+            raise KdrayError(
+                f"adapt method {self.name!r} needs a kdray model with .embed and a nn.Linear "
+                f".classifier, got {type(inner).__name__} with classifier {type(head).__name__}."
+            )
         if head.out_features != num_classes:
-            raise KdrayError(f"adapt method {self.name!r}: num_classes={num_classes} but model.classifier has "
-                             f"{head.out_features} outputs.", hint="Build the model with the same num_classes.")
+            raise KdrayError(
+                f"adapt method {self.name!r}: num_classes={num_classes} but model.classifier has "
+                f"{head.out_features} outputs.",
+                hint="Build the model with the same num_classes.",
+            )
         if not (weight >= 0 and math.isfinite(weight)):
-            raise KdrayError(f"adapt method {self.name!r}: parameter 'weight' must be a finite number >= 0, "
-                             f"got {weight!r}.")
+            raise KdrayError(
+                f"adapt method {self.name!r}: parameter 'weight' must be a finite number >= 0, got {weight!r}."
+            )
         self.model = model
         self.num_classes = num_classes
         self.weight = float(weight)
@@ -333,11 +349,15 @@ class AdaptMethod(nn.Module):
     # -- batch handling -----------------------------------------------------------------------
     def _check_batch(self, batch: Mapping[str, Any], progress: float, source: bool = True, target: bool = True) -> None:
         if not 0.0 <= progress <= 1.0:
-            raise KdrayError(f"adapt method {self.name!r}: progress must be in [0, 1] (fraction of training done), "
-                             f"got {progress}.")
+            raise KdrayError(
+                f"adapt method {self.name!r}: progress must be in [0, 1] (fraction of training done), got {progress}."
+            )
         if "y_tgt" in batch:
-            raise KdrayError(f"adapt method {self.name!r} got target labels ('y_tgt') in its batch; unsupervised "
-                             f"adaptation must never see them.", hint="Drop 'y_tgt' from the training batch.")
+            raise KdrayError(
+                f"adapt method {self.name!r} got target labels ('y_tgt') in its batch; unsupervised "
+                f"adaptation must never see them.",
+                hint="Drop 'y_tgt' from the training batch.",
+            )
         need = (["x_src", "y_src"] if source else []) + (["x_tgt"] if target else [])
         missing = [k for k in need if k not in batch]
         if missing:
@@ -345,11 +365,15 @@ class AdaptMethod(nn.Module):
         if source:
             x_s, y_s = batch["x_src"], batch["y_src"]
             if target and x_s.shape[1:] != batch["x_tgt"].shape[1:]:
-                raise KdrayError(f"adapt method {self.name!r}: source inputs {tuple(x_s.shape)} and target inputs "
-                                 f"{tuple(batch['x_tgt'].shape)} differ beyond the batch dimension.")
+                raise KdrayError(
+                    f"adapt method {self.name!r}: source inputs {tuple(x_s.shape)} and target inputs "
+                    f"{tuple(batch['x_tgt'].shape)} differ beyond the batch dimension."
+                )
             if tuple(y_s.shape) != (x_s.shape[0],):
-                raise KdrayError(f"adapt method {self.name!r}: y_src has shape {tuple(y_s.shape)} but x_src has "
-                                 f"{x_s.shape[0]} rows; expected ({x_s.shape[0]},).")
+                raise KdrayError(
+                    f"adapt method {self.name!r}: y_src has shape {tuple(y_s.shape)} but x_src has "
+                    f"{x_s.shape[0]} rows; expected ({x_s.shape[0]},)."
+                )
 
     def joint_forward(self, batch: Mapping[str, Any]):
         """``(f_s, z_s, f_t, z_t)`` from one forward of ``cat([x_src, x_tgt])`` (see module docstring)."""
@@ -372,12 +396,14 @@ def _register(name: str):
     def deco(cls: type[AdaptMethod]) -> type[AdaptMethod]:
         cls.name = name
         return ADAPT_METHODS.register(name, source_free=cls.source_free)(cls)
+
     return deco
 
 
 # --------------------------------------------------------------------------------------------
 # The methods.
 # --------------------------------------------------------------------------------------------
+
 
 @_register("source_only")
 class SourceOnly(AdaptMethod):
@@ -410,8 +436,14 @@ class DANN(AdaptMethod):
         gamma: schedule steepness γ (10 in the paper).
     """
 
-    def __init__(self, model: nn.Module, num_classes: int, weight: NonNegative = 1.0,
-                 hidden: PositiveInt = 256, gamma: Positive = 10.0):
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        weight: NonNegative = 1.0,
+        hidden: PositiveInt = 256,
+        gamma: Positive = 10.0,
+    ):
         super().__init__(model, num_classes, weight)
         self.gamma = gamma
         self.discriminator = nn.Sequential(nn.Linear(self.embed_dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
@@ -429,8 +461,13 @@ class DANN(AdaptMethod):
         domain_loss = F.binary_cross_entropy_with_logits(d_logits, domain)
         ce = F.cross_entropy(z_s, batch["y_src"])
         domain_acc = ((d_logits > 0).float() == domain).float().mean()
-        return {"loss": ce + domain_loss, "ce": ce.detach(), "domain": domain_loss.detach(),
-                "domain_acc": domain_acc.detach(), "lambda": torch.tensor(lam)}
+        return {
+            "loss": ce + domain_loss,
+            "ce": ce.detach(),
+            "domain": domain_loss.detach(),
+            "domain_acc": domain_acc.detach(),
+            "lambda": torch.tensor(lam),
+        }
 
 
 @_register("mmd")
@@ -446,12 +483,20 @@ class MMD(AdaptMethod):
             estimate is then per rank, noisier but with no extra communication.
     """
 
-    def __init__(self, model: nn.Module, num_classes: int, weight: NonNegative = 1.0,
-                 kernels: Kernels = [0.5, 1.0, 2.0, 4.0, 8.0], all_gather: bool = False):  # noqa: B006 (read only)
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        weight: NonNegative = 1.0,
+        kernels: Kernels = (0.5, 1.0, 2.0, 4.0, 8.0),
+        all_gather: bool = False,
+    ):
         super().__init__(model, num_classes, weight)
         if len(kernels) == 0 or any(not k > 0 for k in kernels):
-            raise KdrayError(f"adapt method 'mmd': parameter 'kernels' must be a non-empty list of numbers > 0, "
-                             f"got {list(kernels)!r}.")
+            raise KdrayError(
+                f"adapt method 'mmd': parameter 'kernels' must be a non-empty list of numbers > 0, "
+                f"got {list(kernels)!r}."
+            )
         self.kernels = [float(k) for k in kernels]
         self.all_gather = all_gather
 
@@ -572,8 +617,9 @@ class SHOT(AdaptMethod):
         return self._nearest(F.normalize(features.float(), dim=1), centroids.nan_to_num(0.0), valid)
 
     @torch.no_grad()
-    def refresh_pseudo_labels(self, x_tgt_all: torch.Tensor | Iterable[torch.Tensor],
-                              batch_size: int = 256) -> torch.Tensor:
+    def refresh_pseudo_labels(
+        self, x_tgt_all: torch.Tensor | Iterable[torch.Tensor], batch_size: int = 256
+    ) -> torch.Tensor:
         """Cluster all target data (this rank's shard; sums are all-reduced across ranks) and keep the centroids.
 
         Runs the model in eval mode (BatchNorm running statistics, no dropout), then restores
@@ -612,6 +658,7 @@ class SHOT(AdaptMethod):
 # Building from a spec.
 # --------------------------------------------------------------------------------------------
 
+
 class AdaptMethodSpec(Entry):
     """A stage's ``method:`` block, e.g. ``{name: dann, weight: 1.0, hidden: 256}``."""
 
@@ -620,8 +667,9 @@ class AdaptMethodSpec(Entry):
     entry_skip: ClassVar[tuple[str, ...]] = ("model", "num_classes")
 
 
-def build_adapt_method(entry: AdaptMethodSpec | Mapping[str, Any] | str, model: nn.Module, num_classes: int,
-                       **params: Any) -> AdaptMethod:
+def build_adapt_method(
+    entry: AdaptMethodSpec | Mapping[str, Any] | str, model: nn.Module, num_classes: int, **params: Any
+) -> AdaptMethod:
     """Build a registered method with checked parameters.
 
     ``build_adapt_method("mmd", model, 10, kernels=[1, 2])`` or with a spec / mapping.
@@ -635,8 +683,10 @@ def build_adapt_method(entry: AdaptMethodSpec | Mapping[str, Any] | str, model: 
         entry = {"name": entry}
     entry = {**entry, **params}
     if "name" not in entry:
-        raise SpecError(f"an adapt method entry needs a 'name', got {entry!r}.",
-                        hint=f"Known methods: {', '.join(ADAPT_METHODS.names())}.")
+        raise SpecError(
+            f"an adapt method entry needs a 'name', got {entry!r}.",
+            hint=f"Known methods: {', '.join(ADAPT_METHODS.names())}.",
+        )
     name = entry.pop("name")
     cls = ADAPT_METHODS.get(name)
     checked = check_params("adapt method", name, cls, entry, skip=("model", "num_classes"))
@@ -644,8 +694,27 @@ def build_adapt_method(entry: AdaptMethodSpec | Mapping[str, Any] | str, model: 
 
 
 __all__ = [
-    "ADAPT_METHODS", "SELECTION_RULES", "AdaptMethod", "AdaptMethodSpec", "build_adapt_method", "SourceOnly", "DANN",
-    "MMD", "CORAL", "EntropyMin", "SHOT", "entropy", "information_maximization", "dann_lambda", "grad_reverse",
-    "gather_from_all_ranks", "gaussian_mmd", "covariance", "coral_loss", "entropy_score", "snd_score",
-    "embedding_and_logits", "unwrap",
+    "ADAPT_METHODS",
+    "SELECTION_RULES",
+    "AdaptMethod",
+    "AdaptMethodSpec",
+    "build_adapt_method",
+    "SourceOnly",
+    "DANN",
+    "MMD",
+    "CORAL",
+    "EntropyMin",
+    "SHOT",
+    "entropy",
+    "information_maximization",
+    "dann_lambda",
+    "grad_reverse",
+    "gather_from_all_ranks",
+    "gaussian_mmd",
+    "covariance",
+    "coral_loss",
+    "entropy_score",
+    "snd_score",
+    "embedding_and_logits",
+    "unwrap",
 ]

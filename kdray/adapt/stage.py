@@ -61,32 +61,48 @@ class AdaptStage(StageBase):
     def _adapt(self) -> "AdaptStage":
         t = self.target_domain
         if t.labels_per_class is not None or t.label_fraction < 1.0 or t.drop_unlabelled:
-            raise ValueError("target_domain: target labels are never used for training (only to evaluate, and for "
-                             "selection: oracle); remove labels_per_class / label_fraction / drop_unlabelled")
+            raise ValueError(
+                "target_domain: target labels are never used for training (only to evaluate, and for "
+                "selection: oracle); remove labels_per_class / label_fraction / drop_unlabelled"
+            )
         source_free = ADAPT_METHODS.meta(self.method.name).get("source_free", False)
         if source_free and not self.source:
-            raise ValueError(f"method {self.method.name!r} is source-free: it adapts a trained source model, so "
-                             "give source: <a train stage on the source domain>")
+            raise ValueError(
+                f"method {self.method.name!r} is source-free: it adapts a trained source model, so "
+                "give source: <a train stage on the source domain>"
+            )
         if source_free and self.selection == "source_val":
-            raise ValueError(f"selection: source_val needs source data, which source-free {self.method.name!r} "
-                             "never sees; use entropy or snd (or oracle, not deployable)")
+            raise ValueError(
+                f"selection: source_val needs source data, which source-free {self.method.name!r} "
+                "never sees; use entropy or snd (or oracle, not deployable)"
+            )
         return self
 
     def references(self) -> list[tuple[str, str]]:
         return [("source", self.source)] if self.source else []
 
 
-
-
 def selection_score(rule: str, metrics: dict[str, Any]) -> float:
     """Higher is better for every rule (entropy is negated)."""
-    return {"source_val": lambda m: m["val_source_acc"], "entropy": lambda m: -m["val_entropy"],
-            "snd": lambda m: m["val_snd"], "oracle": lambda m: m["test_acc"]}[rule](metrics)
+    return {
+        "source_val": lambda m: m["val_source_acc"],
+        "entropy": lambda m: -m["val_entropy"],
+        "snd": lambda m: m["val_snd"],
+        "oracle": lambda m: m["test_acc"],
+    }[rule](metrics)
 
 
 class Adapt(Method):
-    def __init__(self, model: nn.Module, spec: Any, num_classes: int, x_tgt: torch.Tensor,
-                 source_val: tuple[torch.Tensor, torch.Tensor] | None, seed: int, rank: int):
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: Any,
+        num_classes: int,
+        x_tgt: torch.Tensor,
+        source_val: tuple[torch.Tensor, torch.Tensor] | None,
+        seed: int,
+        rank: int,
+    ):
         ADAPT_METHODS.get(spec.method.name).prepare_model(model)  # e.g. SHOT freezes the head, before DDP
         super().__init__(model)
         self.adapt = build_adapt_method(spec.method, model, num_classes)
@@ -116,8 +132,9 @@ class Adapt(Method):
         if self.source_free:  # the loop iterates the target domain itself
             return self.adapt({"x_tgt": batch["x"]}, progress)
         idx = torch.randint(len(self.x_tgt), (self.target_batch,), generator=self.generator)
-        return self.adapt({"x_src": batch["x"], "y_src": batch["y"], "x_tgt": self.x_tgt[idx.to(self.x_tgt.device)]},
-                          progress)
+        return self.adapt(
+            {"x_src": batch["x"], "y_src": batch["y"], "x_tgt": self.x_tgt[idx.to(self.x_tgt.device)]}, progress
+        )
 
     @torch.no_grad()
     def epoch_scores(self, device: torch.device) -> dict[str, float]:
@@ -152,12 +169,18 @@ def baseline(ctx: StageContext, job: Any) -> tuple[Artifact, str]:
     """The source-only model: the ``source`` stage, or a source_only run of this recipe (reused if stored)."""
     if ctx.stage.source:
         return ctx.parents[ctx.stage.source], "the source stage"
-    stage = ctx.stage.model_copy(update={"name": "source-only", "selection": "source_val",
-                                         "method": ctx.stage.method.model_validate({"name": "source_only"})})
+    stage = ctx.stage.model_copy(
+        update={
+            "name": "source-only",
+            "selection": "source_val",
+            "method": ctx.stage.method.model_validate({"name": "source_only"}),
+        }
+    )
     # Keyed by the recipe alone (not the method or the stage name): adapt stages that differ only in
     # their method share one baseline.
-    key = spec_hash({"spec": stage.model_dump(mode="json", exclude={"run", "name", "target_batch_size"}),
-                     "seed": ctx.run.seed})[:12]
+    key = spec_hash(
+        {"spec": stage.model_dump(mode="json", exclude={"run", "name", "target_batch_size"}), "seed": ctx.run.seed}
+    )[:12]
     store = ctx.root.child(f"{ctx.pipeline.name}/_baselines/{key}")
     art = read_artifact(store)
     if art is not None:
@@ -174,11 +197,16 @@ def check_source(ctx: StageContext, kwargs: dict[str, Any]) -> None:
     if not ctx.stage.source:
         return
     record = ctx.parents[ctx.stage.source].manifest.get("model") or {}
-    if record.get("name") != ctx.stage.model.name or record.get("kwargs", {}).get("num_classes") != kwargs["num_classes"]:
-        raise KdrayError(f"stages.{ctx.stage.name}.source: {ctx.stage.source!r} is {record.get('name')} with "
-                         f"{record.get('kwargs', {}).get('num_classes')} classes, but this stage adapts "
-                         f"{ctx.stage.model.name} with {kwargs['num_classes']} classes",
-                         hint="Adapt the same architecture on data with the same classes as the source model.")
+    if (
+        record.get("name") != ctx.stage.model.name
+        or record.get("kwargs", {}).get("num_classes") != kwargs["num_classes"]
+    ):
+        raise KdrayError(
+            f"stages.{ctx.stage.name}.source: {ctx.stage.source!r} is {record.get('name')} with "
+            f"{record.get('kwargs', {}).get('num_classes')} classes, but this stage adapts "
+            f"{ctx.stage.model.name} with {kwargs['num_classes']} classes",
+            hint="Adapt the same architecture on data with the same classes as the source model.",
+        )
 
 
 @stage_kind
@@ -199,21 +227,33 @@ class AdaptKind(StageKind):
         adapted.load_state_dict(result.model_state)
         adapted_acc, base_acc = target_accuracy(adapted, ctx.stage), target_accuracy(base.build_model(), ctx.stage)
         selected = max((h for h in result.history if h.get("selected")), key=lambda h: h["epoch"])
-        summary = {"target_acc": adapted_acc, "source_only_acc": base_acc, "gain": adapted_acc - base_acc,
-                   "selection": ctx.stage.selection, "selected_epoch": selected["epoch"],
-                   "deployable": ctx.stage.selection != "oracle", "baseline": {"uri": base.uri, "how": how}}
+        summary = {
+            "target_acc": adapted_acc,
+            "source_only_acc": base_acc,
+            "gain": adapted_acc - base_acc,
+            "selection": ctx.stage.selection,
+            "selected_epoch": selected["epoch"],
+            "deployable": ctx.stage.selection != "oracle",
+            "baseline": {"uri": base.uri, "how": how},
+        }
         flag = "" if summary["deployable"] else " (oracle selection uses target labels: NOT DEPLOYABLE)"
-        ctx.log(f"[{ctx.stage.name}] {ctx.stage.method.name}: target accuracy {adapted_acc:.4f} vs source-only "
-                f"{base_acc:.4f} ({summary['gain']:+.4f}), selected epoch {selected['epoch']} by "
-                f"{ctx.stage.selection}{flag}")
+        ctx.log(
+            f"[{ctx.stage.name}] {ctx.stage.method.name}: target accuracy {adapted_acc:.4f} vs source-only "
+            f"{base_acc:.4f} ({summary['gain']:+.4f}), selected epoch {selected['epoch']} by "
+            f"{ctx.stage.selection}{flag}"
+        )
         return ctx.publish(job, result, extra={"adapt": summary, "metrics": {**result.metrics, **summary}})
 
     def method(self, job: Job, shard: Shard) -> Adapt:
         spec = job.spec
         model = create_model(spec.model.name, **job.extras["model_kwargs"])
         if job.extras.get("init_uri"):
-            load_state_checked(model, open_artifact(job.extras["init_uri"]).state_dict(),
-                               source=job.extras["init_uri"], target=spec.model.name)
+            load_state_checked(
+                model,
+                open_artifact(job.extras["init_uri"]).state_dict(),
+                source=job.extras["init_uri"],
+                target=spec.model.name,
+            )
         rank, world = shard.rank, shard.world
         target = kdata.load(spec.target_domain, "train")
         x_tgt = kdata.normalize(target.x, target)
@@ -223,8 +263,15 @@ class AdaptKind(StageKind):
             val = kdata.load(spec.source_domain, "test")
             part = slice(rank * min(per, VALIDATION_ROWS), (rank + 1) * min(per, VALIDATION_ROWS))
             source_val = (kdata.normalize(val.x, val)[part], val.y[part])
-        return Adapt(model, spec, job.extras["model_kwargs"]["num_classes"], x_tgt[rank * per:(rank + 1) * per],
-                     source_val, job.run.seed, rank)
+        return Adapt(
+            model,
+            spec,
+            job.extras["model_kwargs"]["num_classes"],
+            x_tgt[rank * per : (rank + 1) * per],
+            source_val,
+            job.run.seed,
+            rank,
+        )
 
     def data(self, job: Job) -> tuple[kdata.Split, kdata.Split]:
         """Train on the source domain (or, source-free, on the target domain without its labels);

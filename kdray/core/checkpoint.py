@@ -40,8 +40,10 @@ def bytes_to_state(data: bytes, source: str) -> dict[str, torch.Tensor]:
     try:
         return st_load(data)
     except (SafetensorError, ValueError, RuntimeError) as e:
-        raise CheckpointMismatch(f"{source} is not a readable safetensors file ({e})",
-                                 hint="The file is truncated or corrupt: rerun the stage with --force.") from None
+        raise CheckpointMismatch(
+            f"{source} is not a readable safetensors file ({e})",
+            hint="The file is truncated or corrupt: rerun the stage with --force.",
+        ) from None
 
 
 def sha256(data: bytes) -> str:
@@ -89,14 +91,18 @@ class Artifact:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         if not self.manifest.get("weights"):
-            raise CheckpointMismatch(f"{self.uri} has no weights (a {self.manifest.get('kind')} stage)",
-                                     hint="Refer to a train, distill, transfer or adapt stage instead.")
+            raise CheckpointMismatch(
+                f"{self.uri} has no weights (a {self.manifest.get('kind')} stage)",
+                hint="Refer to a train, distill, transfer or adapt stage instead.",
+            )
         data = self.store.read_bytes(WEIGHTS)
         expected = self.weights_sha256
         if expected and sha256(data) != expected:
-            raise CheckpointMismatch(f"{self.store.uri(WEIGHTS)} does not match its manifest (sha256 "
-                                     f"{sha256(data)[:12]} != {expected[:12]})",
-                                     hint="The weights were changed or truncated after publishing: rerun the stage with --force.")
+            raise CheckpointMismatch(
+                f"{self.store.uri(WEIGHTS)} does not match its manifest (sha256 "
+                f"{sha256(data)[:12]} != {expected[:12]})",
+                hint="The weights were changed or truncated after publishing: rerun the stage with --force.",
+            )
         return bytes_to_state(data, self.store.uri(WEIGHTS))
 
     def build_model(self) -> nn.Module:
@@ -107,15 +113,18 @@ class Artifact:
         return model
 
 
-def write_artifact(store: Storage, manifest: dict[str, Any], state: dict[str, torch.Tensor] | None = None,
-                   files: dict[str, bytes] | None = None) -> Artifact:
+def write_artifact(
+    store: Storage,
+    manifest: dict[str, Any],
+    state: dict[str, torch.Tensor] | None = None,
+    files: dict[str, bytes] | None = None,
+) -> Artifact:
     """Publish an artifact: weights and files first, the manifest last (the commit point)."""
     manifest = dict(manifest)
     if state is not None:
         data = state_to_bytes(state)
         store.write_bytes(WEIGHTS, data)
-        manifest["weights"] = {"file": WEIGHTS, "sha256": sha256(data), "bytes": len(data),
-                               "tensors": len(state)}
+        manifest["weights"] = {"file": WEIGHTS, "sha256": sha256(data), "bytes": len(data), "tensors": len(state)}
     for name, data in (files or {}).items():
         store.write_bytes(name, data)
     manifest.setdefault("schema_version", MANIFEST_SCHEMA_VERSION)
@@ -135,12 +144,16 @@ def read_artifact(uri_or_store: str | Storage) -> Artifact | None:
     try:
         manifest = json.loads(raw)
     except json.JSONDecodeError as e:
-        raise StorageError(f"{store.uri(MANIFEST)} is not valid JSON ({e})",
-                           hint="Delete the artifact folder or rerun the stage with --force.") from None
+        raise StorageError(
+            f"{store.uri(MANIFEST)} is not valid JSON ({e})",
+            hint="Delete the artifact folder or rerun the stage with --force.",
+        ) from None
     if manifest.get("schema_version") != MANIFEST_SCHEMA_VERSION:
-        raise StorageError(f"{store.uri(MANIFEST)} has manifest schema version {manifest.get('schema_version')}, "
-                           f"this kdray reads version {MANIFEST_SCHEMA_VERSION}",
-                           hint="Rerun the stage with --force to rebuild it with this version.")
+        raise StorageError(
+            f"{store.uri(MANIFEST)} has manifest schema version {manifest.get('schema_version')}, "
+            f"this kdray reads version {MANIFEST_SCHEMA_VERSION}",
+            hint="Rerun the stage with --force to rebuild it with this version.",
+        )
     return Artifact(store, manifest)
 
 
@@ -148,8 +161,10 @@ def open_artifact(uri: str) -> Artifact:
     """Like ``read_artifact`` but a missing or unfinished artifact is an error."""
     art = read_artifact(uri)
     if art is None:
-        raise StorageError(f"no finished artifact at {uri} (no {MANIFEST})",
-                           hint="Run the stage that produces it first, or check the URI with `kdray ls`.")
+        raise StorageError(
+            f"no finished artifact at {uri} (no {MANIFEST})",
+            hint="Run the stage that produces it first, or check the URI with `kdray ls`.",
+        )
     return art
 
 
@@ -172,7 +187,9 @@ def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], *, sour
     """Load ``state`` into ``model`` after checking every tensor name and shape; say exactly what differs."""
     problems = diff_state(model.state_dict(), state)
     if problems:
-        raise CheckpointMismatch(f"weights from {source} do not fit model {target!r}: " + "; ".join(problems[:12]),
-                                 hint="Use the same model name and options as the stage that wrote them, "
-                                      "or a transfer stage to map weights between different architectures.")
+        raise CheckpointMismatch(
+            f"weights from {source} do not fit model {target!r}: " + "; ".join(problems[:12]),
+            hint="Use the same model name and options as the stage that wrote them, "
+            "or a transfer stage to map weights between different architectures.",
+        )
     model.load_state_dict(state)

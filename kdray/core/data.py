@@ -32,8 +32,18 @@ FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 
 
 @dataclass(frozen=True)
@@ -68,14 +78,18 @@ def parse_idx(data: bytes, source: str) -> np.ndarray:
     if data[:2] == b"\x1f\x8b":
         data = gzip.decompress(data)
     if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08:
-        raise DataError(f"{source} is not an uint8 IDX file (bad magic number)",
-                        hint="Point data.path at the original Fashion-MNIST files (train-images-idx3-ubyte[.gz] ...).")
+        raise DataError(
+            f"{source} is not an uint8 IDX file (bad magic number)",
+            hint="Point data.path at the original Fashion-MNIST files (train-images-idx3-ubyte[.gz] ...).",
+        )
     ndim = data[3]
-    shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    shape = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
     expected = 4 + 4 * ndim + int(np.prod(shape))
     if len(data) != expected:
-        raise DataError(f"{source} is truncated or corrupt: {len(data)} bytes, header says {expected}",
-                        hint="Re-copy the file (for the Debian package: apt-get install --reinstall dataset-fashion-mnist).")
+        raise DataError(
+            f"{source} is truncated or corrupt: {len(data)} bytes, header says {expected}",
+            hint="Re-copy the file (for the Debian package: apt-get install --reinstall dataset-fashion-mnist).",
+        )
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -91,8 +105,10 @@ def _read_idx_pair(location: str, split: str) -> tuple[np.ndarray, np.ndarray]:
                     arrays.append(parse_idx(store.read_bytes(candidate), store.uri(candidate)))
                     break
             else:
-                raise DataError(f"no {name}[.gz] under {location}",
-                                hint="Upload the four Fashion-MNIST IDX files there, or set data.path to a folder that has them.")
+                raise DataError(
+                    f"no {name}[.gz] under {location}",
+                    hint="Upload the four Fashion-MNIST IDX files there, or set data.path to a folder that has them.",
+                )
         return arrays[0], arrays[1]
     folder = Path(location.removeprefix("file://"))
     arrays = []
@@ -102,9 +118,11 @@ def _read_idx_pair(location: str, split: str) -> tuple[np.ndarray, np.ndarray]:
                 arrays.append(parse_idx(path.read_bytes(), str(path)))
                 break
         else:
-            raise DataError(f"no {name}[.gz] in {folder}",
-                            hint="Install the Debian package (apt-get install -y dataset-fashion-mnist), or set "
-                                 "data.path (or KDRAY_FASHION_MNIST) to a folder or s3:// prefix holding the IDX files.")
+            raise DataError(
+                f"no {name}[.gz] in {folder}",
+                hint="Install the Debian package (apt-get install -y dataset-fashion-mnist), or set "
+                "data.path (or KDRAY_FASHION_MNIST) to a folder or s3:// prefix holding the IDX files.",
+            )
     return arrays[0], arrays[1]
 
 
@@ -117,10 +135,12 @@ def fashion_mnist_location(path: str | None) -> str:
     for folder in FASHION_MNIST_DIRS:
         if Path(folder).is_dir():
             return folder
-    raise DataError("Fashion-MNIST was not found: no data.path given, KDRAY_FASHION_MNIST unset and "
-                    f"{FASHION_MNIST_DIRS[0]} missing",
-                    hint="Install it with `apt-get install -y dataset-fashion-mnist`, or set data.path to a folder "
-                         "or s3:// prefix holding train-images-idx3-ubyte.gz and the three other IDX files.")
+    raise DataError(
+        "Fashion-MNIST was not found: no data.path given, KDRAY_FASHION_MNIST unset and "
+        f"{FASHION_MNIST_DIRS[0]} missing",
+        hint="Install it with `apt-get install -y dataset-fashion-mnist`, or set data.path to a folder "
+        "or s3:// prefix holding train-images-idx3-ubyte.gz and the three other IDX files.",
+    )
 
 
 def _fingerprint(*arrays: np.ndarray) -> str:
@@ -138,8 +158,15 @@ def fashion_mnist(split: str, path: str | None = None) -> Split:
     if len(images) != len(labels):
         raise DataError(f"Fashion-MNIST {split}: {len(images)} images but {len(labels)} labels")
     x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
-    return Split(x, torch.from_numpy(labels.astype(np.int64)), 10, 0.2860, 0.3530,
-                 _fingerprint(images, labels), FASHION_MNIST_CLASSES)
+    return Split(
+        x,
+        torch.from_numpy(labels.astype(np.int64)),
+        10,
+        0.2860,
+        0.3530,
+        _fingerprint(images, labels),
+        FASHION_MNIST_CLASSES,
+    )
 
 
 @DATASETS.register("digits", image_size=8, in_channels=1, num_classes=10)
@@ -154,13 +181,28 @@ def digits(split: str, path: str | None = None) -> Split:
     cut = int(0.8 * len(labels))
     idx = order[:cut] if split == "train" else order[cut:]
     x, y = images[idx], labels[idx]
-    return Split(torch.from_numpy(x).unsqueeze(1), torch.from_numpy(y), 10, 0.3059, 0.3811,
-                 _fingerprint(x, y), tuple(str(i) for i in range(10)))
+    return Split(
+        torch.from_numpy(x).unsqueeze(1),
+        torch.from_numpy(y),
+        10,
+        0.3059,
+        0.3811,
+        _fingerprint(x, y),
+        tuple(str(i) for i in range(10)),
+    )
 
 
 @DATASETS.register("synthetic", image_size=8, in_channels=1, num_classes=4)
-def synthetic(split: str, path: str | None = None, num_samples: int = 512, num_classes: int = 4,
-              image_size: int = 8, channels: int = 1, noise: float = 0.15, seed: int = 0) -> Split:
+def synthetic(
+    split: str,
+    path: str | None = None,
+    num_samples: int = 512,
+    num_classes: int = 4,
+    image_size: int = 8,
+    channels: int = 1,
+    noise: float = 0.15,
+    seed: int = 0,
+) -> Split:
     """Seeded class prototypes plus noise: learnable in a few steps, for tests and smoke runs."""
     gen = torch.Generator().manual_seed(seed)
     protos = torch.rand(num_classes, channels, image_size, image_size, generator=gen)
@@ -168,8 +210,9 @@ def synthetic(split: str, path: str | None = None, num_samples: int = 512, num_c
     gen_split = torch.Generator().manual_seed(seed + (1 if split == "train" else 2))
     y = torch.arange(n) % num_classes
     x = (protos[y] + noise * torch.randn(n, channels, image_size, image_size, generator=gen_split)).clamp(0, 1)
-    return Split(x, y, num_classes, 0.5, 0.3, _fingerprint(x.numpy(), y.numpy()),
-                 tuple(f"class{i}" for i in range(num_classes)))
+    return Split(
+        x, y, num_classes, 0.5, 0.3, _fingerprint(x.numpy(), y.numpy()), tuple(f"class{i}" for i in range(num_classes))
+    )
 
 
 # --------------------------------------------------------------------------- selection
@@ -196,12 +239,16 @@ def select(split: Split, spec: Any, train: bool) -> Split:
         y = withhold_labels(y, k, spec.labels_per_class, spec.label_fraction, spec.seed)
         if spec.drop_unlabelled:
             x, y = x[y >= 0], y[y >= 0]
-    tag = hashlib.sha256(f"{split.fingerprint}|{spec.classes}|{limit}|{spec.labels_per_class}|"
-                         f"{spec.label_fraction}|{spec.drop_unlabelled}|{spec.seed}|{train}".encode()).hexdigest()[:16]
+    tag = hashlib.sha256(
+        f"{split.fingerprint}|{spec.classes}|{limit}|{spec.labels_per_class}|"
+        f"{spec.label_fraction}|{spec.drop_unlabelled}|{spec.seed}|{train}".encode()
+    ).hexdigest()[:16]
     return replace(split, x=x, y=y, num_classes=k, fingerprint=tag, class_names=names)
 
 
-def withhold_labels(y: torch.Tensor, num_classes: int, per_class: int | None, fraction: float, seed: int) -> torch.Tensor:
+def withhold_labels(
+    y: torch.Tensor, num_classes: int, per_class: int | None, fraction: float, seed: int
+) -> torch.Tensor:
     """Keep ``per_class`` labels of each class (or ``fraction`` of each class); set the rest to -1."""
     gen = torch.Generator().manual_seed(seed + 7919)
     out = torch.full_like(y, -1)

@@ -120,8 +120,9 @@ def capture(model: nn.Module, paths: Sequence[str], role: str = "model") -> Iter
             h.remove()
 
 
-def forward_with_features(model: nn.Module, x: torch.Tensor, paths: Sequence[str] = (),
-                          embedding: bool = False, role: str = "model") -> Outputs:
+def forward_with_features(
+    model: nn.Module, x: torch.Tensor, paths: Sequence[str] = (), embedding: bool = False, role: str = "model"
+) -> Outputs:
     """Run ``model(x)`` once and collect logits, hooked features and (optionally) the embedding.
 
     The embedding is read with a pre-hook on ``model.classifier`` (its input is ``model.embed(x)``
@@ -168,6 +169,8 @@ def embedding_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tenso
     finally:
         hook.remove()
     if len(captured) != 1:
-        raise KdrayError(f"the classifier {head!r} ran {len(captured)} times in one forward; it must run exactly "
-                         "once (model(x) == classifier(embedding)).")
+        raise KdrayError(
+            f"the classifier {head!r} ran {len(captured)} times in one forward; it must run exactly "
+            "once (model(x) == classifier(embedding))."
+        )
     return captured[0], logits

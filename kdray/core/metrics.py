@@ -12,7 +12,7 @@ import torch.nn.functional as F
 @torch.no_grad()
 def predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     model.eval()
-    return torch.cat([model(x[i:i + batch_size]).float() for i in range(0, len(x), batch_size)])
+    return torch.cat([model(x[i : i + batch_size]).float() for i in range(0, len(x), batch_size)])
 
 
 @torch.no_grad()
@@ -32,5 +32,8 @@ def latency_ms(model: torch.nn.Module, x: torch.Tensor, batch_size: int, batches
 def metrics_for(logits: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     k = min(5, logits.shape[1])
     top5 = (logits.topk(k, dim=1).indices == y[:, None]).any(1).float().mean()
-    return {"top1": float((logits.argmax(1) == y).float().mean()), "top5": float(top5),
-            "loss": float(F.cross_entropy(logits, y))}
+    return {
+        "top1": float((logits.argmax(1) == y).float().mean()),
+        "top5": float(top5),
+        "loss": float(F.cross_entropy(logits, y)),
+    }

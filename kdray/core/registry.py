@@ -88,9 +88,11 @@ class Registry(Generic[T]):
             try:
                 obj = ep.load()
             except Exception as e:  # a broken plug-in names itself instead of breaking every command
-                raise KdrayError(f"the {self.kind} plug-in {ep.name!r} ({ep.value}, entry point group "
-                                 f"{self.group}) failed to import: {type(e).__name__}: {e}",
-                                 hint="Fix or uninstall the package that declares it.") from None
+                raise KdrayError(
+                    f"the {self.kind} plug-in {ep.name!r} ({ep.value}, entry point group "
+                    f"{self.group}) failed to import: {type(e).__name__}: {e}",
+                    hint="Fix or uninstall the package that declares it.",
+                ) from None
             if inspect.ismodule(obj):
                 continue  # importing the module registered its entries
             if ep.name not in self._items:
@@ -166,8 +168,9 @@ def _loc(loc: tuple) -> str:
     return out
 
 
-def check_params(kind: str, name: str, target: Callable, params: Mapping[str, Any],
-                 skip: tuple[str, ...] = ()) -> dict[str, Any]:
+def check_params(
+    kind: str, name: str, target: Callable, params: Mapping[str, Any], skip: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """Validate ``params`` against ``target``'s signature; return them coerced, defaults filled in.
 
     Raises:
@@ -193,8 +196,10 @@ def check_params(kind: str, name: str, target: Callable, params: Mapping[str, An
                 value = err.get("input")
                 reason = err["msg"].removeprefix("Value error, ")
                 problems.append(f"{kind} {name!r}: parameter {where!r} = {value!r} is invalid: {reason}")
-        raise SpecError("; ".join(p.rstrip(".") for p in problems) + ".",
-                        hint=f"Parameters of {kind} {name!r}: {signature or '(none)'}.") from None
+        raise SpecError(
+            "; ".join(p.rstrip(".") for p in problems) + ".",
+            hint=f"Parameters of {kind} {name!r}: {signature or '(none)'}.",
+        ) from None
     rules = getattr(target, "validate_params", None)
     if callable(rules):
         try:

@@ -70,14 +70,21 @@ ClassList = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1), Af
 def check_images(x: torch.Tensor, y: torch.Tensor | None, what: str = "shift input") -> None:
     """``x`` must be float ``[N, C, H, W]`` on pixel scale [0, 1]; ``y`` (if any) ``[N]``."""
     if x.ndim != 4 or not x.is_floating_point():
-        raise DataError(f"{what}: expected float images [N, C, H, W], got dtype {x.dtype} shape {tuple(x.shape)}.",
-                        hint="Convert to float in [0, 1] (e.g. uint8 / 255) before applying shifts.")
+        raise DataError(
+            f"{what}: expected float images [N, C, H, W], got dtype {x.dtype} shape {tuple(x.shape)}.",
+            hint="Convert to float in [0, 1] (e.g. uint8 / 255) before applying shifts.",
+        )
     if y is not None and tuple(y.shape) != (x.shape[0],):
-        raise DataError(f"{what}: labels have shape {tuple(y.shape)} but images have {x.shape[0]} rows "
-                        f"(shape {tuple(x.shape)}); expected labels of shape ({x.shape[0]},).")
+        raise DataError(
+            f"{what}: labels have shape {tuple(y.shape)} but images have {x.shape[0]} rows "
+            f"(shape {tuple(x.shape)}); expected labels of shape ({x.shape[0]},)."
+        )
     if x.numel() and (x.min() < -1e-6 or x.max() > 1 + 1e-6):
-        raise DataError(f"{what}: pixel values span [{x.min().item():.3g}, {x.max().item():.3g}] but shifts work "
-                        f"on pixel scale [0, 1].", hint="Apply shifts before normalising (mean/std) the images.")
+        raise DataError(
+            f"{what}: pixel values span [{x.min().item():.3g}, {x.max().item():.3g}] but shifts work "
+            f"on pixel scale [0, 1].",
+            hint="Apply shifts before normalising (mean/std) the images.",
+        )
 
 
 class Shift:
@@ -113,6 +120,7 @@ def _register(name: str):
     def deco(cls: type[Shift]) -> type[Shift]:
         cls.name = name
         return SHIFTS.register(name)(cls)
+
     return deco
 
 
@@ -233,23 +241,32 @@ class ClassSubset(Shift):
     def check(self, num_classes: int) -> None:
         bad = [c for c in self.classes if not 0 <= c < num_classes]
         if bad:
-            raise SpecError(f"shift 'class_subset': parameter 'classes' has ids {bad} outside 0..{num_classes - 1} "
-                            f"(the dataset has {num_classes} classes).", hint="Use class ids the dataset has.")
+            raise SpecError(
+                f"shift 'class_subset': parameter 'classes' has ids {bad} outside 0..{num_classes - 1} "
+                f"(the dataset has {num_classes} classes).",
+                hint="Use class ids the dataset has.",
+            )
 
     def apply(self, x, y, seed):
         if y is None:
-            raise DataError("shift 'class_subset' needs labels, got y=None.",
-                            hint="Pass the labels with the images; other shifts accept y=None.")
+            raise DataError(
+                "shift 'class_subset' needs labels, got y=None.",
+                hint="Pass the labels with the images; other shifts accept y=None.",
+            )
         keep = torch.isin(y, torch.tensor(self.classes, device=y.device))
         if not keep.any():
-            raise DataError(f"shift 'class_subset' with classes {self.classes} kept no rows: the labels present are "
-                            f"{sorted(set(y.tolist()))}.", hint="Choose classes that occur in the data.")
+            raise DataError(
+                f"shift 'class_subset' with classes {self.classes} kept no rows: the labels present are "
+                f"{sorted(set(y.tolist()))}.",
+                hint="Choose classes that occur in the data.",
+            )
         return x[keep], y[keep]
 
 
 # --------------------------------------------------------------------------------------------
 # Specs, composition, hashing.
 # --------------------------------------------------------------------------------------------
+
 
 class ShiftSpec(Entry):
     """One shift in a spec: ``{name: rotation, degrees: 30}``.
@@ -288,15 +305,17 @@ def build_shift(entry: ShiftSpec | Mapping[str, Any] | Shift | str, /, **params:
         entry = {"name": entry, **params}
     entry = dict(entry)
     if "name" not in entry:
-        raise SpecError(f"a shift entry needs a 'name', got {entry!r}.",
-                        hint=f"Known shifts: {', '.join(SHIFTS.names())}.")
+        raise SpecError(
+            f"a shift entry needs a 'name', got {entry!r}.", hint=f"Known shifts: {', '.join(SHIFTS.names())}."
+        )
     name = entry.pop("name")
     cls = SHIFTS.get(name)
     return cls(**check_params("shift", name, cls, entry))
 
 
-def parse_shifts(items: Iterable[ShiftSpec | Mapping[str, Any]], where: str = "shifts",
-                 num_classes: int | None = None) -> list[ShiftSpec]:
+def parse_shifts(
+    items: Iterable[ShiftSpec | Mapping[str, Any]], where: str = "shifts", num_classes: int | None = None
+) -> list[ShiftSpec]:
     """Validate a list of shift entries, raising SpecError that names ``where[i]`` on failure."""
     out = []
     for i, item in enumerate(items):
@@ -356,6 +375,15 @@ def shift_hash(shifts: Iterable[ShiftSpec | Mapping[str, Any] | Shift]) -> str:
 
 
 __all__ = [
-    "SHIFTS", "SHIFTS_VERSION", "Shift", "ShiftSpec", "build_shift", "parse_shifts", "compose",
-    "shift_hash", "canonical_shifts", "check_images", "rotate",
+    "SHIFTS",
+    "SHIFTS_VERSION",
+    "Shift",
+    "ShiftSpec",
+    "build_shift",
+    "parse_shifts",
+    "compose",
+    "shift_hash",
+    "canonical_shifts",
+    "check_images",
+    "rotate",
 ]

@@ -67,9 +67,13 @@ class StorageSpec(Spec):
     def _scheme(cls, v: str) -> str:
         scheme = v.split("://", 1)[0] if "://" in v else "file"
         if scheme not in ("file", "s3"):
-            raise ValueError(f"storage scheme {scheme!r} is not supported; use file://<folder> or s3://<bucket>/<prefix>")
+            raise ValueError(
+                f"storage scheme {scheme!r} is not supported; use file://<folder> or s3://<bucket>/<prefix>"
+            )
         if re.search(r"(secret|access)_?key|password", v, re.I):
-            raise ValueError("credentials do not belong in the spec; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in the environment")
+            raise ValueError(
+                "credentials do not belong in the spec; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in the environment"
+            )
         return v
 
 
@@ -148,8 +152,10 @@ class StageBase(Spec):
     @classmethod
     def _name(cls, v: str) -> str:
         if not DNS_LABEL.fullmatch(v) or len(v) > 40:
-            raise ValueError(f"stage name {v!r} must be lower-case letters, digits and '-', start with a letter, "
-                             "at most 40 characters (it is used in storage keys and Kubernetes names)")
+            raise ValueError(
+                f"stage name {v!r} must be lower-case letters, digits and '-', start with a letter, "
+                "at most 40 characters (it is used in storage keys and Kubernetes names)"
+            )
         return v
 
     def references(self) -> list[tuple[str, str]]:

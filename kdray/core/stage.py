@@ -45,11 +45,11 @@ class Job:
     """Everything a worker needs to train one stage. Typed here; JSON only across processes."""
 
     pipeline: str
-    spec: Any        # the stage's spec: an instance of its kind's ``StageKind.spec`` (a StageBase)
+    spec: Any  # the stage's spec: an instance of its kind's ``StageKind.spec`` (a StageBase)
     run: RunSpec
     key: str
     parents: dict[str, str] = field(default_factory=dict)  # reference -> artifact URI
-    extras: dict[str, Any] = field(default_factory=dict)   # stage-specific inputs (e.g. a teacher cache URI)
+    extras: dict[str, Any] = field(default_factory=dict)  # stage-specific inputs (e.g. a teacher cache URI)
 
     @property
     def run_name(self) -> str:
@@ -57,9 +57,16 @@ class Job:
 
     def to_config(self) -> dict[str, Any]:
         """The job as JSON-able values, for a Ray worker in another process."""
-        return {"job": {"pipeline": self.pipeline, "spec": self.spec.model_dump(mode="json"),
-                        "run": self.run.model_dump(mode="json"), "key": self.key, "parents": dict(self.parents),
-                        "extras": json.loads(json.dumps(self.extras))}}
+        return {
+            "job": {
+                "pipeline": self.pipeline,
+                "spec": self.spec.model_dump(mode="json"),
+                "run": self.run.model_dump(mode="json"),
+                "key": self.key,
+                "parents": dict(self.parents),
+                "extras": json.loads(json.dumps(self.extras)),
+            }
+        }
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "Job":
@@ -80,9 +87,9 @@ def run_name(pipeline: str, stage: str, key: str) -> str:
 class Shard:
     """What one worker trains on: the training split and the rows of it that are this rank's."""
 
-    train: kdata.Split     # the whole (selected) training split, pixels in [0, 1]
-    x: torch.Tensor        # its inputs, normalised
-    rows: torch.Tensor     # this rank's row indices
+    train: kdata.Split  # the whole (selected) training split, pixels in [0, 1]
+    x: torch.Tensor  # its inputs, normalised
+    rows: torch.Tensor  # this rank's row indices
     rank: int = 0
     world: int = 1
 
@@ -108,14 +115,14 @@ class FitResult:
 class StageContext:
     """What a stage's driver side gets from the engine."""
 
-    pipeline: Any                    # the PipelineSpec
-    stage: Any                       # the stage's spec
-    key: str                         # hash of the stage spec and its parents' keys
-    store: Storage                   # the artifact folder <root>/<pipeline>/<stage>/<key>
-    root: Storage                    # the storage root (Ray's run folders live under it)
+    pipeline: Any  # the PipelineSpec
+    stage: Any  # the stage's spec
+    key: str  # hash of the stage spec and its parents' keys
+    store: Storage  # the artifact folder <root>/<pipeline>/<stage>/<key>
+    root: Storage  # the storage root (Ray's run folders live under it)
     parents: dict[str, Artifact] = field(default_factory=dict)  # reference -> finished artifact
     log: Log = print
-    fit: Callable[[Job, Storage], FitResult] | None = None        # the engine's training loop runner
+    fit: Callable[[Job, Storage], FitResult] | None = None  # the engine's training loop runner
 
     @property
     def run(self) -> RunSpec:
@@ -129,27 +136,42 @@ class StageContext:
 
     def job(self, **extras: Any) -> Job:
         """The worker's view of this stage."""
-        return Job(pipeline=self.pipeline.name, spec=self.stage, run=self.run, key=self.key,
-                   parents={ref: art.uri for ref, art in self.parents.items()},
-                   extras={"model_kwargs": model_kwargs(self.stage.model, self.stage.data), **extras})
+        return Job(
+            pipeline=self.pipeline.name,
+            spec=self.stage,
+            run=self.run,
+            key=self.key,
+            parents={ref: art.uri for ref, art in self.parents.items()},
+            extras={"model_kwargs": model_kwargs(self.stage.model, self.stage.data), **extras},
+        )
 
     def base_manifest(self) -> dict[str, Any]:
         return {
-            "kind": self.stage.kind, "pipeline": self.pipeline.name, "stage": self.stage.name, "key": self.key,
-            "spec": self.stage.model_dump(mode="json"), "run": self.run.model_dump(mode="json"),
-            "parents": [{"ref": ref, "uri": art.uri, "key": art.manifest.get("key"),
-                         "weights_sha256": art.weights_sha256} for ref, art in self.parents.items()],
+            "kind": self.stage.kind,
+            "pipeline": self.pipeline.name,
+            "stage": self.stage.name,
+            "key": self.key,
+            "spec": self.stage.model_dump(mode="json"),
+            "run": self.run.model_dump(mode="json"),
+            "parents": [
+                {"ref": ref, "uri": art.uri, "key": art.manifest.get("key"), "weights_sha256": art.weights_sha256}
+                for ref, art in self.parents.items()
+            ],
         }
 
-    def publish(self, job: Job, result: FitResult, files: dict[str, bytes] | None = None,
-                extra: dict[str, Any] | None = None) -> Artifact:
+    def publish(
+        self, job: Job, result: FitResult, files: dict[str, bytes] | None = None, extra: dict[str, Any] | None = None
+    ) -> Artifact:
         """Write a trained model's artifact: weights, history and ``files``, then the manifest."""
         kwargs = job.extras["model_kwargs"]
         model = create_model(self.stage.model.name, **kwargs)
         manifest = self.base_manifest() | {
             "model": model_record(self.stage.model, kwargs, model),
-            "metrics": result.metrics, "history": result.history, "ray_run": result.run_path,
-            "timings": {"fit_seconds": round(result.seconds, 3)}, **(extra or {}),
+            "metrics": result.metrics,
+            "history": result.history,
+            "ray_run": result.run_path,
+            "timings": {"fit_seconds": round(result.seconds, 3)},
+            **(extra or {}),
         }
         files = {"history.json": json.dumps(result.history, indent=1).encode(), **(files or {})}
         return write_artifact(self.store, manifest, result.model_state, files)
@@ -158,14 +180,23 @@ class StageContext:
 def model_kwargs(model_spec: ModelSpec, data_spec: DataSpec) -> dict[str, Any]:
     """Builder keywords for a model on a dataset: classes, channels and size come from the data."""
     facts = kdata.describe(data_spec)
-    return {"num_classes": model_spec.num_classes or facts["num_classes"], "in_channels": facts["in_channels"],
-            "image_size": facts["image_size"], **model_spec.params}
+    return {
+        "num_classes": model_spec.num_classes or facts["num_classes"],
+        "in_channels": facts["in_channels"],
+        "image_size": facts["image_size"],
+        **model_spec.params,
+    }
 
 
 def model_record(model_spec: ModelSpec, kwargs: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
-    return {"name": model_spec.name, "kwargs": kwargs, "family": getattr(model, "family", "unknown"),
-            "parameters": count_parameters(model), "feature_layers": list(getattr(model, "feature_layers", ())),
-            "classifier": getattr(model, "classifier_name", "classifier")}
+    return {
+        "name": model_spec.name,
+        "kwargs": kwargs,
+        "family": getattr(model, "family", "unknown"),
+        "parameters": count_parameters(model),
+        "feature_layers": list(getattr(model, "feature_layers", ())),
+        "classifier": getattr(model, "classifier_name", "classifier"),
+    }
 
 
 # --------------------------------------------------------------------------- the plug-in

@@ -46,15 +46,19 @@ def s3_filesystem(connect_timeout: float = 5.0, request_timeout: float = 20.0, a
         inherited = _ray_run_filesystem()
         if inherited is not None:
             return inherited
-    kwargs: dict = {"region": os.environ.get("AWS_REGION", os.environ.get("AWS_DEFAULT_REGION", "us-east-1")),
-                    "connect_timeout": connect_timeout, "request_timeout": request_timeout,
-                    "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=attempts)}
+    kwargs: dict = {
+        "region": os.environ.get("AWS_REGION", os.environ.get("AWS_DEFAULT_REGION", "us-east-1")),
+        "connect_timeout": connect_timeout,
+        "request_timeout": request_timeout,
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=attempts),
+    }
     if endpoint:
         parsed = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}")
         kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme or "http")
     if os.environ.get("AWS_ACCESS_KEY_ID"):
-        kwargs.update(access_key=os.environ["AWS_ACCESS_KEY_ID"],
-                      secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY", ""))
+        kwargs.update(
+            access_key=os.environ["AWS_ACCESS_KEY_ID"], secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY", "")
+        )
     return pafs.S3FileSystem(**kwargs)
 
 
@@ -91,7 +95,7 @@ class Storage:
         if uri.startswith("s3://"):
             self.scheme = "s3"
             self.fs: pafs.FileSystem = s3_filesystem()
-            self.root = uri[len("s3://"):].strip("/")
+            self.root = uri[len("s3://") :].strip("/")
             if not self.root:
                 raise StorageError(f"storage URI {uri!r} names no bucket", hint="Use s3://<bucket>/<prefix>.")
         else:
@@ -121,8 +125,9 @@ class Storage:
     # ------------------------------------------------------------------ I/O
 
     def _wrap(self, action: str, rel: str, err: Exception) -> StorageError:
-        return StorageError(f"could not {action} {self.uri(rel)}: {err}", hint=self._hint(),
-                            transient=self.scheme == "s3")  # a network error may pass; a retry is cheap
+        return StorageError(
+            f"could not {action} {self.uri(rel)}: {err}", hint=self._hint(), transient=self.scheme == "s3"
+        )  # a network error may pass; a retry is cheap
 
     @property
     def bucket(self) -> str:
@@ -130,9 +135,11 @@ class Storage:
 
     def _hint(self) -> str:
         if self.scheme == "s3":
-            return (f"Check that the S3 server at {s3_endpoint() or 'AWS (KDRAY_S3_ENDPOINT unset)'} is "
-                    f"running and reachable, that bucket {self.bucket!r} exists, and that KDRAY_S3_ENDPOINT, "
-                    "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY are set for it.")
+            return (
+                f"Check that the S3 server at {s3_endpoint() or 'AWS (KDRAY_S3_ENDPOINT unset)'} is "
+                f"running and reachable, that bucket {self.bucket!r} exists, and that KDRAY_S3_ENDPOINT, "
+                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY are set for it."
+            )
         return "Check that the folder exists and is writable, or set storage.uri to another folder."
 
     def exists(self, rel: str) -> bool:
@@ -146,8 +153,9 @@ class Storage:
             with self.fs.open_input_stream(self.path(rel)) as f:
                 return f.read()
         except FileNotFoundError:
-            raise StorageError(f"{self.uri(rel)} does not exist",
-                               hint="Check the artifact URI (`kdray ls` lists finished artifacts).") from None
+            raise StorageError(
+                f"{self.uri(rel)} does not exist", hint="Check the artifact URI (`kdray ls` lists finished artifacts)."
+            ) from None
         except OSError as e:
             raise self._wrap("read", rel, e) from None
 
@@ -189,7 +197,7 @@ class Storage:
         except OSError as e:
             raise self._wrap("list", rel, e) from None
         base = self.root + "/"
-        return sorted(i.path[len(base):] if i.path.startswith(base) else i.path for i in infos)
+        return sorted(i.path[len(base) :] if i.path.startswith(base) else i.path for i in infos)
 
     def delete_dir(self, rel: str) -> None:
         try:
@@ -215,19 +223,28 @@ class Storage:
             bucket = fs.get_file_info(self.bucket)
         except OSError as e:
             if not _refused(e):
-                raise StorageError(f"cannot use storage {self.root_uri}: a request for bucket {self.bucket!r} to "
-                                   f"the {where} failed ({e})", hint=self._hint()) from None
+                raise StorageError(
+                    f"cannot use storage {self.root_uri}: a request for bucket {self.bucket!r} to "
+                    f"the {where} failed ({e})",
+                    hint=self._hint(),
+                ) from None
             bucket = None  # a policy may allow objects under the prefix but not HeadBucket: the write decides
         if bucket is not None and bucket.type == pafs.FileType.NotFound:
-            raise StorageError(f"storage {self.root_uri}: bucket {self.bucket!r} does not exist on the {where}",
-                               hint="Create it first (kdray never creates buckets), e.g. "
-                                    f"`aws s3 mb s3://{self.bucket}`, or set storage.uri to an existing bucket.")
+            raise StorageError(
+                f"storage {self.root_uri}: bucket {self.bucket!r} does not exist on the {where}",
+                hint="Create it first (kdray never creates buckets), e.g. "
+                f"`aws s3 mb s3://{self.bucket}`, or set storage.uri to an existing bucket.",
+            )
         try:
             with fs.open_output_stream(self.path(probe)) as f:
                 f.write(b"ok")
         except OSError as e:
-            hint = ("The server refused the request: check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, and that "
-                    f"they may write under {self.root_uri}." if _refused(e) else self._hint())
+            hint = (
+                "The server refused the request: check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, and that "
+                f"they may write under {self.root_uri}."
+                if _refused(e)
+                else self._hint()
+            )
             raise StorageError(f"cannot write to storage {self.root_uri} on the {where} ({e})", hint=hint) from None
         self._delete_quietly(fs, probe)
 

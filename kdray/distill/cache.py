@@ -27,8 +27,14 @@ CACHE_FORMAT = 1
 
 
 def cache_key(teacher: Artifact, train: kdata.Split) -> str:
-    return spec_hash({"format": CACHE_FORMAT, "teacher": teacher.weights_sha256, "data": train.fingerprint,
-                      "transform": {"normalize": [train.mean, train.std]}})[:16]
+    return spec_hash(
+        {
+            "format": CACHE_FORMAT,
+            "teacher": teacher.weights_sha256,
+            "data": train.fingerprint,
+            "transform": {"normalize": [train.mean, train.std]},
+        }
+    )[:16]
 
 
 def read_cache_meta(store: Storage) -> dict[str, Any] | None:
@@ -37,35 +43,44 @@ def read_cache_meta(store: Storage) -> dict[str, Any] | None:
     return json.loads(store.read_bytes("meta.json"))
 
 
-def build_cache(store: Storage, teacher: nn.Module, x: torch.Tensor, meta: dict[str, Any],
-                batch_size: int = 1024, log=print) -> dict[str, Any]:
+def build_cache(
+    store: Storage, teacher: nn.Module, x: torch.Tensor, meta: dict[str, Any], batch_size: int = 1024, log=print
+) -> dict[str, Any]:
     """Run the teacher once over ``x`` and write its logits in chunks, then ``meta.json`` last."""
     teacher.eval()
     t0 = time.perf_counter()
     with torch.no_grad():
         for start in range(0, len(x), CHUNK_ROWS):
-            rows = x[start:start + CHUNK_ROWS]
-            logits = torch.cat([teacher(rows[i:i + batch_size]).float() for i in range(0, len(rows), batch_size)])
+            rows = x[start : start + CHUNK_ROWS]
+            logits = torch.cat([teacher(rows[i : i + batch_size]).float() for i in range(0, len(rows), batch_size)])
             store.write_bytes(f"logits-{start:09d}.safetensors", state_to_bytes({"logits": logits}))
             log(f"  teacher cache: {min(start + CHUNK_ROWS, len(x)):,}/{len(x):,} rows")
-    meta = {**meta, "rows": len(x), "chunk_rows": CHUNK_ROWS, "format": CACHE_FORMAT,
-            "seconds": round(time.perf_counter() - t0, 3)}
+    meta = {
+        **meta,
+        "rows": len(x),
+        "chunk_rows": CHUNK_ROWS,
+        "format": CACHE_FORMAT,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
     store.write_bytes("meta.json", json.dumps(meta, indent=2).encode())
     return meta
 
 
-def read_cache_rows(store: Storage, start: int, stop: int, *, expect_rows: int, expect_fingerprint: str) -> torch.Tensor:
+def read_cache_rows(
+    store: Storage, start: int, stop: int, *, expect_rows: int, expect_fingerprint: str
+) -> torch.Tensor:
     """Logits of rows ``[start, stop)`` from the chunks that overlap them (a rank reads only its shard)."""
     meta = read_cache_meta(store)
     if meta is None or meta["rows"] != expect_rows or meta["data_fingerprint"] != expect_fingerprint:
-        raise KdrayError(f"teacher cache at {store.uri()} does not match this data "
-                         f"(rows {meta and meta['rows']} vs {expect_rows})",
-                         hint="Rerun the stage: the driver rebuilds a cache that does not match.")
+        raise KdrayError(
+            f"teacher cache at {store.uri()} does not match this data (rows {meta and meta['rows']} vs {expect_rows})",
+            hint="Rerun the stage: the driver rebuilds a cache that does not match.",
+        )
     chunk = meta["chunk_rows"]
     parts = []
     for c0 in range((start // chunk) * chunk, stop, chunk):
         logits = bytes_to_state(store.read_bytes(f"logits-{c0:09d}.safetensors"), store.uri())["logits"]
-        parts.append(logits[max(start - c0, 0):stop - c0])
+        parts.append(logits[max(start - c0, 0) : stop - c0])
     return torch.cat(parts)
 
 
@@ -81,7 +96,16 @@ def ensure_cache(ctx: StageContext, teacher: Artifact) -> str:
     if meta is not None:
         ctx.log(f"[{ctx.stage.name}] teacher cache at {store.uri()} does not match; rebuilding it")
     ctx.log(f"[{ctx.stage.name}] building teacher cache at {store.uri()}")
-    build_cache(store, teacher.build_model(), kdata.normalize(train.x, train),
-                {"teacher_uri": teacher.uri, "teacher_sha256": teacher.weights_sha256,
-                 "data_fingerprint": train.fingerprint, "num_classes": train.num_classes}, log=ctx.log)
+    build_cache(
+        store,
+        teacher.build_model(),
+        kdata.normalize(train.x, train),
+        {
+            "teacher_uri": teacher.uri,
+            "teacher_sha256": teacher.weights_sha256,
+            "data_fingerprint": train.fingerprint,
+            "num_classes": train.num_classes,
+        },
+        log=ctx.log,
+    )
     return store.uri()

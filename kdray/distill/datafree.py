@@ -33,9 +33,11 @@ class BatchNormMatch:
     def __init__(self, model: nn.Module):
         self.layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         if not self.layers:
-            raise KdrayError(f"data-free distillation matches the teacher's BatchNorm statistics, but the teacher "
-                             f"({type(model).__name__}) has no BatchNorm layer",
-                             hint="Use a teacher with BatchNorm (cnn_small, cnn_large, resnet_small).")
+            raise KdrayError(
+                f"data-free distillation matches the teacher's BatchNorm statistics, but the teacher "
+                f"({type(model).__name__}) has no BatchNorm layer",
+                hint="Use a teacher with BatchNorm (cnn_small, cnn_large, resnet_small).",
+            )
         self.losses: list[torch.Tensor] = []
         self.handles = [m.register_forward_hook(self._hook) for m in self.layers]
 
@@ -55,10 +57,22 @@ class BatchNormMatch:
             h.remove()
 
 
-def synthesize(teacher: nn.Module, *, samples: int, shape: tuple[int, int, int], num_classes: int, steps: int = 200,
-               batch_size: int = 256, lr: float = 0.1, bn_weight: float = 1.0, tv_weight: float = 1e-4,
-               l2_weight: float = 1e-5, seed: int = 0, device: torch.device = torch.device("cpu"),
-               log: Callable[[str], None] = print) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+def synthesize(
+    teacher: nn.Module,
+    *,
+    samples: int,
+    shape: tuple[int, int, int],
+    num_classes: int,
+    steps: int = 200,
+    batch_size: int = 256,
+    lr: float = 0.1,
+    bn_weight: float = 1.0,
+    tv_weight: float = 1e-4,
+    l2_weight: float = 1e-5,
+    seed: int = 0,
+    device: torch.device = torch.device("cpu"),
+    log: Callable[[str], None] = print,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """``samples`` inputs of ``shape`` (in normalised-pixel space) and their target classes, plus stats."""
     teacher = teacher.to(device).eval()
     for p in teacher.parameters():
@@ -92,8 +106,15 @@ def synthesize(teacher: nn.Module, *, samples: int, shape: tuple[int, int, int],
         bn.close()
     x, y = torch.cat(xs), torch.cat(ys)
     with torch.no_grad():
-        agree = float((torch.cat([teacher(x[i:i + 512].to(device)).argmax(1).cpu()
-                                  for i in range(0, len(x), 512)]) == y).float().mean())
-    stats = {"bn_loss_start": sum(first) / len(first), "bn_loss_end": sum(last) / len(last),
-             "teacher_agreement_with_targets": agree, "seconds": round(time.perf_counter() - t0, 2)}
+        agree = float(
+            (torch.cat([teacher(x[i : i + 512].to(device)).argmax(1).cpu() for i in range(0, len(x), 512)]) == y)
+            .float()
+            .mean()
+        )
+    stats = {
+        "bn_loss_start": sum(first) / len(first),
+        "bn_loss_end": sum(last) / len(last),
+        "teacher_agreement_with_targets": agree,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
     return x, y, stats

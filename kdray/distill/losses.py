@@ -60,8 +60,10 @@ class DistillLoss(nn.Module):
         resolve_modules(student, self.student_layers, "student")
         if self.teacher_layers:
             if teacher is None:
-                raise KdrayError(f"loss {self.name!r} reads teacher layers {list(self.teacher_layers)} "
-                                 "but no teacher model was given; it needs the teacher to run online.")
+                raise KdrayError(
+                    f"loss {self.name!r} reads teacher layers {list(self.teacher_layers)} "
+                    "but no teacher model was given; it needs the teacher to run online."
+                )
             resolve_modules(teacher, self.teacher_layers, "teacher")
 
     @property
@@ -80,22 +82,28 @@ class DistillLoss(nn.Module):
 
     def _same_logits(self, s: torch.Tensor, t: torch.Tensor) -> None:
         if s.shape != t.shape:
-            raise KdrayError(f"loss {self.name!r}: student logits {tuple(s.shape)} and teacher logits "
-                             f"{tuple(t.shape)} differ; both models need the same num_classes and batch.")
+            raise KdrayError(
+                f"loss {self.name!r}: student logits {tuple(s.shape)} and teacher logits "
+                f"{tuple(t.shape)} differ; both models need the same num_classes and batch."
+            )
 
     def _labels(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
         if "y" not in batch:
             raise KdrayError(f"loss {self.name!r} needs labels, but the batch has keys {sorted(batch)} and no 'y'.")
         y = batch["y"]
         if y.dim() != 1 or y.shape[0] != logits.shape[0]:
-            raise KdrayError(f"loss {self.name!r}: labels y {tuple(y.shape)} do not match logits "
-                             f"{tuple(logits.shape)}; expected y of shape [{logits.shape[0]}].")
+            raise KdrayError(
+                f"loss {self.name!r}: labels y {tuple(y.shape)} do not match logits "
+                f"{tuple(logits.shape)}; expected y of shape [{logits.shape[0]}]."
+            )
         return y.long()
 
     def _feature(self, out: Outputs, path: str, role: str) -> torch.Tensor:
         if path not in out.features:
-            raise KdrayError(f"loss {self.name!r} needs the {role} output of {path!r}, but only "
-                             f"{sorted(out.features)} were captured; hook the loss's {role}_layers.")
+            raise KdrayError(
+                f"loss {self.name!r} needs the {role} output of {path!r}, but only "
+                f"{sorted(out.features)} were captured; hook the loss's {role}_layers."
+            )
         return out.features[path]
 
 
@@ -224,9 +232,13 @@ class WeightedOutputMSE(DistillLoss):
     TARGETS = ("logits", "probs")
     WEIGHTINGS = ("uniform", "class_table", "confidence", "column")
 
-    def __init__(self, target: Literal["logits", "probs"] = "logits", temperature: Positive = 1.0,
-                 weighting: Literal["uniform", "class_table", "confidence", "column"] = "uniform",
-                 class_weights: list[NonNegative] | None = None):
+    def __init__(
+        self,
+        target: Literal["logits", "probs"] = "logits",
+        temperature: Positive = 1.0,
+        weighting: Literal["uniform", "class_table", "confidence", "column"] = "uniform",
+        class_weights: list[NonNegative] | None = None,
+    ):
         super().__init__()
         self.validate_params({"weighting": weighting, "class_weights": class_weights})
         self.target, self.weighting, self.temperature = target, weighting, float(temperature)
@@ -238,11 +250,15 @@ class WeightedOutputMSE(DistillLoss):
         """class_weights goes with (and only with) weighting: class_table."""
         weighting, class_weights = params.get("weighting"), params.get("class_weights")
         if weighting == "class_table" and not class_weights:
-            raise ValueError("weighting='class_table' needs class_weights, a list of one non-negative weight per "
-                             "class, e.g. class_weights: [1.0, 2.0, ...].")
+            raise ValueError(
+                "weighting='class_table' needs class_weights, a list of one non-negative weight per "
+                "class, e.g. class_weights: [1.0, 2.0, ...]."
+            )
         if weighting != "class_table" and class_weights is not None:
-            raise ValueError(f"class_weights is only used with weighting='class_table', but weighting={weighting!r}; "
-                             "remove class_weights or change weighting.")
+            raise ValueError(
+                f"class_weights is only used with weighting='class_table', but weighting={weighting!r}; "
+                "remove class_weights or change weighting."
+            )
 
     def _weights(self, s_logits: torch.Tensor, t_logits: torch.Tensor, batch: dict) -> torch.Tensor:
         n, k = s_logits.shape
@@ -252,22 +268,30 @@ class WeightedOutputMSE(DistillLoss):
             return F.softmax(t_logits, -1).max(-1).values
         if self.weighting == "column":
             if "w" not in batch:
-                raise KdrayError("loss 'weighted_output_mse' with weighting='column' needs per-sample weights "
-                                 f"batch['w'], but the batch has keys {sorted(batch)}; give the data set a weight "
-                                 "column.")
+                raise KdrayError(
+                    "loss 'weighted_output_mse' with weighting='column' needs per-sample weights "
+                    f"batch['w'], but the batch has keys {sorted(batch)}; give the data set a weight "
+                    "column."
+                )
             w = batch["w"]
             if w.shape != (n,):
-                raise KdrayError(f"loss 'weighted_output_mse': weights w {tuple(w.shape)} do not match logits "
-                                 f"{tuple(s_logits.shape)}; expected w of shape [{n}].")
+                raise KdrayError(
+                    f"loss 'weighted_output_mse': weights w {tuple(w.shape)} do not match logits "
+                    f"{tuple(s_logits.shape)}; expected w of shape [{n}]."
+                )
             return w.to(s_logits.device, torch.float32)
         # class_table
         if len(self.class_weights) != k:  # type: ignore[arg-type]  # torch: Module.__getattr__
-            raise KdrayError(f"loss 'weighted_output_mse': class_weights has {len(self.class_weights)} entries "  # type: ignore[arg-type]  # torch: Module.__getattr__
-                             f"but the logits have {k} classes; give one weight per class.")
+            raise KdrayError(
+                f"loss 'weighted_output_mse': class_weights has {len(self.class_weights)} entries "  # type: ignore[arg-type]  # torch: Module.__getattr__
+                f"but the logits have {k} classes; give one weight per class."
+            )
         y = batch["y"].long() if "y" in batch else torch.full((n,), -1, device=s_logits.device)
         if y.shape != (n,):
-            raise KdrayError(f"loss 'weighted_output_mse': labels y {tuple(y.shape)} do not match logits "
-                             f"{tuple(s_logits.shape)}; expected y of shape [{n}].")
+            raise KdrayError(
+                f"loss 'weighted_output_mse': labels y {tuple(y.shape)} do not match logits "
+                f"{tuple(s_logits.shape)}; expected y of shape [{n}]."
+            )
         idx = torch.where(y >= 0, y, t_logits.argmax(-1))
         return self.class_weights.to(s_logits.device)[idx]  # type: ignore[index]  # torch: Module.__getattr__
 
@@ -296,12 +320,16 @@ def _bridge(s: torch.Tensor, t: torch.Tensor, s_path: str, t_path: str) -> tuple
     4-D vs 4-D of different spatial size -> adaptive average pool both to the smaller H and W.
     """
     if s.shape[0] != t.shape[0]:
-        raise KdrayError(f"student {s_path!r} {tuple(s.shape)} and teacher {t_path!r} {tuple(t.shape)} "
-                         "have different batch sizes; run both models on the same batch.")
+        raise KdrayError(
+            f"student {s_path!r} {tuple(s.shape)} and teacher {t_path!r} {tuple(t.shape)} "
+            "have different batch sizes; run both models on the same batch."
+        )
     if s.dim() not in (2, 3, 4) or t.dim() not in (2, 3, 4):
-        raise KdrayError(f"cannot bridge student {s_path!r} {tuple(s.shape)} and teacher {t_path!r} "
-                         f"{tuple(t.shape)}: features must be [N, D], [N, L, D] or [N, C, H, W]; "
-                         "choose layers from the models' feature_layers.")
+        raise KdrayError(
+            f"cannot bridge student {s_path!r} {tuple(s.shape)} and teacher {t_path!r} "
+            f"{tuple(t.shape)}: features must be [N, D], [N, L, D] or [N, C, H, W]; "
+            "choose layers from the models' feature_layers."
+        )
     s = s.mean(1) if s.dim() == 3 else s
     t = t.mean(1) if t.dim() == 3 else t
     if s.dim() == 4 and t.dim() == 4:
@@ -365,16 +393,20 @@ class FeatureHint(DistillLoss):
 
     def forward(self, student: Outputs, teacher: Outputs | None, batch: dict) -> torch.Tensor:
         if self.proj is None:
-            raise RuntimeError("feature_hint.setup(student, teacher, example_x) must run before training "
-                               "(it builds the projection the optimiser has to see).")
+            raise RuntimeError(
+                "feature_hint.setup(student, teacher, example_x) must run before training "
+                "(it builds the projection the optimiser has to see)."
+            )
         s = self._feature(student, self.student_layer, "student").float()
         t = self._feature(self._teacher(teacher), self.teacher_layer, "teacher").detach().float()
         s2, t2 = _bridge(s, t, self.student_layer, self.teacher_layer)
         cin = self.proj.in_channels if isinstance(self.proj, nn.Conv2d) else self.proj.in_features
         if s2.dim() != (4 if isinstance(self.proj, nn.Conv2d) else 2) or s2.shape[1] != cin:
-            raise KdrayError(f"feature_hint: student {self.student_layer!r} now gives {tuple(s.shape)} "
-                             f"(teacher {self.teacher_layer!r} {tuple(t.shape)}), but setup built a projection "
-                             f"for width {cin}; run setup with inputs shaped like the training data.")
+            raise KdrayError(
+                f"feature_hint: student {self.student_layer!r} now gives {tuple(s.shape)} "
+                f"(teacher {self.teacher_layer!r} {tuple(t.shape)}), but setup built a projection "
+                f"for width {cin}; run setup with inputs shaped like the training data."
+            )
         return F.mse_loss(self.proj(s2), t2)
 
 
@@ -405,8 +437,12 @@ class AttentionTransfer(DistillLoss):
         beta: β (> 0).
     """
 
-    def __init__(self, pairs: Annotated[list[tuple[ModulePath, ModulePath]], Field(min_length=1)],
-                 p: Positive = 2.0, beta: Positive = 1.0):
+    def __init__(
+        self,
+        pairs: Annotated[list[tuple[ModulePath, ModulePath]], Field(min_length=1)],
+        p: Positive = 2.0,
+        beta: Positive = 1.0,
+    ):
         super().__init__()
         self.pairs = [tuple(pr) for pr in pairs]
         self.p, self.beta = float(p), float(beta)
@@ -415,12 +451,16 @@ class AttentionTransfer(DistillLoss):
 
     def _check_4d(self, s: torch.Tensor, t: torch.Tensor, s_path: str, t_path: str) -> None:
         if s.dim() != 4 or t.dim() != 4:
-            raise KdrayError(f"attention_transfer needs conv feature maps [N, C, H, W], but student {s_path!r} "
-                             f"gives {tuple(s.shape)} and teacher {t_path!r} gives {tuple(t.shape)}; pick conv "
-                             "layers, or use feature_hint for MLP/GRU/transformer features.")
+            raise KdrayError(
+                f"attention_transfer needs conv feature maps [N, C, H, W], but student {s_path!r} "
+                f"gives {tuple(s.shape)} and teacher {t_path!r} gives {tuple(t.shape)}; pick conv "
+                "layers, or use feature_hint for MLP/GRU/transformer features."
+            )
         if s.shape[0] != t.shape[0]:
-            raise KdrayError(f"attention_transfer: student {s_path!r} {tuple(s.shape)} and teacher {t_path!r} "
-                             f"{tuple(t.shape)} have different batch sizes.")
+            raise KdrayError(
+                f"attention_transfer: student {s_path!r} {tuple(s.shape)} and teacher {t_path!r} "
+                f"{tuple(t.shape)} have different batch sizes."
+            )
 
     def setup(self, student: nn.Module, teacher: nn.Module | None, example_x: torch.Tensor) -> None:
         """Fail before training when a pair is not two conv feature maps."""
@@ -439,9 +479,12 @@ class AttentionTransfer(DistillLoss):
             self._check_4d(s, t, sp, tp)
             qs, qt = attention_map(s, self.p), attention_map(t, self.p)
             size = (max(qs.shape[1], qt.shape[1]), max(qs.shape[2], qt.shape[2]))
-            qs, qt = (q if tuple(q.shape[1:]) == size else
-                      F.interpolate(q[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-                      for q in (qs, qt))
+            qs, qt = (
+                q
+                if tuple(q.shape[1:]) == size
+                else F.interpolate(q[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+                for q in (qs, qt)
+            )
             qs, qt = F.normalize(qs.flatten(1), dim=1), F.normalize(qt.flatten(1), dim=1)
             total = total + torch.linalg.vector_norm(qs - qt, dim=1).mean()
         return self.beta / 2 * torch.as_tensor(total) / len(self.pairs)
@@ -510,8 +553,9 @@ class RelationalKD(DistillLoss):
             s, t, what = student.logits, teacher.logits, "logits"
         s, t = s.float().flatten(1), t.detach().float().flatten(1)
         if len(s) != len(t):
-            raise KdrayError(f"rkd: student {what} {tuple(s.shape)} and teacher {what} {tuple(t.shape)} "
-                             "have different batch sizes.")
+            raise KdrayError(
+                f"rkd: student {what} {tuple(s.shape)} and teacher {what} {tuple(t.shape)} have different batch sizes."
+            )
         n = len(s)
         loss = _zero(s)
         if self.distance_weight and n >= 2:

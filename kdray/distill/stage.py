@@ -51,8 +51,9 @@ class DistillStage(StageBase):
     model: ModelSpec
     data: DataSpec = Field(default_factory=DataSpec)
     optim: OptimSpec = Field(default_factory=OptimSpec)
-    losses: list[LossTerm] = Field(default_factory=lambda: [LossTerm(name="cross_entropy", weight=0.1),
-                                                            LossTerm(name="hinton_kl", weight=0.9)])
+    losses: list[LossTerm] = Field(
+        default_factory=lambda: [LossTerm(name="cross_entropy", weight=0.1), LossTerm(name="hinton_kl", weight=0.9)]
+    )
     teacher_cache: Literal["auto", "on", "off"] = "auto"
     data_free: DataFreeSpec | None = None
 
@@ -76,8 +77,14 @@ class Distill(Method):
     outputs for this rank's rows, looked up by ``batch["index"] - cache_start``.
     """
 
-    def __init__(self, model: nn.Module, terms: list[tuple[str, float, nn.Module]], teacher: nn.Module | None,
-                 cached_logits: torch.Tensor | None = None, cache_start: int = 0):
+    def __init__(
+        self,
+        model: nn.Module,
+        terms: list[tuple[str, float, nn.Module]],
+        teacher: nn.Module | None,
+        cached_logits: torch.Tensor | None = None,
+        cache_start: int = 0,
+    ):
         super().__init__(model)
         self.names = [name for name, _, _ in terms]
         self.weights = [weight for _, weight, _ in terms]
@@ -125,15 +132,27 @@ def ensure_datafree(ctx: StageContext, teacher: Artifact, kwargs: dict[str, Any]
         return store.uri()
     ctx.log(f"[{ctx.stage.name}] data-free: synthesising {df.samples:,} inputs from the teacher -> {store.uri()}")
     device = torch.device("cuda" if ctx.run.use_gpu and torch.cuda.is_available() else "cpu")
-    x, y, stats = synthesize(teacher.build_model(), samples=df.samples,
-                             shape=(kwargs["in_channels"], kwargs["image_size"], kwargs["image_size"]),
-                             num_classes=kwargs["num_classes"], steps=df.steps, batch_size=df.batch_size, lr=df.lr,
-                             bn_weight=df.bn_weight, tv_weight=df.tv_weight, l2_weight=df.l2_weight,
-                             seed=ctx.run.seed, device=device, log=ctx.log)
+    x, y, stats = synthesize(
+        teacher.build_model(),
+        samples=df.samples,
+        shape=(kwargs["in_channels"], kwargs["image_size"], kwargs["image_size"]),
+        num_classes=kwargs["num_classes"],
+        steps=df.steps,
+        batch_size=df.batch_size,
+        lr=df.lr,
+        bn_weight=df.bn_weight,
+        tv_weight=df.tv_weight,
+        l2_weight=df.l2_weight,
+        seed=ctx.run.seed,
+        device=device,
+        log=ctx.log,
+    )
     store.write_bytes("inputs.safetensors", state_to_bytes({"x": x, "y": y}))
     store.write_bytes("meta.json", json.dumps({"key": key, "teacher_uri": teacher.uri, **stats}, indent=2).encode())
-    ctx.log(f"[{ctx.stage.name}] data-free: BatchNorm mismatch {stats['bn_loss_start']:.3f} -> {stats['bn_loss_end']:.3f}, "
-            f"teacher agrees with the targets on {stats['teacher_agreement_with_targets']:.1%}")
+    ctx.log(
+        f"[{ctx.stage.name}] data-free: BatchNorm mismatch {stats['bn_loss_start']:.3f} -> {stats['bn_loss_end']:.3f}, "
+        f"teacher agrees with the targets on {stats['teacher_agreement_with_targets']:.1%}"
+    )
     return store.uri()
 
 
@@ -147,33 +166,39 @@ def cache_decision(spec: DistillStage) -> tuple[bool, str]:
         return False, "teacher_cache: off"
     if spec.data_free is not None:
         if spec.teacher_cache == "on":
-            raise KdrayError(f"stages.{spec.name}.teacher_cache: on does not apply to data_free inputs",
-                             hint="Use teacher_cache: auto or off with data_free.")
+            raise KdrayError(
+                f"stages.{spec.name}.teacher_cache: on does not apply to data_free inputs",
+                hint="Use teacher_cache: auto or off with data_free.",
+            )
         return False, "data_free: the inputs are synthesised, the teacher runs online"
     if online:
         reason = f"loss terms {online} read teacher features or embeddings, which the cache does not hold"
         if spec.teacher_cache == "on":
-            raise KdrayError(f"stages.{spec.name}.teacher_cache: on is impossible: {reason}",
-                             hint="Use teacher_cache: auto or off for this stage.")
+            raise KdrayError(
+                f"stages.{spec.name}.teacher_cache: on is impossible: {reason}",
+                hint="Use teacher_cache: auto or off for this stage.",
+            )
         return False, f"running the teacher online: {reason}"
     return True, "inputs are deterministic (no random augmentation), so the teacher runs once"
-
-
 
 
 def check_teacher(ctx: StageContext, teacher: Artifact, student_kwargs: dict[str, Any]) -> None:
     record = teacher.manifest.get("model")
     if not record:
-        raise KdrayError(f"stages.{ctx.stage.name}.teacher: {ctx.stage.teacher!r} ({teacher.uri}) is a "
-                         f"{teacher.manifest.get('kind')} stage with no model",
-                         hint="Point teacher at a train, distill, transfer or adapt stage.")
+        raise KdrayError(
+            f"stages.{ctx.stage.name}.teacher: {ctx.stage.teacher!r} ({teacher.uri}) is a "
+            f"{teacher.manifest.get('kind')} stage with no model",
+            hint="Point teacher at a train, distill, transfer or adapt stage.",
+        )
     t_kwargs = record["kwargs"]
     for field in ("num_classes", "in_channels", "image_size"):
         if t_kwargs.get(field) != student_kwargs.get(field):
-            raise KdrayError(f"stages.{ctx.stage.name}: the teacher {ctx.stage.teacher!r} ({record['name']}) has "
-                             f"{field}={t_kwargs.get(field)} but the student ({ctx.stage.model.name}) on "
-                             f"{ctx.stage.data.name} has {field}={student_kwargs.get(field)}",
-                             hint="Distil on the data the teacher was trained for (same classes and image size).")
+            raise KdrayError(
+                f"stages.{ctx.stage.name}: the teacher {ctx.stage.teacher!r} ({record['name']}) has "
+                f"{field}={t_kwargs.get(field)} but the student ({ctx.stage.model.name}) on "
+                f"{ctx.stage.data.name} has {field}={student_kwargs.get(field)}",
+                hint="Distil on the data the teacher was trained for (same classes and image size).",
+            )
 
 
 @stage_kind
@@ -193,8 +218,11 @@ class DistillKind(StageKind):
         if ctx.stage.data_free is not None:
             job.extras["datafree_uri"] = ensure_datafree(ctx, teacher, job.extras["model_kwargs"])
         result = ctx.train(job)
-        return ctx.publish(job, result, extra={"teacher": {"uri": teacher.uri, "cache": job.extras.get("teacher_cache"),
-                                                           "cache_reason": why}})
+        return ctx.publish(
+            job,
+            result,
+            extra={"teacher": {"uri": teacher.uri, "cache": job.extras.get("teacher_cache"), "cache_reason": why}},
+        )
 
     def method(self, job: Job, shard: Shard) -> Distill:
         spec = job.spec
@@ -208,8 +236,13 @@ class DistillKind(StageKind):
         cached, start = None, 0
         if cache_uri:
             start, stop = int(shard.rows[0]), int(shard.rows[-1]) + 1
-            cached = read_cache_rows(Storage(cache_uri), start, stop, expect_rows=len(shard.train),
-                                     expect_fingerprint=shard.train.fingerprint)
+            cached = read_cache_rows(
+                Storage(cache_uri),
+                start,
+                stop,
+                expect_rows=len(shard.train),
+                expect_fingerprint=shard.train.fingerprint,
+            )
         return Distill(student, terms, teacher, cached, start)
 
     def data(self, job: Job) -> tuple[kdata.Split, kdata.Split]:
@@ -219,6 +252,12 @@ class DistillKind(StageKind):
         store = Storage(job.extras["datafree_uri"])
         tensors = bytes_to_state(store.read_bytes("inputs.safetensors"), store.uri())
         test = kdata.load(job.spec.data, "test")
-        synthetic = dataclasses.replace(test, x=tensors["x"], y=tensors["y"], mean=0.0, std=1.0,
-                                        fingerprint=json.loads(store.read_bytes("meta.json"))["key"])
+        synthetic = dataclasses.replace(
+            test,
+            x=tensors["x"],
+            y=tensors["y"],
+            mean=0.0,
+            std=1.0,
+            fingerprint=json.loads(store.read_bytes("meta.json"))["key"],
+        )
         return synthetic, test

@@ -77,8 +77,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         return ray.train.torch.prepare_model(method, move_to_device=False)
 
     diagnostics.record_placement(job, rank)
-    train(job, rank=rank, world=ctx.get_world_size(), device=device, resume_from=resume_from, report=report,
-          wrap=wrap, instrument=diagnostics.instrument(job, rank))
+    train(
+        job,
+        rank=rank,
+        world=ctx.get_world_size(),
+        device=device,
+        resume_from=resume_from,
+        report=report,
+        wrap=wrap,
+        instrument=diagnostics.instrument(job, rank),
+    )
 
 
 def ensure_ray(run: RunSpec) -> None:
@@ -93,8 +101,13 @@ def ensure_ray(run: RunSpec) -> None:
     if run.address:
         ray.init(address=run.address, runtime_env=runtime_env)
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, runtime_env=runtime_env,
-                 object_store_memory=256 * 1024 ** 2, logging_level=logging.WARNING)
+        ray.init(
+            num_cpus=os.cpu_count(),
+            include_dashboard=False,
+            runtime_env=runtime_env,
+            object_store_memory=256 * 1024**2,
+            logging_level=logging.WARNING,
+        )
 
 
 def fit(job: Job, storage: Storage) -> FitResult:
@@ -108,7 +121,7 @@ def fit(job: Job, storage: Storage) -> FitResult:
     t0 = time.perf_counter()
     threads = torch.get_num_threads()  # the loop sets its own thread count
     try:
-        folder, run_path = (_fit_here(job) if job.run.workers == 0 else _fit_on_ray(job, storage))
+        folder, run_path = _fit_here(job) if job.run.workers == 0 else _fit_on_ray(job, storage)
     finally:
         torch.set_num_threads(threads)
     with open(os.path.join(folder, "method.safetensors"), "rb") as f:
@@ -117,7 +130,7 @@ def fit(job: Job, storage: Storage) -> FitResult:
         history = json.load(f)
     shutil.rmtree(folder, ignore_errors=True)
     prefix = job.extras.get("publish_prefix", "model.")  # what the stage publishes (e.g. the selected copy)
-    model_state = {k[len(prefix):]: v for k, v in method_state.items() if k.startswith(prefix)}
+    model_state = {k[len(prefix) :]: v for k, v in method_state.items() if k.startswith(prefix)}
     return FitResult(model_state, history, run_path, time.perf_counter() - t0)
 
 
@@ -135,8 +148,10 @@ def _fit_here(job: Job) -> tuple[str, None]:
     device = torch.device("cpu")
     if job.run.use_gpu:
         if not torch.cuda.is_available():
-            raise KdrayError("run.use_gpu is true but this machine has no CUDA device",
-                             hint="Set run.use_gpu: false, or run on a machine with a GPU.")
+            raise KdrayError(
+                "run.use_gpu is true but this machine has no CUDA device",
+                hint="Set run.use_gpu: false, or run on a machine with a GPU.",
+            )
         device = torch.device("cuda")
     train(job, device=device, report=report, instrument=diagnostics.instrument(job, 0))
     return last[0], None
@@ -154,13 +169,19 @@ def _fit_on_ray(job: Job, storage: Storage) -> tuple[str, str]:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=job.to_config(),
-        scaling_config=ScalingConfig(num_workers=run.workers, use_gpu=run.use_gpu,
-                                     resources_per_worker={"CPU": run.cpus_per_worker,
-                                                           **({"GPU": 1} if run.use_gpu else {})}),
-        run_config=RunConfig(name=job.run_name, storage_path=storage_path, storage_filesystem=filesystem,
-                             failure_config=FailureConfig(max_failures=run.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=run.keep_checkpoints),
-                             logging_config=LoggingConfig(os.environ.get("KDRAY_RAY_TRAIN_LOG_LEVEL", "WARNING"))),  # type: ignore[call-arg]
+        scaling_config=ScalingConfig(
+            num_workers=run.workers,
+            use_gpu=run.use_gpu,
+            resources_per_worker={"CPU": run.cpus_per_worker, **({"GPU": 1} if run.use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=job.run_name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=run.keep_checkpoints),
+            logging_config=LoggingConfig(os.environ.get("KDRAY_RAY_TRAIN_LOG_LEVEL", "WARNING")),
+        ),  # type: ignore[call-arg]
     )
     try:
         result = trainer.fit()

@@ -63,7 +63,7 @@ def batches(indices: torch.Tensor, batch_size: int, epoch: int, seed: int):
     """The shard's indices in a seeded random order, in full batches (the last partial batch too)."""
     order = indices[torch.randperm(len(indices), generator=torch.Generator().manual_seed(seed * 1000 + epoch))]
     for i in range(0, len(order), batch_size):
-        yield order[i:i + batch_size]
+        yield order[i : i + batch_size]
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -74,14 +74,15 @@ def autocast(device: torch.device, enabled: bool):
 
 
 @torch.no_grad()
-def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
-                   batch_size: int = 1024) -> tuple[float, float, int]:
+def evaluate_model(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch_size: int = 1024
+) -> tuple[float, float, int]:
     """(summed loss, correct, count) over labelled rows of ``x``; the caller all-reduces across ranks."""
     was_training = model.training
     model.eval()
     loss = correct = count = 0.0
     for i in range(0, len(y), batch_size):
-        xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+        xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
         logits = model(xb).float()
         keep = yb >= 0
         loss += float(nn.functional.cross_entropy(logits[keep], yb[keep], reduction="sum")) if keep.any() else 0.0
@@ -103,8 +104,10 @@ def all_reduce(values: dict[str, float], device: torch.device) -> dict[str, floa
 def save_train_state(folder: str, method: nn.Module, opt, sched, epoch: int, history: list[dict]) -> None:
     with open(os.path.join(folder, "method.safetensors"), "wb") as f:
         f.write(state_to_bytes(method.state_dict()))
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch},
-               os.path.join(folder, "train_state.pt"))  # read back with weights_only=True
+    torch.save(
+        {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch},
+        os.path.join(folder, "train_state.pt"),
+    )  # read back with weights_only=True
     with open(os.path.join(folder, "history.json"), "w") as f:
         json.dump(history, f)
 
@@ -123,10 +126,17 @@ def load_train_state(folder: str, method: nn.Module, opt, sched) -> tuple[int, l
 # --------------------------------------------------------------------------- the loop
 
 
-def train(job: Job, *, rank: int = 0, world: int = 1, device: torch.device = torch.device("cpu"),
-          resume_from: str | None = None, report: Report,
-          wrap: Callable[[nn.Module], nn.Module] = lambda m: m,
-          instrument: Callable[[nn.Module], None] = lambda m: None) -> None:
+def train(
+    job: Job,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    device: torch.device = torch.device("cpu"),
+    resume_from: str | None = None,
+    report: Report,
+    wrap: Callable[[nn.Module], nn.Module] = lambda m: m,
+    instrument: Callable[[nn.Module], None] = lambda m: None,
+) -> None:
     """The training loop. ``report(metrics, checkpoint_folder)`` is called every epoch on every rank
     (rank 0 passes a folder); ``wrap`` makes the method data-parallel; ``instrument`` sees the method
     once before training (diagnostics such as injected faults)."""
@@ -147,8 +157,9 @@ def train(job: Job, *, rank: int = 0, world: int = 1, device: torch.device = tor
     instrument(method)
     opt, sched = build_optimizer(spec.optim, method.param_groups(), spec.optim.epochs * steps_per_epoch)
     net = wrap(method) if world > 1 else method
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and run.amp
-                                  and not torch.cuda.is_bf16_supported())
+    scaler = torch.amp.GradScaler(
+        "cuda", enabled=device.type == "cuda" and run.amp and not torch.cuda.is_bf16_supported()
+    )
 
     # 3. Resume from the latest checkpoint of this run (after a worker failure or a rerun).
     start, history = 0, list[dict[str, Any]]()
@@ -165,8 +176,12 @@ def train(job: Job, *, rank: int = 0, world: int = 1, device: torch.device = tor
         method.on_epoch_start(epoch, epoch / spec.optim.epochs)
         t0, seen, loss_sum, correct, labelled = time.perf_counter(), 0, 0.0, 0.0, 0
         for step, idx in enumerate(batches(mine, per_rank_batch, epoch, run.seed)):
-            batch = {"x": x_train[idx].to(device, non_blocking=True), "y": train_set.y[idx].to(device),
-                     "index": idx, "progress": (epoch + step / steps_per_epoch) / spec.optim.epochs}
+            batch = {
+                "x": x_train[idx].to(device, non_blocking=True),
+                "y": train_set.y[idx].to(device),
+                "index": idx,
+                "progress": (epoch + step / steps_per_epoch) / spec.optim.epochs,
+            }
             with autocast(device, run.amp):
                 out = net(batch)
             opt.zero_grad(set_to_none=True)
@@ -184,25 +199,48 @@ def train(job: Job, *, rank: int = 0, world: int = 1, device: torch.device = tor
                 correct += float((out["logits"].detach().argmax(1)[keep] == batch["y"][keep]).sum())
                 labelled += int(keep.sum())
             if step % 20 == 0:
-                progress.update(epoch, spec.optim.epochs, step + 1, steps_per_epoch, loss_sum / seen,
-                                seen * world / (time.perf_counter() - t0))
+                progress.update(
+                    epoch,
+                    spec.optim.epochs,
+                    step + 1,
+                    steps_per_epoch,
+                    loss_sum / seen,
+                    seen * world / (time.perf_counter() - t0),
+                )
         train_seconds = time.perf_counter() - t0
 
         # 5. Metrics, summed over ranks by name: train loss/accuracy, and the monitoring split's accuracy.
         part = shard(len(test), rank, world)
-        t_loss, t_correct, t_count = evaluate_model(method.model, x_test[part.start:part.stop],
-                                                    test.y[part.start:part.stop], device)
+        t_loss, t_correct, t_count = evaluate_model(
+            method.model, x_test[part.start : part.stop], test.y[part.start : part.stop], device
+        )
         scores = method.epoch_scores(device)  # e.g. unsupervised validators for model selection
-        sums = all_reduce({"loss": loss_sum, "correct": correct, "labelled": labelled, "seen": seen,
-                           "test_loss": t_loss, "test_correct": t_correct, "test_count": t_count,
-                           **{f"score:{k}": v for k, v in scores.items()}}, device)
-        metrics = {"epoch": epoch + 1, "resumed": resumed, "train_loss": sums["loss"] / max(sums["seen"], 1),
-                   "train_acc": sums["correct"] / sums["labelled"] if sums["labelled"] else None,
-                   "test_loss": sums["test_loss"] / max(sums["test_count"], 1),
-                   "test_acc": sums["test_correct"] / max(sums["test_count"], 1),
-                   "samples_per_s": sums["seen"] / train_seconds, "epoch_seconds": train_seconds,
-                   "lr": sched.get_last_lr()[0], "loop_started": loop_started,
-                   **{k: sums[f"score:{k}"] / world for k in scores}}
+        sums = all_reduce(
+            {
+                "loss": loss_sum,
+                "correct": correct,
+                "labelled": labelled,
+                "seen": seen,
+                "test_loss": t_loss,
+                "test_correct": t_correct,
+                "test_count": t_count,
+                **{f"score:{k}": v for k, v in scores.items()},
+            },
+            device,
+        )
+        metrics = {
+            "epoch": epoch + 1,
+            "resumed": resumed,
+            "train_loss": sums["loss"] / max(sums["seen"], 1),
+            "train_acc": sums["correct"] / sums["labelled"] if sums["labelled"] else None,
+            "test_loss": sums["test_loss"] / max(sums["test_count"], 1),
+            "test_acc": sums["test_correct"] / max(sums["test_count"], 1),
+            "samples_per_s": sums["seen"] / train_seconds,
+            "epoch_seconds": train_seconds,
+            "lr": sched.get_last_lr()[0],
+            "loop_started": loop_started,
+            **{k: sums[f"score:{k}"] / world for k in scores},
+        }
         method.on_epoch_end(metrics)  # every rank sees the same all-reduced metrics, so decides alike
         history.append(metrics)
         progress.epoch_done(metrics)

@@ -57,8 +57,13 @@ def plan(spec: PipelineSpec) -> dict[str, str]:
     return keys
 
 
-def run_pipeline(spec: PipelineSpec, *, force: bool | list[str] = False, only: list[str] | None = None,
-                 log: Callable[[str], None] = print) -> list[StageOutcome]:
+def run_pipeline(
+    spec: PipelineSpec,
+    *,
+    force: bool | list[str] = False,
+    only: list[str] | None = None,
+    log: Callable[[str], None] = print,
+) -> list[StageOutcome]:
     """Run every stage (or ``only`` these) in order; ``force`` reruns all (True) or the named stages."""
     root = Storage(spec.storage.uri)
     root.check_writable()
@@ -72,8 +77,14 @@ def run_pipeline(spec: PipelineSpec, *, force: bool | list[str] = False, only: l
     return outcomes
 
 
-def run_stage(spec: PipelineSpec, name: str, *, force: bool = False, keys: dict[str, str] | None = None,
-              log: Callable[[str], None] = print) -> StageOutcome:
+def run_stage(
+    spec: PipelineSpec,
+    name: str,
+    *,
+    force: bool = False,
+    keys: dict[str, str] | None = None,
+    log: Callable[[str], None] = print,
+) -> StageOutcome:
     """Run one stage whose parents are finished (or return its cached artifact).
 
     This is the unit a Prefect task runs: it needs nothing from the caller but the spec, so a
@@ -98,19 +109,23 @@ def run_stage(spec: PipelineSpec, name: str, *, force: bool = False, keys: dict[
         if art is None:  # a remote launcher: the artifact was published by the cluster, read it back
             art = read_artifact(store)
             if art is None:
-                raise KdrayError(f"the {launcher} launcher finished stage {name!r}, but {store.uri()} has no "
-                                 "manifest.json: the remote run did not publish its artifact",
-                                 hint="Check that the cluster writes to the same storage as this machine "
-                                      "(storage.uri, KDRAY_S3_ENDPOINT) and read the job's log above.")
+                raise KdrayError(
+                    f"the {launcher} launcher finished stage {name!r}, but {store.uri()} has no "
+                    "manifest.json: the remote run did not publish its artifact",
+                    hint="Check that the cluster writes to the same storage as this machine "
+                    "(storage.uri, KDRAY_S3_ENDPOINT) and read the job's log above.",
+                )
         status = "ran"
     else:
         log(f"[{spec.name}] stage {name}: cached at {store.uri()}")
-    return StageOutcome(name, stage.kind, key, art.uri, status, round(time.perf_counter() - t0, 3),
-                        art.manifest.get("metrics", {}))
+    return StageOutcome(
+        name, stage.kind, key, art.uri, status, round(time.perf_counter() - t0, 3), art.manifest.get("metrics", {})
+    )
 
 
-def parent_artifacts(spec: PipelineSpec, stage: Any, keys: dict[str, str], root: Storage | None = None
-                     ) -> dict[str, Artifact]:
+def parent_artifacts(
+    spec: PipelineSpec, stage: Any, keys: dict[str, str], root: Storage | None = None
+) -> dict[str, Artifact]:
     """Reference -> finished artifact, for every stage or URI that ``stage`` reads."""
     root = root or Storage(spec.storage.uri)
     return {ref: _existing(root, spec, ref, keys) for _, ref in stage.references()}
@@ -122,6 +137,8 @@ def _existing(root: Storage, spec: PipelineSpec, ref: str, keys: dict[str, str])
         return open_artifact(ref)
     art = read_artifact(artifact_store(root, spec.name, ref, keys[ref]))
     if art is None:
-        raise KdrayError(f"stage {ref!r} has no finished artifact for key {keys[ref]}",
-                         hint=f"Run it first (kdray run SPEC without --only, or --only {ref}).")
+        raise KdrayError(
+            f"stage {ref!r} has no finished artifact for key {keys[ref]}",
+            hint=f"Run it first (kdray run SPEC without --only, or --only {ref}).",
+        )
     return art

@@ -18,8 +18,9 @@ class Progress:
         if self.tty:
             frac = done / max(total, 1)
             bar = "#" * int(24 * frac) + "." * (24 - int(24 * frac))
-            sys.stderr.write(f"\r{self.title} epoch {epoch + 1}/{epochs} [{bar}] {frac:4.0%} "
-                             f"loss {loss:.4f} {rate:,.0f} samples/s ")
+            sys.stderr.write(
+                f"\r{self.title} epoch {epoch + 1}/{epochs} [{bar}] {frac:4.0%} loss {loss:.4f} {rate:,.0f} samples/s "
+            )
             sys.stderr.flush()
 
     def epoch_done(self, metrics: dict[str, Any]) -> None:
@@ -27,6 +28,9 @@ class Progress:
             return
         if self.tty:
             sys.stderr.write("\r" + " " * 100 + "\r")
-        shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
-                          if k in ("epoch", "train_loss", "train_acc", "test_acc", "samples_per_s"))
+        shown = ", ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in metrics.items()
+            if k in ("epoch", "train_loss", "train_acc", "test_acc", "samples_per_s")
+        )
         print(f"[{self.title}] {shown}", file=sys.stderr, flush=True)

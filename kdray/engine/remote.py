@@ -34,19 +34,25 @@ RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 def read_stage_file(uri: str) -> dict[str, Any]:
     """The parsed ``stage.json`` at ``uri``, checked for its three required fields."""
     if "/" not in uri.rstrip("/"):
-        raise KdrayError(f"{uri!r} is not the URI of a stage.json",
-                         hint="Give e.g. s3://bucket/prefix/<pipeline>/<stage>/<key>/stage.json.")
+        raise KdrayError(
+            f"{uri!r} is not the URI of a stage.json",
+            hint="Give e.g. s3://bucket/prefix/<pipeline>/<stage>/<key>/stage.json.",
+        )
     folder, name = uri.rstrip("/").rsplit("/", 1)
     raw = Storage(folder).read_bytes(name)
     try:
         doc = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise KdrayError(f"{uri} is not valid JSON ({e})",
-                         hint="It is written by the submitting kdray; submit the stage again to rewrite it.") from None
+        raise KdrayError(
+            f"{uri} is not valid JSON ({e})",
+            hint="It is written by the submitting kdray; submit the stage again to rewrite it.",
+        ) from None
     missing = [k for k in ("spec", "stage", "key") if not isinstance(doc, dict) or k not in doc]
     if missing:
-        raise KdrayError(f"{uri} lacks {', '.join(missing)}; a stage file holds spec, stage and key",
-                         hint="It is written by the submitting kdray; submit the stage again to rewrite it.")
+        raise KdrayError(
+            f"{uri} lacks {', '.join(missing)}; a stage file holds spec, stage and key",
+            hint="It is written by the submitting kdray; submit the stage again to rewrite it.",
+        )
     return doc
 
 
@@ -61,10 +67,11 @@ def pinned_spec(doc: dict[str, Any], source: str) -> PipelineSpec:
     stages = spec_doc.get("stages") if isinstance(spec_doc, dict) else None
     entry = next((s for s in stages or [] if isinstance(s, dict) and s.get("name") == doc["stage"]), None)
     if entry is None:
-        raise SpecError(f"{source}: the spec has no stage named {doc['stage']!r}",
-                        hint="The stage file is inconsistent; launch the stage again to rewrite it.")
-    entry["run"] = {**(entry.get("run") or {}), "launcher": "local",
-                    "address": "auto" if in_ray_cluster() else None}
+        raise SpecError(
+            f"{source}: the spec has no stage named {doc['stage']!r}",
+            hint="The stage file is inconsistent; launch the stage again to rewrite it.",
+        )
+    entry["run"] = {**(entry.get("run") or {}), "launcher": "local", "address": "auto" if in_ray_cluster() else None}
     return parse_pipeline(spec_doc, source)
 
 
@@ -75,10 +82,12 @@ def run(uri: str, log=None) -> StageOutcome:
     spec = pinned_spec(doc, uri)
     keys = plan(spec)
     if keys[doc["stage"]] != doc["key"]:
-        raise KdrayError(f"stage {doc['stage']!r}: this kdray computes key {keys[doc['stage']]} but the submitter "
-                         f"computed {doc['key']} ({uri})",
-                         hint="The cluster runs a different kdray version than the machine that submitted; "
-                              "use the same image/version on both sides.")
+        raise KdrayError(
+            f"stage {doc['stage']!r}: this kdray computes key {keys[doc['stage']]} but the submitter "
+            f"computed {doc['key']} ({uri})",
+            hint="The cluster runs a different kdray version than the machine that submitted; "
+            "use the same image/version on both sides.",
+        )
     return run_stage(spec, doc["stage"], force=bool(doc.get("force", False)), keys=keys, log=log)
 
 

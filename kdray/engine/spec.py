@@ -44,8 +44,10 @@ class PipelineSpec(Spec):
     @classmethod
     def _dns(cls, v: str) -> str:
         if not DNS_LABEL.fullmatch(v) or len(v) > 40:
-            raise ValueError(f"pipeline name {v!r} must be DNS-safe: lower-case letters, digits and '-', starting "
-                             "with a letter, at most 40 characters (e.g. 'fmnist-cnn-to-mlp')")
+            raise ValueError(
+                f"pipeline name {v!r} must be DNS-safe: lower-case letters, digits and '-', starting "
+                "with a letter, at most 40 characters (e.g. 'fmnist-cnn-to-mlp')"
+            )
         return v
 
     @model_validator(mode="after")
@@ -54,20 +56,28 @@ class PipelineSpec(Spec):
         names = [s.name for s in self.stages]
         for i, stage in enumerate(self.stages):
             if stage.name in seen:
-                raise ValueError(f"stages[{i}].name: stage name {stage.name!r} is used twice (also stages[{seen[stage.name]}]); "
-                                 "give every stage a unique name")
+                raise ValueError(
+                    f"stages[{i}].name: stage name {stage.name!r} is used twice (also stages[{seen[stage.name]}]); "
+                    "give every stage a unique name"
+                )
             for field, ref in stage.references():
                 if is_artifact_uri(ref):
                     continue
                 where = f"stages[{i}].{field}"
                 if ref == stage.name:
-                    raise ValueError(f"{where}: stage {stage.name!r} refers to itself; a stage can only read earlier stages")
+                    raise ValueError(
+                        f"{where}: stage {stage.name!r} refers to itself; a stage can only read earlier stages"
+                    )
                 if ref not in names:
-                    raise ValueError(f"{where}: no stage named {ref!r}; {did_you_mean(ref, names[:i])} "
-                                     "Or give an artifact URI (file://... or s3://...).")
+                    raise ValueError(
+                        f"{where}: no stage named {ref!r}; {did_you_mean(ref, names[:i])} "
+                        "Or give an artifact URI (file://... or s3://...)."
+                    )
                 if ref not in seen:
-                    raise ValueError(f"{where}: stage {ref!r} comes after {stage.name!r}; stages run in order, "
-                                     "so move it earlier (references must point backwards, which also rules out cycles)")
+                    raise ValueError(
+                        f"{where}: stage {ref!r} comes after {stage.name!r}; stages run in order, "
+                        "so move it earlier (references must point backwards, which also rules out cycles)"
+                    )
             seen[stage.name] = i
         return self
 
@@ -84,8 +94,6 @@ class PipelineSpec(Spec):
         return self.run.model_copy(update=stage.run.model_dump(exclude_unset=True))
 
 
-
-
 def pipeline_model() -> type[PipelineSpec]:
     """``PipelineSpec`` whose ``stages`` accept exactly the kinds registered now (built-in and plug-ins)."""
     return _pipeline_model(tuple((name, STAGE_KINDS.get(name).spec) for name in STAGE_KINDS.names()))
@@ -95,8 +103,9 @@ def pipeline_model() -> type[PipelineSpec]:
 def _pipeline_model(registered: tuple[tuple[str, type[StageBase]], ...]) -> type[PipelineSpec]:
     specs = tuple(spec for _, spec in registered)
     stage: Any = Annotated[Union[specs], Field(discriminator="kind")] if len(specs) > 1 else specs[0]  # type: ignore[valid-type]
-    return create_model("PipelineSpec", __base__=PipelineSpec, __doc__=PipelineSpec.__doc__,
-                        stages=(list[stage], Field(min_length=1)))
+    return create_model(
+        "PipelineSpec", __base__=PipelineSpec, __doc__=PipelineSpec.__doc__, stages=(list[stage], Field(min_length=1))
+    )
 
 
 # --------------------------------------------------------------------------- loading
@@ -134,10 +143,14 @@ def explain_validation(e: ValidationError) -> str:
     for err in e.errors():
         if err["type"] == "union_tag_invalid":
             got = err["input"].get("kind") if isinstance(err["input"], dict) else None
-            lines.append(f"{format_loc(tuple(err['loc']))}.kind: unknown stage kind {got!r}; use one of "
-                         f"{', '.join(STAGE_KINDS.names())}")
+            lines.append(
+                f"{format_loc(tuple(err['loc']))}.kind: unknown stage kind {got!r}; use one of "
+                f"{', '.join(STAGE_KINDS.names())}"
+            )
         elif err["type"] == "union_tag_not_found":
-            lines.append(f"{format_loc(tuple(err['loc']))}: every stage needs a 'kind' ({', '.join(STAGE_KINDS.names())})")
+            lines.append(
+                f"{format_loc(tuple(err['loc']))}: every stage needs a 'kind' ({', '.join(STAGE_KINDS.names())})"
+            )
         else:
             lines.append(_explain(err))
     return "; ".join(dict.fromkeys(lines))
@@ -166,8 +179,10 @@ def apply_override(doc: dict[str, Any], path: list[str], value: Any, text: str) 
             else:
                 names = [s.get("name") for s in node if isinstance(s, dict)]
                 if part not in names:
-                    raise SpecError(f"override {text!r}: no list item {part!r}; use an index 0..{len(node) - 1} "
-                                    f"or a stage name ({', '.join(map(str, names))})")
+                    raise SpecError(
+                        f"override {text!r}: no list item {part!r}; use an index 0..{len(node) - 1} "
+                        f"or a stage name ({', '.join(map(str, names))})"
+                    )
                 idx = names.index(part)
             if last:
                 node[idx] = value
@@ -184,15 +199,19 @@ def apply_override(doc: dict[str, Any], path: list[str], value: Any, text: str) 
 
 def parse_pipeline(doc: Any, source: str = "<spec>", overrides: list[str] | tuple[str, ...] = ()) -> PipelineSpec:
     if not isinstance(doc, dict):
-        raise SpecError(f"{source}: a pipeline spec is a YAML mapping with 'name' and 'stages', "
-                        f"not {type(doc).__name__}; see examples/ for one")
+        raise SpecError(
+            f"{source}: a pipeline spec is a YAML mapping with 'name' and 'stages', "
+            f"not {type(doc).__name__}; see examples/ for one"
+        )
     for text in overrides:
         apply_override(doc, *parse_override(text), text)
     try:
         return pipeline_model().model_validate(doc)
     except ValidationError as e:
-        raise SpecError(f"{source}: {explain_validation(e)}.",
-                        hint="Fix the field(s) named above; `kdray schema` prints every field and its type.") from None
+        raise SpecError(
+            f"{source}: {explain_validation(e)}.",
+            hint="Fix the field(s) named above; `kdray schema` prints every field and its type.",
+        ) from None
 
 
 def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineSpec:
@@ -205,8 +224,10 @@ def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
     else:
         local = Path(where.removeprefix("file://"))
         if not local.is_file():
-            raise SpecError(f"spec file {where!r} does not exist",
-                            hint="Give the path of a pipeline YAML file, e.g. examples/fmnist_cnn_to_mlp_hinton.yaml.")
+            raise SpecError(
+                f"spec file {where!r} does not exist",
+                hint="Give the path of a pipeline YAML file, e.g. examples/fmnist_cnn_to_mlp_hinton.yaml.",
+            )
         text = local.read_bytes()
     return parse_pipeline(parse_yaml(text, where), where, list(overrides))
 
@@ -219,8 +240,10 @@ def parse_yaml(text: bytes, source: str) -> Any:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e)
-        raise SpecError(f"{source}: YAML syntax error{where}: {problem}",
-                        hint="Check indentation and that every 'key: value' has a space after the colon.") from None
+        raise SpecError(
+            f"{source}: YAML syntax error{where}: {problem}",
+            hint="Check indentation and that every 'key: value' has a space after the colon.",
+        ) from None
 
 
 def json_schema() -> dict[str, Any]:

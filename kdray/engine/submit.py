@@ -25,8 +25,15 @@ def with_launcher(spec: PipelineSpec, launcher: str) -> PipelineSpec:
     return parse_pipeline(doc, f"pipeline {spec.name!r} with launcher {launcher!r}")
 
 
-def submit_command(spec_path: str, overrides: list[str] | tuple[str, ...] = (), launcher: str = "kuberay",
-                   only: list[str] | None = None, *, force: bool = False, log: Log = print) -> list[Any]:
+def submit_command(
+    spec_path: str,
+    overrides: list[str] | tuple[str, ...] = (),
+    launcher: str = "kuberay",
+    only: list[str] | None = None,
+    *,
+    force: bool = False,
+    log: Log = print,
+) -> list[Any]:
     """``kdray submit``: run the pipeline with every stage on ``launcher``; returns the ``StageOutcome``s."""
     spec = with_launcher(load_pipeline(spec_path, list(overrides)), launcher)
     return run_pipeline(spec, force=force, only=only or None, log=log)
@@ -38,8 +45,10 @@ def render_command(spec_path: str, overrides: list[str] | tuple[str, ...] = (), 
     spec = load_pipeline(spec_path, list(overrides))
     names = [stage] if stage else [s.name for s in spec.stages if kind_of(s).trains]
     if not names:
-        raise KdrayError(f"{spec_path}: pipeline {spec.name!r} has only evaluate stages, which run locally; "
-                         "there is no RayJob to render")
+        raise KdrayError(
+            f"{spec_path}: pipeline {spec.name!r} has only evaluate stages, which run locally; "
+            "there is no RayJob to render"
+        )
     for name in names:
         spec.stage(name)  # an unknown name fails with did-you-mean
     require_object_storage(spec)

@@ -80,18 +80,31 @@ def _trial(config: dict[str, Any]) -> None:
     spec = parse_pipeline(config["doc"])
     outcome = run_stage(spec, config["trial"], log=lambda m: print(m, flush=True))
     metrics = outcome.metrics or {}
-    tune.report({**{k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-                 "uri": outcome.uri, "status": outcome.status})
+    tune.report(
+        {
+            **{k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+            "uri": outcome.uri,
+            "status": outcome.status,
+        }
+    )
 
 
-def run_sweep(spec: PipelineSpec, stage: str, grid: dict[str, list[Any]], *, max_concurrent: int = 2,
-              metric: str = "test_acc", mode: str = "max", log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_sweep(
+    spec: PipelineSpec,
+    stage: str,
+    grid: dict[str, list[Any]],
+    *,
+    max_concurrent: int = 2,
+    metric: str = "test_acc",
+    mode: str = "max",
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Run every trial through Ray Tune; return (and publish) the ranked report."""
     from ray import tune
 
     doc, trials = expand(spec, stage, grid)
     full = parse_pipeline(copy.deepcopy(doc))
-    parents = [s.name for s in spec.stages[:[s.name for s in spec.stages].index(stage)]]
+    parents = [s.name for s in spec.stages[: [s.name for s in spec.stages].index(stage)]]
     t0 = time.perf_counter()
     if parents:  # teachers and sources once, before any trial
         run_pipeline(full, only=parents, log=log)
@@ -114,8 +127,12 @@ def run_sweep(spec: PipelineSpec, stage: str, grid: dict[str, list[Any]], *, max
         tune.with_resources(_trial, resources),
         param_space={"doc": doc, "trial": tune.grid_search([t["trial"] for t in trials])},
         tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent),
-        run_config=tune.RunConfig(name=f"sweep-{spec.name}-{stage}-{sweep_key}", storage_path=storage_path,
-                                  storage_filesystem=filesystem, verbose=0),
+        run_config=tune.RunConfig(
+            name=f"sweep-{spec.name}-{stage}-{sweep_key}",
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            verbose=0,
+        ),
     )
     results = tuner.fit()
     rows = []
@@ -125,21 +142,46 @@ def run_sweep(spec: PipelineSpec, stage: str, grid: dict[str, list[Any]], *, max
             raise result.error
         m = result.metrics or {}
         trial = (result.config or {})["trial"]
-        rows.append({"trial": trial, "settings": by_trial[trial],
-                     metric: m.get(metric), "test_acc": m.get("test_acc"), "uri": m.get("uri"),
-                     "status": m.get("status")})
+        rows.append(
+            {
+                "trial": trial,
+                "settings": by_trial[trial],
+                metric: m.get(metric),
+                "test_acc": m.get("test_acc"),
+                "uri": m.get("uri"),
+                "status": m.get("status"),
+            }
+        )
     rows.sort(key=lambda r: (r[metric] is None, -(r[metric] or 0) if mode == "max" else (r[metric] or 0)))
     for i, r in enumerate(rows):
         r["rank"] = i + 1
-    report = {"pipeline": spec.name, "stage": stage, "metric": metric, "mode": mode, "grid": grid,
-              "trials": rows, "seconds": round(time.perf_counter() - t0, 2), "max_concurrent": max_concurrent}
+    report = {
+        "pipeline": spec.name,
+        "stage": stage,
+        "metric": metric,
+        "mode": mode,
+        "grid": grid,
+        "trials": rows,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "max_concurrent": max_concurrent,
+    }
     store = root.child(f"{spec.name}/_sweeps/{stage}-{sweep_key}")
     files = {"sweep.json": json.dumps(report, indent=2).encode(), "sweep.md": markdown(report).encode()}
     png = plot(report)
     if png:
         files["sweep.png"] = png
-    write_artifact(store, {"kind": "sweep", "pipeline": spec.name, "stage": stage, "key": sweep_key,
-                           "metrics": {"best": rows[0] if rows else None}}, None, files)
+    write_artifact(
+        store,
+        {
+            "kind": "sweep",
+            "pipeline": spec.name,
+            "stage": stage,
+            "key": sweep_key,
+            "metrics": {"best": rows[0] if rows else None},
+        },
+        None,
+        files,
+    )
     report["uri"] = store.uri()
     log(markdown(report))
     return report
@@ -162,14 +204,19 @@ def _warm_teacher_cache(spec: PipelineSpec, trial_names: list[str], log: Callabl
 
 def markdown(report: dict[str, Any]) -> str:
     keys = list(report["grid"])
-    lines = [f"# Sweep of {report['pipeline']}/{report['stage']} ({len(report['trials'])} trials, "
-             f"{report['seconds']} s, {report['max_concurrent']} at a time)", "",
-             "| rank | trial | " + " | ".join(keys) + f" | {report['metric']} |",
-             "|---|---|" + "---|" * len(keys) + "---|"]
+    lines = [
+        f"# Sweep of {report['pipeline']}/{report['stage']} ({len(report['trials'])} trials, "
+        f"{report['seconds']} s, {report['max_concurrent']} at a time)",
+        "",
+        "| rank | trial | " + " | ".join(keys) + f" | {report['metric']} |",
+        "|---|---|" + "---|" * len(keys) + "---|",
+    ]
     for r in report["trials"]:
         value = r[report["metric"]]
         shown = f"{value:.4f}" if value is not None else "–"
-        lines.append(f"| {r['rank']} | {r['trial']} | " + " | ".join(str(r["settings"][k]) for k in keys) + f" | {shown} |")
+        lines.append(
+            f"| {r['rank']} | {r['trial']} | " + " | ".join(str(r["settings"][k]) for k in keys) + f" | {shown} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -58,16 +58,26 @@ def evaluate_stage(ctx: Any) -> tuple[dict[str, Any], dict[str, bytes]]:
         model = art.build_model()
         logits = predict(model, x, ctx.stage.batch_size)
         logits_by_stage[ref] = logits
-        row = {"stage": ref, "uri": art.uri, "kind": art.manifest["kind"], "model": art.manifest["model"]["name"],
-               **metrics_for(logits, test.y), "parameters": count_parameters(model),
-               "bytes": art.manifest["weights"]["bytes"],
-               "latency_ms": latency_ms(model, x, ctx.stage.latency_batch, ctx.stage.latency_batches),
-               "latency_batch": min(ctx.stage.latency_batch, len(x))}
+        row = {
+            "stage": ref,
+            "uri": art.uri,
+            "kind": art.manifest["kind"],
+            "model": art.manifest["model"]["name"],
+            **metrics_for(logits, test.y),
+            "parameters": count_parameters(model),
+            "bytes": art.manifest["weights"]["bytes"],
+            "latency_ms": latency_ms(model, x, ctx.stage.latency_batch, ctx.stage.latency_batches),
+            "latency_batch": min(ctx.stage.latency_batch, len(x)),
+        }
         rows.append(row)
         ctx.log(f"[{ctx.stage.name}] {ref}: top-1 {row['top1']:.4f}, {row['parameters']:,} parameters")
     add_relations(rows, ctx, logits_by_stage)
-    report = {"pipeline": ctx.pipeline.name, "data": spec.model_dump(mode="json"), "test_examples": len(test),
-              "models": rows}
+    report = {
+        "pipeline": ctx.pipeline.name,
+        "data": spec.model_dump(mode="json"),
+        "test_examples": len(test),
+        "models": rows,
+    }
     files = {"report.json": json.dumps(report, indent=2).encode(), "report.md": markdown(report).encode()}
     png = plot_curves({ref: ctx.parents[ref].manifest.get("history", []) for ref in ctx.stage.models})
     if png:
@@ -85,28 +95,55 @@ def add_relations(rows: list[dict[str, Any]], ctx: Any, logits: dict[str, torch.
             if teacher is None or parent["ref"] != art.manifest["spec"].get("teacher"):
                 continue
             row["teacher"] = teacher["stage"]
-            row["agreement"] = float((logits[row["stage"]].argmax(1) == logits[teacher["stage"]].argmax(1)).float().mean())
+            row["agreement"] = float(
+                (logits[row["stage"]].argmax(1) == logits[teacher["stage"]].argmax(1)).float().mean()
+            )
             row["compression_params"] = teacher["parameters"] / row["parameters"]
             row["compression_bytes"] = teacher["bytes"] / row["bytes"]
             row["speedup"] = teacher["latency_ms"] / row["latency_ms"]
         # the same architecture trained from labels alone, if evaluated too: what distillation added
-        scratch = next((r for r in rows if r["kind"] == "train" and r["model"] == row["model"]
-                        and r is not row and row["kind"] != "train"), None)
+        scratch = next(
+            (
+                r
+                for r in rows
+                if r["kind"] == "train" and r["model"] == row["model"] and r is not row and row["kind"] != "train"
+            ),
+            None,
+        )
         if scratch is not None:
             row["scratch"] = scratch["stage"]
             row["gain_over_scratch"] = row["top1"] - scratch["top1"]
 
 
 def markdown(report: dict[str, Any]) -> str:
-    cols = [("stage", "{}"), ("kind", "{}"), ("model", "{}"), ("top1", "{:.4f}"), ("top5", "{:.4f}"),
-            ("loss", "{:.4f}"), ("parameters", "{:,}"), ("bytes", "{:,}"), ("latency_ms", "{:.2f}")]
-    extra = [("teacher", "{}"), ("agreement", "{:.4f}"), ("compression_params", "{:.2f}x"), ("speedup", "{:.1f}x"),
-             ("gain_over_scratch", "{:+.4f}")]
+    cols = [
+        ("stage", "{}"),
+        ("kind", "{}"),
+        ("model", "{}"),
+        ("top1", "{:.4f}"),
+        ("top5", "{:.4f}"),
+        ("loss", "{:.4f}"),
+        ("parameters", "{:,}"),
+        ("bytes", "{:,}"),
+        ("latency_ms", "{:.2f}"),
+    ]
+    extra = [
+        ("teacher", "{}"),
+        ("agreement", "{:.4f}"),
+        ("compression_params", "{:.2f}x"),
+        ("speedup", "{:.1f}x"),
+        ("gain_over_scratch", "{:+.4f}"),
+    ]
     cols += [c for c in extra if any(c[0] in r for r in report["models"])]
-    lines = [f"# Evaluation: {report['pipeline']}", "",
-             f"Test split of `{report['data']['name']}`: {report['test_examples']:,} examples. "
-             "Latency: median forward time of one batch on this machine.", "",
-             "| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
+    lines = [
+        f"# Evaluation: {report['pipeline']}",
+        "",
+        f"Test split of `{report['data']['name']}`: {report['test_examples']:,} examples. "
+        "Latency: median forward time of one batch on this machine.",
+        "",
+        "| " + " | ".join(c for c, _ in cols) + " |",
+        "|" + "---|" * len(cols),
+    ]
     for r in report["models"]:
         lines.append("| " + " | ".join(fmt.format(r[c]) if c in r else "" for c, fmt in cols) + " |")
     return "\n".join(lines) + "\n"
@@ -150,5 +187,8 @@ class EvaluateKind(StageKind):
         t0 = time.perf_counter()
         report, files = evaluate_stage(ctx)
         metrics = {"models": {r["stage"]: {k: r[k] for k in ("top1", "top5", "loss")} for r in report["models"]}}
-        manifest = ctx.base_manifest() | {"metrics": metrics, "timings": {"seconds": round(time.perf_counter() - t0, 3)}}
+        manifest = ctx.base_manifest() | {
+            "metrics": metrics,
+            "timings": {"seconds": round(time.perf_counter() - t0, 3)},
+        }
         return write_artifact(ctx.store, manifest, None, files)

@@ -44,8 +44,9 @@ class JobFailed(KdrayError):
             f"ended with jobDeploymentStatus={status.get('jobDeploymentStatus')!r}, "
             f"jobStatus={status.get('jobStatus')!r}, reason {reason}: {detail}",
             where=f"RayJob {name!r}",
-            hint=_FAILURE_HINTS.get(reason, "Read the job log with KubeRayClient.logs(name) or "
-                                            f"`kubectl logs -l job-name={name}`."),
+            hint=_FAILURE_HINTS.get(
+                reason, f"Read the job log with KubeRayClient.logs(name) or `kubectl logs -l job-name={name}`."
+            ),
         )
 
 
@@ -56,10 +57,10 @@ class JobTimeout(KdrayError):
 _FAILURE_HINTS = {
     "AppFailed": "The stage itself failed; its traceback is in the job log (KubeRayClient.logs).",
     "DeadlineExceeded": "The job ran past activeDeadlineSeconds; raise JobRequest.active_deadline_s "
-                        "or give the stage more workers.",
+    "or give the stage more workers.",
     "ValidationFailed": "The KubeRay operator rejected the spec; `kubectl describe rayjob` shows its event.",
     "SubmissionFailed": "The submitter Job could not reach the Ray head; check the head pod "
-                        "(`kubectl get pods -l ray.io/node-type=head`).",
+    "(`kubectl get pods -l ray.io/node-type=head`).",
 }
 
 
@@ -79,7 +80,7 @@ def _default_api_client():
                 f"no Kubernetes credentials found ({exc}).",
                 where="kuberay launcher",
                 hint="Run inside the cluster with the kdray-runner ServiceAccount, or point KUBECONFIG at "
-                     "a kubeconfig whose user may create ray.io RayJobs.",
+                "a kubeconfig whose user may create ray.io RayJobs.",
             ) from exc
     return client.ApiClient(cfg)
 
@@ -111,9 +112,9 @@ class KubeRayClient:
         hints = {
             401: "The Kubernetes credentials were rejected; refresh the kubeconfig or the service account token.",
             403: f"The service account may not {action} ray.io rayjobs here; apply k8s/base (Role kdray-runner) "
-                 "and run as ServiceAccount kdray-runner.",
+            "and run as ServiceAccount kdray-runner.",
             404: "The ray.io/v1 RayJob API is missing (install the KubeRay operator, chart kuberay-operator "
-                 "1.7.0) or the RayJob was deleted.",
+            "1.7.0) or the RayJob was deleted.",
             422: "The API server rejected the manifest; its message names the field.",
         }
         detail = ""
@@ -122,8 +123,11 @@ class KubeRayClient:
         except (TypeError, ValueError, AttributeError):
             pass
         text = f"could not {action}: HTTP {status} {getattr(exc, 'reason', '') or ''}".rstrip()
-        return KdrayError(text + (f" ({detail})." if detail else "."), where=where,
-                          hint=hints.get(status or 0, "Check the API server and retry."))
+        return KdrayError(
+            text + (f" ({detail})." if detail else "."),
+            where=where,
+            hint=hints.get(status or 0, "Check the API server and retry."),
+        )
 
     def _get(self, name: str) -> dict:
         from kubernetes.client.rest import ApiException
@@ -149,9 +153,11 @@ class KubeRayClient:
         from kubernetes.client.rest import ApiException
 
         if req.namespace != self.namespace:
-            raise KdrayError(f"the request is for namespace {req.namespace!r} but this client works in "
-                             f"{self.namespace!r}.", where="JobRequest.namespace",
-                             hint="Build KubeRayClient(namespace=...) with the request's namespace.")
+            raise KdrayError(
+                f"the request is for namespace {req.namespace!r} but this client works in {self.namespace!r}.",
+                where="JobRequest.namespace",
+                hint="Build KubeRayClient(namespace=...) with the request's namespace.",
+            )
         body = render_rayjob(req)
         validate_kuberay(body)
         name = body["metadata"]["name"]
@@ -164,9 +170,11 @@ class KubeRayClient:
         existing = self._get(name)
         their_key = (existing.get("metadata", {}).get("annotations") or {}).get(ANNOTATION_KEY)
         if their_key != req.key:
-            raise KdrayError(f"already exists for stage key {their_key!r}, not {req.key!r}.",
-                             where=f"RayJob {name!r}",
-                             hint=f"Delete it (`kubectl delete rayjob -n {self.namespace} {name}`) if it is stale.")
+            raise KdrayError(
+                f"already exists for stage key {their_key!r}, not {req.key!r}.",
+                where=f"RayJob {name!r}",
+                hint=f"Delete it (`kubectl delete rayjob -n {self.namespace} {name}`) if it is stale.",
+            )
         if replace_failed and self._summary(existing)["jobDeploymentStatus"] in _FAILED:
             self.delete(name)
             self._wait_gone(name, delete_timeout_s)
@@ -191,8 +199,14 @@ class KubeRayClient:
         """``{"name", "jobStatus", "jobDeploymentStatus", "reason", "message"}``; ``""`` for unset fields."""
         return self._summary(self._get(name))
 
-    def wait(self, name: str, *, poll_s: float = 2.0, timeout_s: float | None = None,
-             on_status: Callable[[dict], None] | None = None) -> dict:
+    def wait(
+        self,
+        name: str,
+        *,
+        poll_s: float = 2.0,
+        timeout_s: float | None = None,
+        on_status: Callable[[dict], None] | None = None,
+    ) -> dict:
         """Poll until the RayJob is terminal; return its final status if the job succeeded.
 
         ``on_status`` is called with each status that differs from the previous one (for logging
@@ -212,9 +226,11 @@ class KubeRayClient:
             else:
                 errors += 1
                 if errors >= _MAX_API_ERRORS:
-                    raise KdrayError(f"the Kubernetes API failed {errors} times in a row while polling: {error}",
-                                     where=f"RayJob {name!r}",
-                                     hint="Check the API server; the RayJob itself keeps running.") from error
+                    raise KdrayError(
+                        f"the Kubernetes API failed {errors} times in a row while polling: {error}",
+                        where=f"RayJob {name!r}",
+                        hint="Check the API server; the RayJob itself keeps running.",
+                    ) from error
                 current = last
             if current is not None and current != last:
                 last = current
@@ -226,10 +242,12 @@ class KubeRayClient:
                 raise JobFailed(name, current)
             if deadline is not None and time.monotonic() >= deadline:
                 state = current or {}
-                raise JobTimeout(f"still jobDeploymentStatus={state.get('jobDeploymentStatus')!r} "
-                                 f"(jobStatus={state.get('jobStatus')!r}) after {timeout_s} s.",
-                                 where=f"RayJob {name!r}",
-                                 hint="Call wait() again to keep waiting, or delete() to stop it.")
+                raise JobTimeout(
+                    f"still jobDeploymentStatus={state.get('jobDeploymentStatus')!r} "
+                    f"(jobStatus={state.get('jobStatus')!r}) after {timeout_s} s.",
+                    where=f"RayJob {name!r}",
+                    hint="Call wait() again to keep waiting, or delete() to stop it.",
+                )
             time.sleep(poll_s)
 
     def _poll(self, name: str) -> tuple[dict | None, Exception | None]:
@@ -260,17 +278,25 @@ class KubeRayClient:
         except ApiException as exc:
             raise self._api_error(exc, "list the submitter pods of", name) from exc
         if not pods:
-            raise KdrayError("has no submitter pod (yet): KubeRay creates it once the Ray cluster is ready, "
-                             "and removes it when the RayJob is deleted.", where=f"RayJob {name!r}",
-                             hint="Check the state with status(name); logs exist from jobDeploymentStatus Running.")
+            raise KdrayError(
+                "has no submitter pod (yet): KubeRay creates it once the Ray cluster is ready, "
+                "and removes it when the RayJob is deleted.",
+                where=f"RayJob {name!r}",
+                hint="Check the state with status(name); logs exist from jobDeploymentStatus Running.",
+            )
+
         # A retried submitter Job leaves one pod per attempt; the newest one has the live log.
-        newest = max(pods, key=lambda p: (p.metadata.creation_timestamp.timestamp()  # type: ignore[union-attr]
-                                          if p.metadata.creation_timestamp else 0.0, p.metadata.name))  # type: ignore[union-attr]
+        def age(pod: Any) -> tuple[float, str]:
+            created = pod.metadata.creation_timestamp
+            return (created.timestamp() if created else 0.0, pod.metadata.name)
+
+        newest: Any = max(pods, key=age)
         try:
             # Raw bytes: older kubernetes clients json-decode a log that happens to be one JSON
             # document (returning its Python repr), and every client rejects unknown content types.
-            response: Any = self.core.read_namespaced_pod_log(newest.metadata.name, self.namespace,  # type: ignore[union-attr, arg-type]
-                                                              _preload_content=False)
+            response: Any = self.core.read_namespaced_pod_log(
+                newest.metadata.name, self.namespace, _preload_content=False
+            )
             return response.data.decode("utf-8", errors="replace")
         except ApiException as exc:
             raise self._api_error(exc, f"read the log of pod {newest.metadata.name!r} of", name) from exc  # type: ignore[union-attr]
@@ -282,8 +308,13 @@ class KubeRayClient:
 
         try:
             self.custom.delete_namespaced_custom_object(
-                GROUP, VERSION, self.namespace, PLURAL, name,
-                body=client.V1DeleteOptions(propagation_policy="Background"))
+                GROUP,
+                VERSION,
+                self.namespace,
+                PLURAL,
+                name,
+                body=client.V1DeleteOptions(propagation_policy="Background"),
+            )
         except ApiException as exc:
             if exc.status != 404:
                 raise self._api_error(exc, "delete", name) from exc
@@ -301,7 +332,9 @@ class KubeRayClient:
                     return
                 raise self._api_error(exc, "read", name) from exc
             if time.monotonic() >= deadline:
-                raise KdrayError(f"was deleted but still exists after {timeout_s} s (finalizer pending).",
-                                 where=f"RayJob {name!r}",
-                                 hint="Check that the KubeRay operator is running.")
+                raise KdrayError(
+                    f"was deleted but still exists after {timeout_s} s (finalizer pending).",
+                    where=f"RayJob {name!r}",
+                    hint="Check that the KubeRay operator is running.",
+                )
             time.sleep(self.DELETE_POLL_S)

@@ -57,8 +57,7 @@ _DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 # supervisor; stage URIs are limited to characters no shell interprets, so no quoting is needed.
 _SAFE_URI = re.compile(r"^[a-z][a-z0-9+.-]*://[A-Za-z0-9._~/:@%+=,-]+$")
 _QUANTITY = re.compile(r"^(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|K|M|G|T)?$")
-_UNITS = {None: 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
-          "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+_UNITS = {None: 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
 
 
 def _bad(field: str, message: str, hint: str | None = None) -> KdrayError:
@@ -73,8 +72,9 @@ def _slug(text: str) -> str:
 def _memory_bytes(quantity: str, field: str) -> int:
     match = _QUANTITY.match(quantity) if isinstance(quantity, str) else None
     if not match:
-        raise _bad(field, f"{quantity!r} is not a Kubernetes memory quantity.",
-                   hint="Write it like '4Gi', '512Mi' or '8G'.")
+        raise _bad(
+            field, f"{quantity!r} is not a Kubernetes memory quantity.", hint="Write it like '4Gi', '512Mi' or '8G'."
+        )
     return int(float(match.group(1)) * _UNITS[match.group(2)])
 
 
@@ -138,37 +138,59 @@ class JobRequest:
             if not isinstance(value, str) or not _slug(value):
                 raise _bad(field, f"{value!r} has no letters or digits, so it cannot name Kubernetes objects.")
         if not isinstance(self.key, str) or not _HEX.match(self.key):
-            raise _bad("key", f"{self.key!r} is not a stage key (6 to 64 lowercase hex characters).",
-                       hint="Pass the key kdray computed for the stage, e.g. from its manifest.")
+            raise _bad(
+                "key",
+                f"{self.key!r} is not a stage key (6 to 64 lowercase hex characters).",
+                hint="Pass the key kdray computed for the stage, e.g. from its manifest.",
+            )
         if not isinstance(self.stage_uri, str) or not _SAFE_URI.match(self.stage_uri):
-            raise _bad("stage_uri", f"{self.stage_uri!r} is not a URI made of safe characters "
-                       "(scheme://, then letters, digits and ._~/:@%+=,-).",
-                       hint="The URI is passed through two shells; percent-encode anything else.")
+            raise _bad(
+                "stage_uri",
+                f"{self.stage_uri!r} is not a URI made of safe characters "
+                "(scheme://, then letters, digits and ._~/:@%+=,-).",
+                hint="The URI is passed through two shells; percent-encode anything else.",
+            )
         if not isinstance(self.image, str) or not self.image or any(c.isspace() for c in self.image):
             raise _bad("image", f"{self.image!r} is not an image reference.")
         if not isinstance(self.namespace, str) or len(self.namespace) > 63 or not _DNS1123_LABEL.match(self.namespace):
             raise _bad("namespace", f"{self.namespace!r} is not a Kubernetes namespace name (DNS-1123 label).")
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
-            raise _bad("workers", f"is {self.workers!r}; a RayJob needs at least 1 worker.",
-                       hint="Set run.workers to 1 or more in the pipeline spec.")
-        if isinstance(self.cpus_per_worker, bool) or not isinstance(self.cpus_per_worker, (int, float)) \
-                or self.cpus_per_worker < 0.001:
+            raise _bad(
+                "workers",
+                f"is {self.workers!r}; a RayJob needs at least 1 worker.",
+                hint="Set run.workers to 1 or more in the pipeline spec.",
+            )
+        if (
+            isinstance(self.cpus_per_worker, bool)
+            or not isinstance(self.cpus_per_worker, (int, float))
+            or self.cpus_per_worker < 0.001
+        ):
             raise _bad("cpus_per_worker", f"is {self.cpus_per_worker!r}; it must be a positive number of CPUs.")
         if _memory_bytes(self.memory_per_worker, "memory_per_worker") < 512 * 2**20:
-            raise _bad("memory_per_worker", f"{self.memory_per_worker!r} is below 512Mi; a Ray worker "
-                       "does not start in less.")
-        if isinstance(self.gpus_per_worker, bool) or not isinstance(self.gpus_per_worker, int) \
-                or self.gpus_per_worker < 1:
+            raise _bad(
+                "memory_per_worker", f"{self.memory_per_worker!r} is below 512Mi; a Ray worker does not start in less."
+            )
+        if (
+            isinstance(self.gpus_per_worker, bool)
+            or not isinstance(self.gpus_per_worker, int)
+            or self.gpus_per_worker < 1
+        ):
             raise _bad("gpus_per_worker", f"is {self.gpus_per_worker!r}; it must be a whole number >= 1.")
         for field in ("s3_secret", "service_account"):
             value = getattr(self, field)
             if not isinstance(value, str) or len(value) > 253 or not _DNS1123_SUBDOMAIN.match(value):
                 raise _bad(field, f"{value!r} is not a Kubernetes object name (DNS-1123 subdomain).")
         if self.s3_endpoint is not None and not re.match(r"^https?://[^\s/]+(/\S*)?$", str(self.s3_endpoint)):
-            raise _bad("s3_endpoint", f"{self.s3_endpoint!r} is not an http(s):// URL.",
-                       hint="Example: http://seaweedfs.kdray.svc.cluster.local:8333")
-        if isinstance(self.active_deadline_s, bool) or not isinstance(self.active_deadline_s, int) \
-                or not 0 < self.active_deadline_s < 2**31:
+            raise _bad(
+                "s3_endpoint",
+                f"{self.s3_endpoint!r} is not an http(s):// URL.",
+                hint="Example: http://seaweedfs.kdray.svc.cluster.local:8333",
+            )
+        if (
+            isinstance(self.active_deadline_s, bool)
+            or not isinstance(self.active_deadline_s, int)
+            or not 0 < self.active_deadline_s < 2**31
+        ):
             raise _bad("active_deadline_s", f"is {self.active_deadline_s!r}; it must be a positive number of seconds.")
         if isinstance(self.ttl_s, bool) or not isinstance(self.ttl_s, int) or not 0 <= self.ttl_s < 2**31:
             raise _bad("ttl_s", f"is {self.ttl_s!r}; it must be 0 or more seconds.")
@@ -207,8 +229,13 @@ def _label_value(text: str) -> str:
 
 
 def _pod_security() -> dict:
-    return {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID, "fsGroup": UID,
-            "seccompProfile": {"type": "RuntimeDefault"}}
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": UID,
+        "runAsGroup": UID,
+        "fsGroup": UID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
 
 
 def _container_security() -> dict:
@@ -232,25 +259,36 @@ def _resources(cpus: float, memory: str, gpus: int = 0) -> dict:
     return {"requests": amount, "limits": limits}
 
 
-def _ray_pod(*, container: str, image: str, env: list[dict], resources: dict, memory: str,
-             labels: dict, service_account: str, ports: list[dict] | None = None,
-             gpu: bool = False) -> dict:
+def _ray_pod(
+    *,
+    container: str,
+    image: str,
+    env: list[dict],
+    resources: dict,
+    memory: str,
+    labels: dict,
+    service_account: str,
+    ports: list[dict] | None = None,
+    gpu: bool = False,
+) -> dict:
     spec = {
         "serviceAccountName": service_account,
         "automountServiceAccountToken": False,  # Ray pods never call the Kubernetes API
         "securityContext": _pod_security(),
-        "containers": [{
-            "name": container,
-            "image": image,
-            "imagePullPolicy": "IfNotPresent",
-            **({"ports": ports} if ports else {}),
-            "env": env,
-            "resources": resources,
-            "securityContext": _container_security(),
-            # Lets Ray drain the node before the kubelet kills it.
-            "lifecycle": {"preStop": {"exec": {"command": ["/bin/sh", "-c", "ray stop"]}}},
-            "volumeMounts": [{"name": "shared-mem", "mountPath": "/dev/shm"}],
-        }],
+        "containers": [
+            {
+                "name": container,
+                "image": image,
+                "imagePullPolicy": "IfNotPresent",
+                **({"ports": ports} if ports else {}),
+                "env": env,
+                "resources": resources,
+                "securityContext": _container_security(),
+                # Lets Ray drain the node before the kubelet kills it.
+                "lifecycle": {"preStop": {"exec": {"command": ["/bin/sh", "-c", "ray stop"]}}},
+                "volumeMounts": [{"name": "shared-mem", "mountPath": "/dev/shm"}],
+            }
+        ],
         "volumes": [{"name": "shared-mem", "emptyDir": {"medium": "Memory", "sizeLimit": _shm_size(memory)}}],
     }
     if gpu:
@@ -258,12 +296,27 @@ def _ray_pod(*, container: str, image: str, env: list[dict], resources: dict, me
     return {"metadata": {"labels": dict(labels)}, "spec": spec}
 
 
-def _cluster_spec(*, image: str, workers: int, use_gpu: bool, cpus_per_worker: float,
-                  memory_per_worker: str, gpus_per_worker: int, s3_secret: str, s3_endpoint: str | None,
-                  labels: dict, service_account: str, head_cpus: float, head_memory: str) -> dict:
+def _cluster_spec(
+    *,
+    image: str,
+    workers: int,
+    use_gpu: bool,
+    cpus_per_worker: float,
+    memory_per_worker: str,
+    gpus_per_worker: int,
+    s3_secret: str,
+    s3_endpoint: str | None,
+    labels: dict,
+    service_account: str,
+    head_cpus: float,
+    head_memory: str,
+) -> dict:
     env = _ray_env(s3_secret, s3_endpoint)
-    head_ports = [{"containerPort": 6379, "name": "gcs-server"}, {"containerPort": 8265, "name": "dashboard"},
-                  {"containerPort": 10001, "name": "client"}]
+    head_ports = [
+        {"containerPort": 6379, "name": "gcs-server"},
+        {"containerPort": 8265, "name": "dashboard"},
+        {"containerPort": 10001, "name": "client"},
+    ]
     return {
         "rayVersion": RAY_VERSION,
         "enableInTreeAutoscaling": False,
@@ -271,22 +324,36 @@ def _cluster_spec(*, image: str, workers: int, use_gpu: bool, cpus_per_worker: f
             # The head schedules no tasks: training happens on workers only, so a worker pod's
             # resources are exactly what one Ray Train worker gets.
             "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
-            "template": _ray_pod(container="ray-head", image=image, env=env,
-                                 resources=_resources(head_cpus, head_memory), memory=head_memory,
-                                 labels=labels, service_account=service_account, ports=head_ports),
+            "template": _ray_pod(
+                container="ray-head",
+                image=image,
+                env=env,
+                resources=_resources(head_cpus, head_memory),
+                memory=head_memory,
+                labels=labels,
+                service_account=service_account,
+                ports=head_ports,
+            ),
         },
-        "workerGroupSpecs": [{
-            "groupName": "workers",
-            "replicas": workers,
-            "minReplicas": workers,
-            "maxReplicas": workers,
-            "rayStartParams": {},
-            "template": _ray_pod(container="ray-worker", image=image, env=env,
-                                 resources=_resources(cpus_per_worker, memory_per_worker,
-                                                      gpus_per_worker if use_gpu else 0),
-                                 memory=memory_per_worker, labels=labels,
-                                 service_account=service_account, gpu=use_gpu),
-        }],
+        "workerGroupSpecs": [
+            {
+                "groupName": "workers",
+                "replicas": workers,
+                "minReplicas": workers,
+                "maxReplicas": workers,
+                "rayStartParams": {},
+                "template": _ray_pod(
+                    container="ray-worker",
+                    image=image,
+                    env=env,
+                    resources=_resources(cpus_per_worker, memory_per_worker, gpus_per_worker if use_gpu else 0),
+                    memory=memory_per_worker,
+                    labels=labels,
+                    service_account=service_account,
+                    gpu=use_gpu,
+                ),
+            }
+        ],
     }
 
 
@@ -299,14 +366,18 @@ def _submitter_pod(image: str, labels: dict, service_account: str) -> dict:
             "serviceAccountName": service_account,
             "automountServiceAccountToken": False,
             "securityContext": _pod_security(),
-            "containers": [{
-                "name": "ray-job-submitter",
-                "image": image,
-                "imagePullPolicy": "IfNotPresent",
-                "resources": {"requests": {"cpu": "250m", "memory": "256Mi"},
-                              "limits": {"cpu": "1", "memory": "1Gi"}},
-                "securityContext": _container_security(),
-            }],
+            "containers": [
+                {
+                    "name": "ray-job-submitter",
+                    "image": image,
+                    "imagePullPolicy": "IfNotPresent",
+                    "resources": {
+                        "requests": {"cpu": "250m", "memory": "256Mi"},
+                        "limits": {"cpu": "1", "memory": "1Gi"},
+                    },
+                    "securityContext": _container_security(),
+                }
+            ],
         },
     }
 
@@ -320,13 +391,26 @@ def render_rayjob(req: JobRequest) -> dict:
     retries belong to the Prefect task, which resubmits the same name and resumes from the stage's
     last checkpoint. Same request, same dict (no timestamps, no random parts).
     """
-    labels = {LABEL_NAME: "kdray", LABEL_PIPELINE: _label_value(req.pipeline),
-              LABEL_STAGE: _label_value(req.stage), LABEL_KEY: req.key[:16]}
-    cluster = _cluster_spec(image=req.image, workers=req.workers, use_gpu=req.use_gpu,
-                            cpus_per_worker=req.cpus_per_worker, memory_per_worker=req.memory_per_worker,
-                            gpus_per_worker=req.gpus_per_worker, s3_secret=req.s3_secret,
-                            s3_endpoint=req.s3_endpoint, labels=labels,
-                            service_account=req.service_account, head_cpus=1, head_memory="4Gi")
+    labels = {
+        LABEL_NAME: "kdray",
+        LABEL_PIPELINE: _label_value(req.pipeline),
+        LABEL_STAGE: _label_value(req.stage),
+        LABEL_KEY: req.key[:16],
+    }
+    cluster = _cluster_spec(
+        image=req.image,
+        workers=req.workers,
+        use_gpu=req.use_gpu,
+        cpus_per_worker=req.cpus_per_worker,
+        memory_per_worker=req.memory_per_worker,
+        gpus_per_worker=req.gpus_per_worker,
+        s3_secret=req.s3_secret,
+        s3_endpoint=req.s3_endpoint,
+        labels=labels,
+        service_account=req.service_account,
+        head_cpus=1,
+        head_memory="4Gi",
+    )
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
@@ -349,12 +433,22 @@ def render_rayjob(req: JobRequest) -> dict:
     }
 
 
-def render_raycluster(name: str, *, image: str = "kdray:latest", namespace: str = "kdray", workers: int = 2,
-                      use_gpu: bool = False, cpus_per_worker: float = 1, memory_per_worker: str = "4Gi",
-                      gpus_per_worker: int = 1, s3_secret: str = "kdray-s3",
-                      s3_endpoint: str | None = "http://seaweedfs.kdray.svc.cluster.local:8333",
-                      service_account: str = "kdray-runner", head_cpus: float = 1,
-                      head_memory: str = "4Gi") -> dict:
+def render_raycluster(
+    name: str,
+    *,
+    image: str = "kdray:latest",
+    namespace: str = "kdray",
+    workers: int = 2,
+    use_gpu: bool = False,
+    cpus_per_worker: float = 1,
+    memory_per_worker: str = "4Gi",
+    gpus_per_worker: int = 1,
+    s3_secret: str = "kdray-s3",
+    s3_endpoint: str | None = "http://seaweedfs.kdray.svc.cluster.local:8333",
+    service_account: str = "kdray-runner",
+    head_cpus: float = 1,
+    head_memory: str = "4Gi",
+) -> dict:
     """Render a long-lived ``ray.io/v1`` RayCluster for the ``ray`` launcher (Job Submission API).
 
     Same pod templates as ``render_rayjob``; the dashboard (job submission endpoint) is reachable in
@@ -362,23 +456,49 @@ def render_raycluster(name: str, *, image: str = "kdray:latest", namespace: str 
     this function's output for ``render_raycluster("kdray")``, which ``tests/test_k8s.py`` checks.
     """
     if not isinstance(name, str) or len(name) > MAX_RAYCLUSTER_NAME or not _DNS1035.match(name):
-        raise KdrayError(f"{name!r} is not a RayCluster name (a DNS-1035 label of at most {MAX_RAYCLUSTER_NAME} "
-                         "characters).", where="render_raycluster name")
+        raise KdrayError(
+            f"{name!r} is not a RayCluster name (a DNS-1035 label of at most {MAX_RAYCLUSTER_NAME} characters).",
+            where="render_raycluster name",
+        )
     # Reuse JobRequest's checks for the shared fields; the dummy key/URI never reach the output.
-    req = JobRequest(pipeline=name, stage="cluster", key="0" * 12, stage_uri="s3://unused/stage.json",
-                     image=image, namespace=namespace, workers=workers, use_gpu=use_gpu,
-                     cpus_per_worker=cpus_per_worker, memory_per_worker=memory_per_worker,
-                     gpus_per_worker=gpus_per_worker, s3_secret=s3_secret, s3_endpoint=s3_endpoint,
-                     service_account=service_account)
+    req = JobRequest(
+        pipeline=name,
+        stage="cluster",
+        key="0" * 12,
+        stage_uri="s3://unused/stage.json",
+        image=image,
+        namespace=namespace,
+        workers=workers,
+        use_gpu=use_gpu,
+        cpus_per_worker=cpus_per_worker,
+        memory_per_worker=memory_per_worker,
+        gpus_per_worker=gpus_per_worker,
+        s3_secret=s3_secret,
+        s3_endpoint=s3_endpoint,
+        service_account=service_account,
+    )
     _memory_bytes(head_memory, "head_memory")
     labels = {LABEL_NAME: "kdray", "app.kubernetes.io/component": "ray-cluster"}
-    spec = _cluster_spec(image=req.image, workers=req.workers, use_gpu=req.use_gpu,
-                         cpus_per_worker=req.cpus_per_worker, memory_per_worker=req.memory_per_worker,
-                         gpus_per_worker=req.gpus_per_worker, s3_secret=req.s3_secret,
-                         s3_endpoint=req.s3_endpoint, labels=labels, service_account=req.service_account,
-                         head_cpus=head_cpus, head_memory=head_memory)
-    return {"apiVersion": "ray.io/v1", "kind": "RayCluster",
-            "metadata": {"name": name, "namespace": req.namespace, "labels": labels}, "spec": spec}
+    spec = _cluster_spec(
+        image=req.image,
+        workers=req.workers,
+        use_gpu=req.use_gpu,
+        cpus_per_worker=req.cpus_per_worker,
+        memory_per_worker=req.memory_per_worker,
+        gpus_per_worker=req.gpus_per_worker,
+        s3_secret=req.s3_secret,
+        s3_endpoint=req.s3_endpoint,
+        labels=labels,
+        service_account=req.service_account,
+        head_cpus=head_cpus,
+        head_memory=head_memory,
+    )
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayCluster",
+        "metadata": {"name": name, "namespace": req.namespace, "labels": labels},
+        "spec": spec,
+    }
 
 
 class _Dumper(yaml.SafeDumper):

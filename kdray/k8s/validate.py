@@ -98,12 +98,21 @@ def _check_name(doc: dict, limit: int) -> None:
     if not isinstance(name, str) or not name:
         _fail(doc, "metadata.name", "is missing; KubeRay objects need a name.", hint=None)
     if len(name) > limit:
-        _fail(doc, "metadata.name", f"{name!r} has {len(name)} characters; KubeRay allows at most {limit} "
-              f"for a {doc['kind']} (it derives longer child names from it).",
-              hint="Shorten it; kdray.k8s.render.rayjob_name() truncates and hashes long names for you.")
+        _fail(
+            doc,
+            "metadata.name",
+            f"{name!r} has {len(name)} characters; KubeRay allows at most {limit} "
+            f"for a {doc['kind']} (it derives longer child names from it).",
+            hint="Shorten it; kdray.k8s.render.rayjob_name() truncates and hashes long names for you.",
+        )
     if not _DNS1035.match(name):
-        _fail(doc, "metadata.name", f"{name!r} is not a DNS-1035 label (lowercase letters, digits and '-', "
-              "starting with a letter and ending with a letter or digit).", hint=None)
+        _fail(
+            doc,
+            "metadata.name",
+            f"{name!r} is not a DNS-1035 label (lowercase letters, digits and '-', "
+            "starting with a letter and ending with a letter or digit).",
+            hint=None,
+        )
 
 
 def _check_cluster_spec(doc: dict, spec: dict, where: str) -> None:
@@ -112,15 +121,25 @@ def _check_cluster_spec(doc: dict, spec: dict, where: str) -> None:
     groups += [(f"workerGroupSpecs[{i}]", g) for i, g in enumerate(spec.get("workerGroupSpecs") or [])]
     for gpath, group in groups:
         if not ((group.get("template") or {}).get("spec") or {}).get("containers"):
-            _fail(doc, f"{where}.{gpath}.template.spec.containers",
-                  "is empty; a Ray node needs its Ray container first.")
+            _fail(
+                doc, f"{where}.{gpath}.template.spec.containers", "is empty; a Ray node needs its Ray container first."
+            )
         params = group.get("rayStartParams") or {}
         if group.get("resources") and any(params.get(k) for k in ("num-cpus", "num-gpus", "memory", "resources")):
-            _fail(doc, f"{where}.{gpath}", "declares Ray resources both in rayStartParams and in resources; "
-                  "KubeRay rejects the group. Use one of the two.", hint=None)
+            _fail(
+                doc,
+                f"{where}.{gpath}",
+                "declares Ray resources both in rayStartParams and in resources; "
+                "KubeRay rejects the group. Use one of the two.",
+                hint=None,
+            )
         if "labels" in params:
-            _fail(doc, f"{where}.{gpath}.rayStartParams.labels",
-                  "is not supported; use the group's labels field.", hint=None)
+            _fail(
+                doc,
+                f"{where}.{gpath}.rayStartParams.labels",
+                "is not supported; use the group's labels field.",
+                hint=None,
+            )
         if gpath.startswith("workerGroupSpecs"):
             lo, hi = group.get("minReplicas"), group.get("maxReplicas")
             if isinstance(lo, int) and isinstance(hi, int) and lo > hi:
@@ -130,23 +149,39 @@ def _check_cluster_spec(doc: dict, spec: dict, where: str) -> None:
 def _check_rayjob(doc: dict) -> None:
     spec = doc.get("spec") or {}
     if spec.get("suspend") and not spec.get("shutdownAfterJobFinishes"):
-        _fail(doc, "spec.suspend", "is true but shutdownAfterJobFinishes is not; KubeRay only suspends "
-              "RayJobs that delete their cluster.", hint="Set spec.shutdownAfterJobFinishes: true.")
+        _fail(
+            doc,
+            "spec.suspend",
+            "is true but shutdownAfterJobFinishes is not; KubeRay only suspends RayJobs that delete their cluster.",
+            hint="Set spec.shutdownAfterJobFinishes: true.",
+        )
     if (spec.get("ttlSecondsAfterFinished") or 0) > 0 and not spec.get("shutdownAfterJobFinishes"):
-        _fail(doc, "spec.ttlSecondsAfterFinished", "is set but shutdownAfterJobFinishes is not; the TTL only "
-              "applies to clusters that are shut down.", hint="Set spec.shutdownAfterJobFinishes: true.")
+        _fail(
+            doc,
+            "spec.ttlSecondsAfterFinished",
+            "is set but shutdownAfterJobFinishes is not; the TTL only applies to clusters that are shut down.",
+            hint="Set spec.shutdownAfterJobFinishes: true.",
+        )
     selector = spec.get("clusterSelector") or {}
     if not spec.get("rayClusterSpec") and not selector:
-        _fail(doc, "spec", "has neither rayClusterSpec nor clusterSelector; KubeRay needs one of them to "
-              "know where the job runs.", hint=None)
+        _fail(
+            doc,
+            "spec",
+            "has neither rayClusterSpec nor clusterSelector; KubeRay needs one of them to know where the job runs.",
+            hint=None,
+        )
     if selector:
         if not selector.get("ray.io/cluster"):
             _fail(doc, "spec.clusterSelector", "must name the cluster under the key 'ray.io/cluster'.", hint=None)
         if spec.get("suspend"):
             _fail(doc, "spec.suspend", "cannot be used with clusterSelector.", hint=None)
         if (spec.get("backoffLimit") or 0) != 0:
-            _fail(doc, "spec.backoffLimit", "must be 0 with clusterSelector (retries would reuse the same "
-                  "cluster).", hint=None)
+            _fail(
+                doc,
+                "spec.backoffLimit",
+                "must be 0 with clusterSelector (retries would reuse the same cluster).",
+                hint=None,
+            )
     for key in ("activeDeadlineSeconds", "preRunningDeadlineSeconds"):
         if key in spec and not (isinstance(spec[key], int) and spec[key] > 0):
             _fail(doc, f"spec.{key}", f"is {spec[key]!r}; it must be a positive number of seconds.", hint=None)
@@ -178,8 +213,10 @@ def validate_kuberay(doc: dict) -> None:
         raise KdrayError(f"a KubeRay manifest must be a mapping, got {type(doc).__name__}.")
     kind = doc.get("kind")
     if kind not in _SCHEMA_FILES or doc.get("apiVersion") != API_VERSION:
-        raise KdrayError(f"expected apiVersion {API_VERSION} and kind RayJob or RayCluster, got "
-                         f"apiVersion {doc.get('apiVersion')!r} and kind {kind!r}.")
+        raise KdrayError(
+            f"expected apiVersion {API_VERSION} and kind RayJob or RayCluster, got "
+            f"apiVersion {doc.get('apiVersion')!r} and kind {kind!r}."
+        )
     # ``status`` is written by the operator; a manifest read back from the API may carry it.
     body = {k: v for k, v in doc.items() if k != "status"}
     errors = sorted(_validator(kind).iter_errors(body), key=lambda e: (list(map(str, e.absolute_path)), e.message))

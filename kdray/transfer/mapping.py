@@ -102,28 +102,37 @@ class MappingRule(BaseModel):
         meta = MATCH_STRATEGIES.meta(self.match)
         if not meta.get("pairs"):
             if self.pairs is not None:
-                raise ValueError(f"'pairs' belongs to {{match: explicit}} rules, not {{match: {self.match}}}; "
-                                 "move the pairs into a rule with match: explicit")
+                raise ValueError(
+                    f"'pairs' belongs to {{match: explicit}} rules, not {{match: {self.match}}}; "
+                    "move the pairs into a rule with match: explicit"
+                )
             allowed = meta.get("ops", ("copy",))
             if self.op is not None and self.op not in allowed:
-                raise ValueError(f"{{match: {self.match}}} takes op {' or '.join(allowed)}, not {self.op!r}; "
-                                 "use {match: explicit, pairs: {...}, op: " + self.op + "} to name the tensors")
+                raise ValueError(
+                    f"{{match: {self.match}}} takes op {' or '.join(allowed)}, not {self.op!r}; "
+                    "use {match: explicit, pairs: {...}, op: " + self.op + "} to name the tensors"
+                )
             return self
         if not self.pairs:
-            raise ValueError('{match: explicit} needs pairs, e.g. pairs: {"classifier.*": "head.*"} '
-                             "(target glob -> source glob)")
+            raise ValueError(
+                '{match: explicit} needs pairs, e.g. pairs: {"classifier.*": "head.*"} (target glob -> source glob)'
+            )
         op = self.op or "copy"
         for tgt, src in self.pairs.items():
             if any(c in tgt + (src or "") for c in "?[]"):
                 raise ValueError(f"explicit pair {tgt!r}: {src!r} may use only '*' as a wildcard")
             if op in ("reinit", "skip"):
                 if src is not None:
-                    raise ValueError(f"op {op!r} takes no source tensor: write {tgt!r}: null instead of {tgt!r}: {src!r}")
+                    raise ValueError(
+                        f"op {op!r} takes no source tensor: write {tgt!r}: null instead of {tgt!r}: {src!r}"
+                    )
             elif src is None:
                 raise ValueError(f"explicit pair {tgt!r} has no source glob; give one, or use op: reinit / op: skip")
             elif tgt.count("*") != src.count("*"):
-                raise ValueError(f"explicit pair {tgt!r}: {src!r} has {tgt.count('*')} '*' on the target side but "
-                                 f"{src.count('*')} on the source side; each '*' of the target fills one of the source")
+                raise ValueError(
+                    f"explicit pair {tgt!r}: {src!r} has {tgt.count('*')} '*' on the target side but "
+                    f"{src.count('*')} on the source side; each '*' of the target fills one of the source"
+                )
         return self
 
     @property
@@ -150,10 +159,14 @@ class LayerRule(BaseModel):
     def _check(self) -> "LayerRule":
         if self.action == "lr_scale":
             if self.lr_scale is None:
-                raise ValueError(f"layer rule {self.select!r} has action lr_scale but no lr_scale value, "
-                                 "e.g. {select: 'features.*', action: lr_scale, lr_scale: 0.1}")
+                raise ValueError(
+                    f"layer rule {self.select!r} has action lr_scale but no lr_scale value, "
+                    "e.g. {select: 'features.*', action: lr_scale, lr_scale: 0.1}"
+                )
             if self.lr_scale <= 0:
-                raise ValueError(f"lr_scale must be > 0 (got {self.lr_scale}); use action: freeze to stop training a layer")
+                raise ValueError(
+                    f"lr_scale must be > 0 (got {self.lr_scale}); use action: freeze to stop training a layer"
+                )
         elif self.lr_scale is not None:
             raise ValueError(f"lr_scale is only read with action: lr_scale, not action: {self.action}; remove it")
         return self
@@ -206,7 +219,7 @@ def shape_str(shape: Sequence[int]) -> str:
 def _strip_module_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A state dict saved from a DDP-wrapped model has every key prefixed with ``module.``."""
     if state and all(k.startswith("module.") for k in state):
-        return {k[len("module."):]: v for k, v in state.items()}
+        return {k[len("module.") :]: v for k, v in state.items()}
     return dict(state)
 
 
@@ -291,12 +304,16 @@ def cannot_adapt(op: str, source_shape: Sequence[int], target_shape: Sequence[in
         return f"{op} needs tensors with the same number of dimensions ({len(s)} vs {len(t)})"
     if op == "slice":
         bigger = [f"dim {d}: target {t[d]} > source {s[d]}" for d in range(len(t)) if t[d] > s[d]]
-        return f"slice needs the target no larger than the source on every dim ({'; '.join(bigger)})" if bigger else None
+        return (
+            f"slice needs the target no larger than the source on every dim ({'; '.join(bigger)})" if bigger else None
+        )
     if op == "repeat_channels":
         other = [d for d in range(len(t)) if d != 1 and t[d] != s[d]]
         if len(t) < 2 or other:
-            return ("repeat_channels changes only dim 1 (input channels) of a weight [out, in, ...]; "
-                    f"dims {other} differ too")
+            return (
+                "repeat_channels changes only dim 1 (input channels) of a weight [out, in, ...]; "
+                f"dims {other} differ too"
+            )
         return None
     return f"op {op!r} does not adapt shapes"
 
@@ -373,8 +390,15 @@ class TransferReport:
     spec: TransferSpec | None = None  # the block the plan was made from (L2-SP reads it)
 
     def copy(self) -> "TransferReport":
-        return TransferReport([Entry(**asdict(e)) for e in self.entries], list(self.unused_source),
-                              self.source_arch, self.target_arch, self.batchnorm, list(self.notes), self.spec)
+        return TransferReport(
+            [Entry(**asdict(e)) for e in self.entries],
+            list(self.unused_source),
+            self.source_arch,
+            self.target_arch,
+            self.batchnorm,
+            list(self.notes),
+            self.spec,
+        )
 
     def summary(self) -> dict[str, int]:
         counts = {s: sum(e.status == s for e in self.entries) for s in ("copied", "adapted", "reinitialised", "kept")}
@@ -415,12 +439,17 @@ class TransferReport:
         lines.insert(1, "-" * max(len(ln) for ln in lines))
         arch = f"{self.source_arch or '?'} -> {self.target_arch or '?'}"
         s = self.summary()
-        lines.insert(0, f"transfer {arch}: {s['copied']} copied, {s['adapted']} adapted, "
-                        f"{s['reinitialised']} reinitialised, {s['kept']} kept; {s['frozen']} frozen, "
-                        f"{s['lr_scaled']} lr-scaled; batchnorm {self.batchnorm}")
+        lines.insert(
+            0,
+            f"transfer {arch}: {s['copied']} copied, {s['adapted']} adapted, "
+            f"{s['reinitialised']} reinitialised, {s['kept']} kept; {s['frozen']} frozen, "
+            f"{s['lr_scaled']} lr-scaled; batchnorm {self.batchnorm}",
+        )
         if self.unused_source:
-            lines.append(f"unused source tensors ({len(self.unused_source)}): "
-                         + ", ".join(f"{k} {shape_str(sh)}" for k, sh in self.unused_source))
+            lines.append(
+                f"unused source tensors ({len(self.unused_source)}): "
+                + ", ".join(f"{k} {shape_str(sh)}" for k, sh in self.unused_source)
+            )
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 
@@ -441,8 +470,10 @@ def layer_actions(model: nn.Module, spec: TransferSpec) -> dict[str, tuple[int, 
         if not hit:
             raise KdrayError(
                 f"select {rule.select!r} matches no module or tensor of the target; close module paths: "
-                f"{_list(_close(rule.select, modules))}.", where=f"transfer.layers[{i}]",
-                hint="Globs are matched against module paths such as 'features.0' (see model.named_modules()).")
+                f"{_list(_close(rule.select, modules))}.",
+                where=f"transfer.layers[{i}]",
+                hint="Globs are matched against module paths such as 'features.0' (see model.named_modules()).",
+            )
         for k in hit:
             out.setdefault(k, (i, rule))
     return out
@@ -455,21 +486,41 @@ def layer_actions(model: nn.Module, spec: TransferSpec) -> dict[str, tuple[int, 
 class PlanState:
     """What a match strategy reads and extends while a transfer is planned."""
 
-    tgt: dict[str, tuple[int, ...]]          # target key -> shape
-    src: dict[str, tuple[int, ...]]          # source key -> shape
-    t_anchor: list[str]                      # target keys a rule may claim (statistics follow their layer)
+    tgt: dict[str, tuple[int, ...]]  # target key -> shape
+    src: dict[str, tuple[int, ...]]  # source key -> shape
+    t_anchor: list[str]  # target keys a rule may claim (statistics follow their layer)
     s_anchor: list[str]
-    t_follow: dict[str, str]                 # target statistic -> the key it follows
+    t_follow: dict[str, str]  # target statistic -> the key it follows
     s_follow: dict[str, str]
     t_keys: set[str]
     s_keys: set[str]
     claims: dict[str, Entry] = field(default_factory=dict)
     near_miss: dict[str, str] = field(default_factory=dict)  # target key -> why a same-named source was not used
 
-    def claim(self, key: str, status: Status, rule: str | None, *, source_key: str | None = None,
-              op: str | None = None, how: str | None = None, reason: str | None = None, reset: bool = False) -> None:
-        self.claims[key] = Entry(key, self.tgt[key], status, source_key,
-                                 self.src.get(source_key) if source_key else None, op, how, reason, rule, reset=reset)
+    def claim(
+        self,
+        key: str,
+        status: Status,
+        rule: str | None,
+        *,
+        source_key: str | None = None,
+        op: str | None = None,
+        how: str | None = None,
+        reason: str | None = None,
+        reset: bool = False,
+    ) -> None:
+        self.claims[key] = Entry(
+            key,
+            self.tgt[key],
+            status,
+            source_key,
+            self.src.get(source_key) if source_key else None,
+            op,
+            how,
+            reason,
+            rule,
+            reset=reset,
+        )
 
     def claim_transfer(self, key: str, source_key: str, op: str, rule: str) -> None:
         how = None
@@ -489,7 +540,8 @@ def match_name(state: PlanState, rule: MappingRule, i: int) -> None:
             f"{{match: name}} finds no target tensor name in the source: target names look like "
             f"{_list(state.t_anchor[:3])}, source names like {_list(state.s_anchor[:3])}.",
             where=f"transfer.mapping[{i}]",
-            hint="Pair them with {match: shape} (in order, by identical shape) or explicit pairs.")
+            hint="Pair them with {match: shape} (in order, by identical shape) or explicit pairs.",
+        )
     for k in common:
         why = cannot_adapt(rule.resolved_op, src[k], tgt[k])
         if why is None:
@@ -520,12 +572,17 @@ def match_explicit(state: PlanState, rule: MappingRule, i: int) -> None:
         rx = _glob_regex(tglob)
         hits = [(k, m.groups()) for k in state.t_anchor if (m := rx.match(k))]
         if not hits:
-            follower_hint = (" Running statistics are not mapped on their own: they follow their "
-                             "layer's weight." if any(rx.match(k) for k in state.t_follow) else "")
+            follower_hint = (
+                " Running statistics are not mapped on their own: they follow their layer's weight."
+                if any(rx.match(k) for k in state.t_follow)
+                else ""
+            )
             raise KdrayError(
                 f"explicit target glob {tglob!r} matches no target tensor; close target names: "
-                f"{_list(_close(tglob, state.t_anchor))}.{follower_hint}", where=where,
-                hint=f"Close source names: {_list(_close(sglob or tglob, state.s_anchor))}.")
+                f"{_list(_close(tglob, state.t_anchor))}.{follower_hint}",
+                where=where,
+                hint=f"Close source names: {_list(_close(sglob or tglob, state.s_anchor))}.",
+            )
         for k, groups in hits:
             if k in state.claims:
                 continue
@@ -540,19 +597,29 @@ def match_explicit(state: PlanState, rule: MappingRule, i: int) -> None:
                 raise KdrayError(
                     f"target {k!r} ({shape_str(tgt[k])}) maps to source {sk!r} through {tglob!r}: {sglob!r}, "
                     f"but the source has no tensor {sk!r}; close source names: {_list(_close(sk, state.s_anchor))}.",
-                    where=where, hint="Fix the source glob so that it names existing source tensors.")
+                    where=where,
+                    hint="Fix the source glob so that it names existing source tensors.",
+                )
             why = cannot_adapt(op, src[sk], tgt[k])
             if why is not None:
                 raise KdrayError(
                     f"target {k!r} has shape {shape_str(tgt[k])} but source {sk!r} has shape "
-                    f"{shape_str(src[sk])}; {why}.", where=where,
+                    f"{shape_str(src[sk])}; {why}.",
+                    where=where,
                     hint="Use op: slice (target no larger on any dim), op: repeat_channels (conv input "
-                         "channels), or op: reinit to keep the target's fresh initialisation.")
+                    "channels), or op: reinit to keep the target's fresh initialisation.",
+                )
             state.claim_transfer(k, sk, op, f"mapping[{i}] explicit")
 
 
-def plan_transfer(source_state: Mapping[str, torch.Tensor], target: nn.Module, spec: TransferSpec, *,
-                  source_arch: str | None = None, target_arch: str | None = None) -> TransferReport:
+def plan_transfer(
+    source_state: Mapping[str, torch.Tensor],
+    target: nn.Module,
+    spec: TransferSpec,
+    *,
+    source_arch: str | None = None,
+    target_arch: str | None = None,
+) -> TransferReport:
     """Decide, for every tensor of ``target``, where its initial value comes from.
 
     Args:
@@ -603,16 +670,20 @@ def plan_transfer(source_state: Mapping[str, torch.Tensor], target: nn.Module, s
             raise KdrayError(
                 f"the source is {source_arch!r} and the target {target_arch!r}, and transfer.mapping matches only "
                 f"by name, but {len(body)} of {len(t_anchor)} target tensors find no same-named source tensor "
-                f"that fits ({shown}{more}).", where="transfer.mapping",
+                f"that fits ({shown}{more}).",
+                where="transfer.mapping",
                 hint="Add {match: shape} after {match: name} to pair the rest by shape in order, or explicit "
-                     "pairs with op: slice / repeat_channels; the report lists what each rule paired.")
+                "pairs with op: slice / repeat_channels; the report lists what each rule paired.",
+            )
 
     if spec.strict and unmapped:
         shown = "; ".join(_describe_unmapped(k, tgt, src, near_miss) for k in unmapped)
         raise KdrayError(
-            f"strict is true but {len(unmapped)} target tensors are not mapped: {shown}.", where="transfer.strict",
+            f"strict is true but {len(unmapped)} target tensors are not mapped: {shown}.",
+            where="transfer.strict",
             hint="Map them with a rule, mark them with {match: explicit, pairs: {'<glob>': null}, op: reinit}, "
-                 "or set strict: false to keep their fresh initialisation.")
+            "or set strict: false to keep their fresh initialisation.",
+        )
 
     for k in unmapped:
         claim(k, "reinitialised", None, reason=_why_new(k, tgt, src, near_miss, classifier))
@@ -626,11 +697,14 @@ def plan_transfer(source_state: Mapping[str, torch.Tensor], target: nn.Module, s
             sk = f"{s_module}.{leaf}" if s_module else leaf
             op = a.op if a.op in ("copy", "slice") else "copy"
             if sk not in src:
-                claim(k, "reinitialised", f"follows {anchor}",
-                      reason=f"source layer {s_module!r} has no {leaf}")
+                claim(k, "reinitialised", f"follows {anchor}", reason=f"source layer {s_module!r} has no {leaf}")
             elif cannot_adapt(op, src[sk], tgt[k]) is not None:
-                claim(k, "reinitialised", f"follows {anchor}",
-                      reason=f"source {sk!r} is {shape_str(src[sk])}, target {shape_str(tgt[k])}")
+                claim(
+                    k,
+                    "reinitialised",
+                    f"follows {anchor}",
+                    reason=f"source {sk!r} is {shape_str(src[sk])}, target {shape_str(tgt[k])}",
+                )
             else:
                 claim_transfer(k, sk, op, f"follows {anchor}")
         else:
@@ -652,8 +726,10 @@ def plan_transfer(source_state: Mapping[str, torch.Tensor], target: nn.Module, s
         i, items = next(iter(bad_copy.items()))
         raise KdrayError(
             f"layer rule {{select: {spec.layers[i].select!r}, action: copy}} selects target tensors that receive "
-            f"no source weights: {'; '.join(items)}.", where=f"transfer.layers[{i}]",
-            hint="Add a mapping rule that covers them (by name, shape or explicit pairs), or change the action.")
+            f"no source weights: {'; '.join(items)}.",
+            where=f"transfer.layers[{i}]",
+            hint="Add a mapping rule that covers them (by name, shape or explicit pairs), or change the action.",
+        )
     if spec.batchnorm == "frozen":
         for k, e in claims.items():
             if _is_norm_affine(k, t_keys):
@@ -662,8 +738,10 @@ def plan_transfer(source_state: Mapping[str, torch.Tensor], target: nn.Module, s
     notes = []
     frozen_new = [k for k, e in claims.items() if e.frozen and e.status == "reinitialised" and k in actions]
     if frozen_new:
-        notes.append(f"{len(frozen_new)} frozen tensors were not transferred and stay at their random "
-                     f"initialisation: {', '.join(frozen_new[:5])}{' ...' if len(frozen_new) > 5 else ''}")
+        notes.append(
+            f"{len(frozen_new)} frozen tensors were not transferred and stay at their random "
+            f"initialisation: {', '.join(frozen_new[:5])}{' ...' if len(frozen_new) > 5 else ''}"
+        )
 
     used = {e.source for e in claims.values() if e.source and e.status in ("copied", "adapted")}
     unused = [(k, src[k]) for k in src if k not in used]
@@ -688,8 +766,13 @@ def _describe_unmapped(k: str, tgt: dict, src: dict, near_miss: dict[str, str]) 
 
 def _why_new(k: str, tgt: dict, src: dict, near_miss: dict[str, str], classifier: str) -> str:
     """The reason text of a target tensor that no rule mapped."""
-    if k.startswith(classifier + ".") and k in src and len(src[k]) == len(tgt[k]) and src[k][0] != tgt[k][0] \
-            and src[k][1:] == tgt[k][1:]:
+    if (
+        k.startswith(classifier + ".")
+        and k in src
+        and len(src[k]) == len(tgt[k])
+        and src[k][0] != tgt[k][0]
+        and src[k][1:] == tgt[k][1:]
+    ):
         return f"new classifier head: {src[k][0]} -> {tgt[k][0]} classes"
     if k in near_miss:
         return near_miss[k]
@@ -712,8 +795,10 @@ def apply_transfer(target: nn.Module, source_state: Mapping[str, torch.Tensor], 
     actual = {k: tuple(v.shape) for k, v in state.items()}
     if planned != actual:
         diff = sorted(set(planned.items()) ^ set(actual.items()))[:6]
-        raise KdrayError(f"the transfer plan was made for a different target model; differing (key, shape): {diff}.",
-                         hint="Call plan_transfer on the same model you pass to apply_transfer.")
+        raise KdrayError(
+            f"the transfer plan was made for a different target model; differing (key, shape): {diff}.",
+            hint="Call plan_transfer on the same model you pass to apply_transfer.",
+        )
     report = plan.copy()
     by_key = report.by_key()
 
@@ -726,11 +811,16 @@ def apply_transfer(target: nn.Module, source_state: Mapping[str, torch.Tensor], 
             module = model.get_submodule(path) if path else model
             if not hasattr(module, "reset_parameters"):
                 for k in keys:
-                    by_key[k].reason = (by_key[k].reason or "") + f"; module {path or '<root>'!r} has no reset_parameters(), target value kept"
+                    by_key[k].reason = (
+                        by_key[k].reason or ""
+                    ) + f"; module {path or '<root>'!r} has no reset_parameters(), target value kept"
                 continue
             prefix = f"{path}." if path else ""
-            others = {k: v.detach().clone() for k, v in state.items()
-                      if k.startswith(prefix) and "." not in k[len(prefix):] and k not in keys}
+            others = {
+                k: v.detach().clone()
+                for k, v in state.items()
+                if k.startswith(prefix) and "." not in k[len(prefix) :] and k not in keys
+            }
             module.reset_parameters()  # type: ignore[operator]  # torch: Module.__getattr__
             for k, v in others.items():
                 state[k].copy_(v)
@@ -768,7 +858,9 @@ def apply_layer_rules(target: nn.Module, spec: TransferSpec) -> list[dict[str, A
     groups: dict[float, dict[str, Any]] = {}
     for name, p in model.named_parameters():
         action = actions.get(name, (None, None))[1]
-        if (action is not None and action.action == "freeze") or (spec.batchnorm == "frozen" and _is_norm_affine(name, keys)):
+        if (action is not None and action.action == "freeze") or (
+            spec.batchnorm == "frozen" and _is_norm_affine(name, keys)
+        ):
             p.requires_grad_(False)
             continue
         if not p.requires_grad:
@@ -800,7 +892,9 @@ def set_batchnorm_mode(model: nn.Module, mode: str, select_globs: Sequence[str] 
         return []
     done = []
     for name, m in _bn_modules(unwrap(model)):
-        if select_globs is not None and not any(fnmatch.fnmatchcase(c, g) for g in select_globs for c in _candidates(name)):
+        if select_globs is not None and not any(
+            fnmatch.fnmatchcase(c, g) for g in select_globs for c in _candidates(name)
+        ):
             continue
         m.eval()
         if mode == "frozen":
@@ -846,13 +940,21 @@ class L2SP(nn.Module):
     regularised. ``forward(model)`` accepts the model bare or wrapped in DDP.
     """
 
-    def __init__(self, target: nn.Module, source_state: Mapping[str, torch.Tensor], plan: TransferReport,
-                 alpha: float | None = None, beta: float | None = None):
+    def __init__(
+        self,
+        target: nn.Module,
+        source_state: Mapping[str, torch.Tensor],
+        plan: TransferReport,
+        alpha: float | None = None,
+        beta: float | None = None,
+    ):
         super().__init__()
         l2sp = plan.spec.l2sp if plan.spec is not None else None
         if alpha is None and l2sp is None:
-            raise KdrayError("L2SP needs alpha and beta: set transfer.l2sp: {alpha: 0.01, beta: 0.0001} or pass them.",
-                             where="transfer.l2sp")
+            raise KdrayError(
+                "L2SP needs alpha and beta: set transfer.l2sp: {alpha: 0.01, beta: 0.0001} or pass them.",
+                where="transfer.l2sp",
+            )
         self.alpha = float(alpha if alpha is not None else l2sp.alpha)  # type: ignore[union-attr]  # checked above
         self.beta = float(beta if beta is not None else (l2sp.beta if l2sp else 0.0))
         source = _strip_module_prefix(source_state)
@@ -873,15 +975,20 @@ class L2SP(nn.Module):
         params = dict(unwrap(model).named_parameters())
         missing = [k for k in self.transferred + self.new if k not in params]
         if missing:
-            raise KdrayError(f"L2SP was built for a model with parameters {missing[:5]} that this model lacks.",
-                             hint="Build L2SP from the same model (and plan) that is being trained.")
+            raise KdrayError(
+                f"L2SP was built for a model with parameters {missing[:5]} that this model lacks.",
+                hint="Build L2SP from the same model (and plan) that is being trained.",
+            )
         total = next(iter(params.values())).new_zeros(())
         if self.alpha:
             for i, k in enumerate(self.transferred):
                 w, ref = params[k], getattr(self, f"ref_{i}")
                 if w.shape != ref.shape:
-                    raise KdrayError(f"L2SP reference for {k!r} is {shape_str(ref.shape)} but the parameter is "
-                                     f"{shape_str(w.shape)}.", hint="Rebuild L2SP after changing the model.")
+                    raise KdrayError(
+                        f"L2SP reference for {k!r} is {shape_str(ref.shape)} but the parameter is "
+                        f"{shape_str(w.shape)}.",
+                        hint="Rebuild L2SP after changing the model.",
+                    )
                 total = total + self.alpha * (w - ref.to(w.device, w.dtype)).pow(2).sum()
         if self.beta:
             for k in self.new:
@@ -906,23 +1013,32 @@ def tie_modules(net_a: nn.Module, net_b: nn.Module, globs: Sequence[str]) -> lis
     for g in globs:
         hit = [p for p in mods_b if p and fnmatch.fnmatchcase(p, g)]
         if not hit:
-            raise KdrayError(f"shared glob {g!r} matches no module of the second network; close module paths: "
-                             f"{_list(_close(g, [p for p in mods_b if p]))}.", where="shared")
+            raise KdrayError(
+                f"shared glob {g!r} matches no module of the second network; close module paths: "
+                f"{_list(_close(g, [p for p in mods_b if p]))}.",
+                where="shared",
+            )
         selected += [p for p in hit if p not in selected]
     top = [p for p in selected if not any(p.startswith(q + ".") for q in selected if q != p)]
     for p in top:
         if p not in mods_a:
-            raise KdrayError(f"module {p!r} of the second network has no counterpart in the first; close paths there: "
-                             f"{_list(_close(p, [q for q in mods_a if q]))}.", where="shared")
+            raise KdrayError(
+                f"module {p!r} of the second network has no counterpart in the first; close paths there: "
+                f"{_list(_close(p, [q for q in mods_a if q]))}.",
+                where="shared",
+            )
         ma, mb = mods_a[p], mods_b[p]
         sa = {k: tuple(v.shape) for k, v in ma.state_dict().items()}
         sb = {k: tuple(v.shape) for k, v in mb.state_dict().items()}
         if type(ma) is not type(mb) or sa != sb:
             diff = sorted(set(sa.items()) ^ set(sb.items()))[:6]
-            raise KdrayError(f"cannot tie {p!r}: first network has {type(ma).__name__} with "
-                             f"{len(sa)} tensors, second has {type(mb).__name__} with {len(sb)}; differing "
-                             f"(name, shape): {diff}.", where="shared",
-                             hint="Tie only modules whose tensors have the same names and shapes in both networks.")
+            raise KdrayError(
+                f"cannot tie {p!r}: first network has {type(ma).__name__} with "
+                f"{len(sa)} tensors, second has {type(mb).__name__} with {len(sb)}; differing "
+                f"(name, shape): {diff}.",
+                where="shared",
+                hint="Tie only modules whose tensors have the same names and shapes in both networks.",
+            )
     for p in top:
         parent, _, attr = p.rpartition(".")
         setattr(b.get_submodule(parent) if parent else b, attr, mods_a[p])
@@ -930,8 +1046,24 @@ def tie_modules(net_a: nn.Module, net_b: nn.Module, globs: Sequence[str]) -> lis
 
 
 __all__ = [
-    "MATCH_STRATEGIES", "MappingRule", "LayerRule", "L2SPSpec", "TransferSpec", "Entry", "TransferReport",
-    "plan_transfer", "apply_transfer", "adapt_tensor", "cannot_adapt", "uniform_indices",
-    "layer_actions", "apply_layer_rules", "set_batchnorm_mode", "apply_batchnorm_rules", "L2SP",
-    "tie_modules", "shape_str", "source_value",
+    "MATCH_STRATEGIES",
+    "MappingRule",
+    "LayerRule",
+    "L2SPSpec",
+    "TransferSpec",
+    "Entry",
+    "TransferReport",
+    "plan_transfer",
+    "apply_transfer",
+    "adapt_tensor",
+    "cannot_adapt",
+    "uniform_indices",
+    "layer_actions",
+    "apply_layer_rules",
+    "set_batchnorm_mode",
+    "apply_batchnorm_rules",
+    "L2SP",
+    "tie_modules",
+    "shape_str",
+    "source_value",
 ]

@@ -24,8 +24,10 @@ def labelled_target(data_spec: Any, limit: int) -> tuple[torch.Tensor, np.ndarra
     split = kdata.load(data_spec, "train")
     keep = (split.y >= 0).nonzero().flatten()[:limit]
     if len(keep) < 2 * split.num_classes:
-        raise KdrayError(f"only {len(keep)} labelled target examples: too few to score sources "
-                         f"({split.num_classes} classes)", hint="Use more labels (data.labels_per_class) for scoring.")
+        raise KdrayError(
+            f"only {len(keep)} labelled target examples: too few to score sources ({split.num_classes} classes)",
+            hint="Use more labels (data.labels_per_class) for scoring.",
+        )
     return kdata.normalize(split.x[keep], split), split.y[keep].numpy(), split.num_classes
 
 
@@ -36,7 +38,7 @@ def _run(model: torch.nn.Module, x: torch.Tensor, paths: list[str], batch_size: 
     feats: dict[str, list[torch.Tensor]] = {p: [] for p in paths}
     for i in range(0, len(x), batch_size):
         with capture(model, paths, "source") as got:
-            e = model.embed(x[i:i + batch_size])  # type: ignore[operator]  # torch: Module.__getattr__
+            e = model.embed(x[i : i + batch_size])  # type: ignore[operator]  # torch: Module.__getattr__
             logits.append(model.classifier(e))  # type: ignore[operator]  # torch: Module.__getattr__
         embeds.append(e)
         for p in paths:
@@ -48,9 +50,11 @@ def _run(model: torch.nn.Module, x: torch.Tensor, paths: list[str], batch_size: 
 def check_input(art: Artifact, x: torch.Tensor, ref: str) -> None:
     kw = art.manifest["model"]["kwargs"]
     if (kw["in_channels"], kw["image_size"]) != (x.shape[1], x.shape[-1]):
-        raise KdrayError(f"source {ref!r} takes {kw['in_channels']}x{kw['image_size']}x{kw['image_size']} inputs but "
-                         f"the target data is {x.shape[1]}x{x.shape[-1]}x{x.shape[-1]}",
-                         hint="Score sources trained on inputs of the target's shape.")
+        raise KdrayError(
+            f"source {ref!r} takes {kw['in_channels']}x{kw['image_size']}x{kw['image_size']} inputs but "
+            f"the target data is {x.shape[1]}x{x.shape[-1]}x{x.shape[-1]}",
+            hint="Score sources trained on inputs of the target's shape.",
+        )
 
 
 def score_sources(candidates: dict[str, Artifact], data_spec: Any, limit: int = 3000) -> list[dict[str, Any]]:
@@ -60,9 +64,15 @@ def score_sources(candidates: dict[str, Artifact], data_spec: Any, limit: int = 
     for ref, art in candidates.items():
         check_input(art, x, ref)
         logits, emb, _ = _run(art.build_model(), x, [])
-        rows.append({"ref": ref, "uri": art.uri, "model": art.manifest["model"]["name"],
-                     "logme": logme(emb.double().numpy(), y),
-                     "leep": leep(torch.softmax(logits.double(), 1).numpy(), y, k)})
+        rows.append(
+            {
+                "ref": ref,
+                "uri": art.uri,
+                "model": art.manifest["model"]["name"],
+                "logme": logme(emb.double().numpy(), y),
+                "leep": leep(torch.softmax(logits.double(), 1).numpy(), y, k),
+            }
+        )
     rows.sort(key=lambda r: -r["logme"])
     for i, r in enumerate(rows):
         r["rank"] = i + 1

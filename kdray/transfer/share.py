@@ -37,8 +37,17 @@ class ShareStage(StageBase):
 class Share(Method):
     """``CE_a(net_a(x_a)) + weight_b · CE_b(net_b(x_b))`` with the shared modules tied; ``model`` is net B."""
 
-    def __init__(self, net_a: nn.Module, net_b: nn.Module, shared: list[str], x_b: torch.Tensor, y_b: torch.Tensor,
-                 weight_b: float, batch_size: int, seed: int):
+    def __init__(
+        self,
+        net_a: nn.Module,
+        net_b: nn.Module,
+        shared: list[str],
+        x_b: torch.Tensor,
+        y_b: torch.Tensor,
+        weight_b: float,
+        batch_size: int,
+        seed: int,
+    ):
         super().__init__(net_b)
         self.net_a = net_a
         self.shared = tie_modules(net_a, net_b, shared)
@@ -69,8 +78,11 @@ class ShareKind(StageKind):
         job.extras["model_a_kwargs"] = job.extras["model_kwargs"]
         job.extras["model_kwargs"] = model_kwargs(ctx.stage.model, ctx.stage.data_b)
         # Tie on the driver first: a glob that matches nothing or modules that differ fail before Ray starts.
-        tied = tie_modules(create_model(ctx.stage.model.name, **job.extras["model_a_kwargs"]),
-                           create_model(ctx.stage.model.name, **job.extras["model_kwargs"]), ctx.stage.shared)
+        tied = tie_modules(
+            create_model(ctx.stage.model.name, **job.extras["model_a_kwargs"]),
+            create_model(ctx.stage.model.name, **job.extras["model_kwargs"]),
+            ctx.stage.shared,
+        )
         ctx.log(f"[{ctx.stage.name}] tied modules (one tensor for both tasks): {', '.join(tied)}")
         return ctx.publish(job, ctx.train(job), extra={"shared": tied})
 
@@ -80,8 +92,16 @@ class ShareKind(StageKind):
         net_b = create_model(spec.model.name, **job.extras["model_kwargs"])
         task_b = kdata.load(spec.data_b, "train")
         keep = task_b.y >= 0  # task B's labelled rows (it may have few)
-        return Share(net_a, net_b, spec.shared, kdata.normalize(task_b.x, task_b)[keep], task_b.y[keep],
-                     spec.weight_b, max(1, spec.optim.batch_size), job.run.seed)
+        return Share(
+            net_a,
+            net_b,
+            spec.shared,
+            kdata.normalize(task_b.x, task_b)[keep],
+            task_b.y[keep],
+            spec.weight_b,
+            max(1, spec.optim.batch_size),
+            job.run.seed,
+        )
 
     def data(self, job: Job) -> tuple[kdata.Split, kdata.Split]:
         """Iterate task A's training split; watch task B's test split (what the stage reports)."""

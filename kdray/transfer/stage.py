@@ -68,8 +68,15 @@ class TransferStage(StageBase):
 class Transfer(Method):
     """Cross-entropy on the target task, plus L2-SP toward the source weights when configured."""
 
-    def __init__(self, model: nn.Module, spec: TransferSpec, source_state: dict[str, torch.Tensor],
-                 source_arch: str, target_arch: str, label_smoothing: float = 0.0):
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: TransferSpec,
+        source_state: dict[str, torch.Tensor],
+        source_arch: str,
+        target_arch: str,
+        label_smoothing: float = 0.0,
+    ):
         super().__init__(model)
         self.spec, self.label_smoothing = spec, label_smoothing
         plan = plan_transfer(source_state, model, spec, source_arch=source_arch, target_arch=target_arch)
@@ -126,11 +133,16 @@ def with_new_head(ctx: StageContext, source: Artifact) -> Any:
     target = ctx.stage.data.model_dump(mode="json")
     rules = ctx.stage.transfer.mapping
     mentions_head = any(r.pairs and any(k.startswith("classifier") for k in r.pairs) for r in rules)
-    same_width = source.manifest["model"]["kwargs"].get("num_classes") == model_kwargs(ctx.stage.model, ctx.stage.data)["num_classes"]
+    same_width = (
+        source.manifest["model"]["kwargs"].get("num_classes")
+        == model_kwargs(ctx.stage.model, ctx.stage.data)["num_classes"]
+    )
     if not source_data or label_space(source_data) == label_space(target) or mentions_head or not same_width:
         return ctx.stage  # (a head of another width is re-initialised by the mapping, with that reason)
-    ctx.log(f"[{ctx.stage.name}] source labels {label_space(source_data)} differ from target labels "
-            f"{label_space(target)}: the classifier head starts fresh (map classifier.* explicitly to change this)")
+    ctx.log(
+        f"[{ctx.stage.name}] source labels {label_space(source_data)} differ from target labels "
+        f"{label_space(target)}: the classifier head starts fresh (map classifier.* explicitly to change this)"
+    )
     head = MappingRule(match="explicit", pairs={"classifier.*": None}, op="reinit")
     transfer = ctx.stage.transfer.model_copy(update={"mapping": [head, *rules]})
     return ctx.stage.model_copy(update={"transfer": transfer})
@@ -147,20 +159,39 @@ class TransferKind(StageKind):
         ctx.stage = with_new_head(ctx, source)
         job = ctx.job(source_uri=source.uri)
         # Plan on the driver: a mapping that cannot hold fails here, naming both sides, before Ray starts.
-        dry = Transfer(create_model(ctx.stage.model.name, **job.extras["model_kwargs"]), ctx.stage.transfer,
-                       source.state_dict(), source.manifest["model"]["name"], ctx.stage.model.name)
-        ctx.log(f"[{ctx.stage.name}] transfer from {source.manifest['model']['name']} ({source.uri}):\n"
-                + dry.report.to_table())
+        dry = Transfer(
+            create_model(ctx.stage.model.name, **job.extras["model_kwargs"]),
+            ctx.stage.transfer,
+            source.state_dict(),
+            source.manifest["model"]["name"],
+            ctx.stage.model.name,
+        )
+        ctx.log(
+            f"[{ctx.stage.name}] transfer from {source.manifest['model']['name']} ({source.uri}):\n"
+            + dry.report.to_table()
+        )
         result = ctx.train(job)
         files = {"transfer_report.json": json.dumps(dry.report.to_json(), indent=2).encode()}
         if ranking:
             files["transferability.json"] = json.dumps(ranking, indent=2).encode()
-        return ctx.publish(job, result, files, extra={
-            "source": {"uri": source.uri, "model": source.manifest["model"]["name"], "ranking": ranking},
-            "transfer": dry.report.summary()})
+        return ctx.publish(
+            job,
+            result,
+            files,
+            extra={
+                "source": {"uri": source.uri, "model": source.manifest["model"]["name"], "ranking": ranking},
+                "transfer": dry.report.summary(),
+            },
+        )
 
     def method(self, job: Job, shard: Shard) -> Transfer:
         source = open_artifact(job.extras["source_uri"])
         model = create_model(job.spec.model.name, **job.extras["model_kwargs"])
-        return Transfer(model, job.spec.transfer, source.state_dict(), source.manifest["model"]["name"],
-                        job.spec.model.name, job.spec.label_smoothing)
+        return Transfer(
+            model,
+            job.spec.transfer,
+            source.state_dict(),
+            source.manifest["model"]["name"],
+            job.spec.model.name,
+            job.spec.label_smoothing,
+        )

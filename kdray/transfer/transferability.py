@@ -32,8 +32,9 @@ def _check_features_labels(features: np.ndarray, labels: np.ndarray, what: str) 
     if f.ndim != 2:
         raise KdrayError(f"{what} expects a 2-D array [N, D], got shape {f.shape}.")
     if y.ndim != 1 or y.shape[0] != f.shape[0]:
-        raise KdrayError(f"{what}: labels have shape {y.shape} but the array has {f.shape[0]} rows; "
-                         "give one label per row.")
+        raise KdrayError(
+            f"{what}: labels have shape {y.shape} but the array has {f.shape[0]} rows; give one label per row."
+        )
     if f.shape[0] < 2:
         raise KdrayError(f"{what} needs at least 2 samples, got {f.shape[0]}.")
     if not np.all(np.isfinite(f)):
@@ -45,8 +46,9 @@ def _check_features_labels(features: np.ndarray, labels: np.ndarray, what: str) 
     return f, y
 
 
-def log_evidence(alpha: float, beta: float, sigma: np.ndarray, z2: np.ndarray, residual_out: float,
-                 n: int, d: int) -> tuple[float, float, float, float]:
+def log_evidence(
+    alpha: float, beta: float, sigma: np.ndarray, z2: np.ndarray, residual_out: float, n: int, d: int
+) -> tuple[float, float, float, float]:
     """Log evidence of ``t ~ N(F m, 1/β)``, ``m ~ N(0, 1/α I)`` written with the SVD ``F = U S Vᵀ``.
 
     ``log p(t | F, α, β) = d/2 log α + n/2 log β − n/2 log 2π − β/2 ‖F m̂ − t‖² − α/2 ‖m̂‖² − 1/2 log|A|``
@@ -61,8 +63,14 @@ def log_evidence(alpha: float, beta: float, sigma: np.ndarray, z2: np.ndarray, r
     m2 = float(np.sum(sigma * z2 / (sigma + lam) ** 2))
     res2 = float(np.sum(z2 * (lam / (sigma + lam)) ** 2) + residual_out)
     logdet = float(np.sum(np.log(alpha + beta * sigma)) + (d - sigma.shape[0]) * math.log(alpha))
-    ev = (0.5 * d * math.log(alpha) + 0.5 * n * math.log(beta) - 0.5 * n * math.log(2 * math.pi)
-          - 0.5 * beta * res2 - 0.5 * alpha * m2 - 0.5 * logdet)
+    ev = (
+        0.5 * d * math.log(alpha)
+        + 0.5 * n * math.log(beta)
+        - 0.5 * n * math.log(2 * math.pi)
+        - 0.5 * beta * res2
+        - 0.5 * alpha * m2
+        - 0.5 * logdet
+    )
     return ev, gamma, m2, res2
 
 
@@ -89,13 +97,13 @@ def logme(features: np.ndarray, labels: np.ndarray, *, max_iter: int = 100, tol:
     f, y = _check_features_labels(features, labels, "logme")
     n, d = f.shape
     u, s, _ = np.linalg.svd(f, full_matrices=False)  # u [N, r], s [r], r = min(N, D)
-    sigma = s ** 2
+    sigma = s**2
     tiny = 1e-12
     evidences = []
     for k in np.unique(y):
         t = (y == k).astype(np.float64)
         z = u.T @ t
-        z2 = z ** 2
+        z2 = z**2
         residual_out = max(float(t @ t - z2.sum()), 0.0)  # the part of t outside F's column space
         alpha, beta = 1.0, 1.0
         for _ in range(max_iter):
@@ -124,11 +132,15 @@ def leep(source_probs: np.ndarray, target_labels: np.ndarray, num_target_classes
     """
     theta, y = _check_features_labels(source_probs, target_labels, "leep")
     if np.any(theta < 0) or not np.allclose(theta.sum(1), 1.0, atol=1e-4):
-        raise KdrayError("leep: source_probs must be probabilities (non-negative rows summing to 1); "
-                         "apply softmax to the source model's logits first.")
+        raise KdrayError(
+            "leep: source_probs must be probabilities (non-negative rows summing to 1); "
+            "apply softmax to the source model's logits first."
+        )
     if y.min() < 0 or y.max() >= num_target_classes:
-        raise KdrayError(f"leep: target labels span [{y.min()}, {y.max()}] but num_target_classes is "
-                         f"{num_target_classes}; labels must lie in [0, num_target_classes).")
+        raise KdrayError(
+            f"leep: target labels span [{y.min()}, {y.max()}] but num_target_classes is "
+            f"{num_target_classes}; labels must lie in [0, num_target_classes)."
+        )
     n = theta.shape[0]
     joint = np.zeros((num_target_classes, theta.shape[1]))
     np.add.at(joint, y, theta)
@@ -155,15 +167,21 @@ def kendall_tau(a: Sequence[float] | Mapping[str, float], b: Sequence[float] | M
     1 means the same order, −1 the reverse; NaN when one side is constant.
     """
     if isinstance(a, Mapping) != isinstance(b, Mapping):
-        raise KdrayError("kendall_tau: give two dicts over the same names or two lists of equal length, not one of each.")
+        raise KdrayError(
+            "kendall_tau: give two dicts over the same names or two lists of equal length, not one of each."
+        )
     if isinstance(a, Mapping) and isinstance(b, Mapping):
         if set(a) != set(b):
-            raise KdrayError(f"kendall_tau: the two dicts name different items; only on one side: {sorted(set(a) ^ set(b))}.")
+            raise KdrayError(
+                f"kendall_tau: the two dicts name different items; only on one side: {sorted(set(a) ^ set(b))}."
+            )
         names = sorted(a)
         a, b = [a[k] for k in names], [b[k] for k in names]
     x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if x.ndim != 1 or x.shape != y.shape or x.size < 2:
-        raise KdrayError(f"kendall_tau needs two 1-D sequences of equal length >= 2, got shapes {x.shape} and {y.shape}.")
+        raise KdrayError(
+            f"kendall_tau needs two 1-D sequences of equal length >= 2, got shapes {x.shape} and {y.shape}."
+        )
     i, j = np.triu_indices(x.size, k=1)
     sx, sy = np.sign(x[i] - x[j]), np.sign(y[i] - y[j])
     n0 = i.size

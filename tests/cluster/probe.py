@@ -30,10 +30,12 @@ def s3():
     import boto3
     from botocore.config import Config
 
-    return boto3.client("s3", endpoint_url=os.environ["KDRAY_S3_ENDPOINT"],
-                        region_name=os.environ.get("AWS_REGION", "us-east-1"),
-                        config=Config(connect_timeout=5, read_timeout=20, retries={"max_attempts": 2},
-                                      s3={"addressing_style": "path"}))
+    return boto3.client(
+        "s3",
+        endpoint_url=os.environ["KDRAY_S3_ENDPOINT"],
+        region_name=os.environ.get("AWS_REGION", "us-east-1"),
+        config=Config(connect_timeout=5, read_timeout=20, retries={"max_attempts": 2}, s3={"addressing_style": "path"}),
+    )
 
 
 def s3_keys(prefix: str) -> list[str]:
@@ -56,8 +58,15 @@ def nodes(alive_only: bool = True) -> list[dict]:
     for n in list_nodes(address=DASHBOARD, limit=1000, detail=True, raise_on_missing_output=False):
         if alive_only and n.state != "ALIVE":
             continue
-        out.append({"node_id": n.node_id, "ip": n.node_ip, "state": n.state, "head": bool(n.is_head_node),
-                    "cpu": (n.resources_total or {}).get("CPU", 0.0)})
+        out.append(
+            {
+                "node_id": n.node_id,
+                "ip": n.node_ip,
+                "state": n.state,
+                "head": bool(n.is_head_node),
+                "cpu": (n.resources_total or {}).get("CPU", 0.0),
+            }
+        )
     return out
 
 
@@ -66,18 +75,31 @@ def main(argv: list[str]) -> int:
     if cmd == "ray-nodes":
         print(json.dumps(nodes()))
     elif cmd == "ray-jobs":
-        print(json.dumps([{"id": j.submission_id, "job_id": j.job_id, "status": str(j.status.value)}
-                          for j in jobs(args[0])]))
+        print(
+            json.dumps(
+                [{"id": j.submission_id, "job_id": j.job_id, "status": str(j.status.value)} for j in jobs(args[0])]
+            )
+        )
     elif cmd == "ray-placement":
         from ray.util.state import list_actors
 
         job_ids = {j.job_id for j in jobs(args[0]) if j.job_id}
         ips = {n["node_id"]: n["ip"] for n in nodes(alive_only=False)}
-        actors = [a for a in list_actors(address=DASHBOARD, limit=10000, detail=True, raise_on_missing_output=False)
-                  if a.class_name == "RayTrainWorker" and a.job_id in job_ids]
-        print(json.dumps({"jobs": sorted(job_ids),
-                          "workers": [{"node_id": a.node_id, "ip": ips.get(a.node_id), "state": a.state,
-                                       "pid": a.pid} for a in actors]}))
+        actors = [
+            a
+            for a in list_actors(address=DASHBOARD, limit=10000, detail=True, raise_on_missing_output=False)
+            if a.class_name == "RayTrainWorker" and a.job_id in job_ids
+        ]
+        print(
+            json.dumps(
+                {
+                    "jobs": sorted(job_ids),
+                    "workers": [
+                        {"node_id": a.node_id, "ip": ips.get(a.node_id), "state": a.state, "pid": a.pid} for a in actors
+                    ],
+                }
+            )
+        )
     elif cmd == "s3-ready":
         client = s3()
         client.list_buckets()

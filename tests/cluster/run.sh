@@ -156,7 +156,10 @@ check() {  # check NAME FUNCTION [ARGS]: run the function in a subshell (set -e)
   local name=$1 t0=$SECONDS rc
   shift
   log "check $name ..."
-  ( set -eEuo pipefail; "$@" ) >"$WORK/logs/$name.log" 2>&1
+  # (never call check in a condition: errexit would be off inside it)
+  ( set -eEuo pipefail; shopt -s inherit_errexit
+    trap 'kill $(jobs -p) 2>/dev/null || true' EXIT   # background submits of a failed check
+    "$@" ) >"$WORK/logs/$name.log" 2>&1
   rc=$?
   if [ "$rc" = 0 ]; then
     PASSED=$((PASSED + 1)); DONE[$name]=1
@@ -381,7 +384,9 @@ check_stack_up() {
   (cd "$WORK/project" && podman-compose -p "$PROJECT" -f compose.yaml up -d)
   local s3 head worker
   s3=$(ctr s3); head=$(ctr ray-head); worker=$(ctr prefect-worker)
-  [ -n "$s3" ] && [ -n "$head" ] && [ -n "$worker" ]
+  [ -n "$s3" ]
+  [ -n "$head" ]
+  [ -n "$worker" ]
   [ "$(timeout 180 podman wait "$(ctr s3-bucket)")" = 0 ] || { podman logs "$(ctr s3-bucket)" | tail; return 1; }
   wait_until 120 "S3 bucket answers" probe "$worker" s3-ready
   wait_until 240 "Ray: head and 2 workers of 1 CPU" ray_ready 2
@@ -420,7 +425,9 @@ check_non_root() {
     echo "$(podman inspect -f '{{.Name}}' "$c"): user $user; processes by user: $procs; id -u: $(podman exec "$c" id -u)"
     [ "${user%%:*}" = 1000 ]
     [ "$(podman exec "$c" id -u)" = 1000 ]
-    ! podman top "$c" user 2>/dev/null | tail -n +2 | grep -vqxE '[[:space:]]*(1000|kdray)[[:space:]]*'
+    if podman top "$c" user | tail -n +2 | grep -vqxE '[[:space:]]*(1000|kdray)[[:space:]]*'; then
+      echo "a process of $c runs as another user"; return 1
+    fi
   done
   # and the image itself, with no user given
   [ "$(podman run --rm --label "kdray.cluster-check=$PROJECT" "$IMAGE" id -u)" = 1000 ]
@@ -515,6 +522,7 @@ ray_checkpoints() {  # the checkpoint folders under the checks' _ray/ prefix, on
 new_checkpoints() {  # new_checkpoints BEFORE_FILE: checkpoint folders not listed before
   ray_checkpoints | grep -vxF -f "$1" || true
 }
+has_new_checkpoint() { [ -n "$(new_checkpoints "$1")" ]; }
 committed_epochs() {  # committed_epochs BEFORE_FILE: epochs in the newest new checkpoint's history
   local newest
   newest=$(new_checkpoints "$1" | sort | tail -1)
@@ -528,12 +536,13 @@ check_worker_killed() {
   submit "$WORK/killed.out" run.seed=3 stages.teacher.optim.epochs=5 --only teacher &
   pid=$!; BG_PIDS+=("$pid")
   # once the first checkpoint of this run is in S3, a Ray worker container is killed (SIGKILL)
-  wait_until 400 "the run's first checkpoint" test -n "\$(new_checkpoints "$before")"
+  wait_until 400 "the run's first checkpoint" has_new_checkpoint "$before"
   w2=$(ctr ray-worker 2)
   podman kill "$w2"
   at_kill=$(committed_epochs "$before")
   echo "killed $w2 with $at_kill epoch(s) of 5 committed to a checkpoint"
-  [ "$at_kill" -ge 1 ] && [ "$at_kill" -lt 5 ]
+  [ "$at_kill" -ge 1 ]
+  [ "$at_kill" -lt 5 ]
   sleep 5
   podman start "$w2"   # the container is back
   wait "$pid"
@@ -548,37 +557,36 @@ check_worker_killed() {
 }
 
 check_s3_outage() {
-  local s3 pid before=$WORK/ckpt-before-s3.txt rc prefix
+  local s3 pid before=$WORK/ckpt-before-outage.txt rc stage
   s3=$(ctr s3)
-  probe "$(P_WORKER)" s3-ls cluster-check/_ray/ | json "'\n'.join(sorted({'/'.join(k.split('/')[:4]) for k in d if '/checkpoint_' in k}))" >"$before"
-  echo "" >>"$before"
-  submit "$WORK/outage.out" run.seed=4 stages.teacher.optim.epochs=5 --only teacher &
+  { ray_checkpoints; echo; } >"$before"
+  submit "$WORK/outage.out" run.seed=4 --only teacher &
   pid=$!; BG_PIDS+=("$pid")
-  wait_until 400 "the first checkpoint" test -n "$(new_checkpoints "$before")"
-  echo "stopping $s3 (SIGKILL) while the stage trains and uploads its checkpoints"
+  # the S3 container is killed as soon as the run's first checkpoint starts to appear in it
+  wait_until 400 "the run's first checkpoint" has_new_checkpoint "$before"
   podman kill "$s3"
+  echo "killed $s3 while the stage trains and uploads its checkpoints"
   rc=0; wait "$pid" || rc=$?
-  echo "submit ended with exit code $rc"; tail -5 "$WORK/outage.out.log"
+  echo "the submit ended with exit code $rc:"; grep -vE '^\s*$' "$WORK/outage.out.log" | tail -3 | cut -c1-300
   [ "$rc" != 0 ]
   podman start "$s3"
   wait_until 120 "S3 back" probe "$(P_WORKER)" s3-ready
-  # no manifest was published for the broken stage
-  prefix=$(grep -oE "s3://$BUCKET/cluster-check/cluster-check/teacher/[0-9a-f]+" "$WORK/outage.out.log" | head -1 | sed -E "s#^s3://$BUCKET/##")
-  echo "stage folder: ${prefix:-unknown}"
-  probe "$(P_WORKER)" s3-ls cluster-check/cluster-check/teacher/ | tee "$WORK/after-outage.json" >/dev/null
-  local published
-  published=$(json "len([k for k in d if k.endswith('/manifest.json')])" <"$WORK/after-outage.json")
-  # a rerun completes, and only then is there a manifest more
-  submit "$WORK/outage-rerun.out" run.seed=4 stages.teacher.optim.epochs=5 --only teacher
+  # no manifest was published for the broken stage; a rerun completes and publishes it
+  stage=$(grep -oE "s3://$BUCKET/cluster-check/cluster-check/teacher/[0-9a-f]+" "$WORK/outage.out.log" | head -1)
+  stage=${stage#"s3://$BUCKET/"}
+  [ -n "$stage" ]
+  probe "$(P_WORKER)" s3-ls "$stage/" | tee "$WORK/outage-keys.json"; echo
+  json "any(k.endswith('/manifest.json') for k in d)" <"$WORK/outage-keys.json" | grep -qx False
+  submit "$WORK/outage-rerun.out" run.seed=4 --only teacher
   cat "$WORK/outage-rerun.out"
-  probe "$(P_WORKER)" s3-ls cluster-check/cluster-check/teacher/ | json "len([k for k in d if k.endswith('/manifest.json')])" \
-    | grep -qx "$((published + 1))"
+  [ "$(artifact_key "$WORK/outage-rerun.out" teacher)" = "$stage" ]
+  probe "$(P_WORKER)" s3-ls "$stage/" | json "any(k.endswith('/manifest.json') for k in d)" | grep -qx True
 }
 
 check_head_restart() {
   local head
   head=$(ctr ray-head)
-  podman restart -t 30 "$head"
+  podman restart "$head"
   wait_until 300 "the head and both workers back" ray_ready 2
   submit "$WORK/after-restart.out" run.seed=5 stages.teacher.optim.epochs=1 --only teacher
   cat "$WORK/after-restart.out"
@@ -589,7 +597,8 @@ check_no_secrets_in_logs() {
   local c id secret n=0
   id=$(sed -n 's/^AWS_ACCESS_KEY_ID=//p' "$WORK/project/compose.env")
   secret=$(sed -n 's/^AWS_SECRET_ACCESS_KEY=//p' "$WORK/project/compose.env")
-  [ -n "$id" ] && [ -n "$secret" ]
+  [ -n "$id" ]
+  [ -n "$secret" ]
   for c in $(project_ids container | sort -u); do
     n=$((n + 1))
     if podman logs "$c" 2>&1 | grep -qF -e "$id" -e "$secret"; then
@@ -607,10 +616,12 @@ case "${1:-all}" in
   *) die "usage: $0 [build]   (build: only the image, kept, for a look at it)" ;;
 esac
 note_disk
-check image check_image || { note_disk; finish; }
+check image check_image
 note_disk
+[ -n "${DONE[image]:-}" ] || finish
 if [ "${1:-all}" = build ]; then KDRAY_CLUSTER_KEEP_IMAGES=1; finish; fi
-check stack-up check_stack_up || { finish; }
+check stack-up check_stack_up
+[ -n "${DONE[stack-up]:-}" ] || finish
 check non-root check_non_root
 check submit-ray-job-api check_submit
 check two-ranks-two-containers check_two_containers

@@ -38,4 +38,5 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
+
 __all__ = ["MODELS", "Classifier", "create_model", "count_parameters"]

@@ -17,9 +17,17 @@ class VGGLike(Classifier):
 
     family = "cnn"
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28,
-                 widths: tuple[int, ...] = (32, 64), convs: int = 1, hidden: int = 128, dropout: float = 0.0,
-                 pooled: int = 2):
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        image_size: int = 28,
+        widths: tuple[int, ...] = (32, 64),
+        convs: int = 1,
+        hidden: int = 128,
+        dropout: float = 0.0,
+        pooled: int = 2,
+    ):
         super().__init__()
         stages, cin, size = [], in_channels, image_size
         for w in widths:
@@ -31,8 +39,9 @@ class VGGLike(Classifier):
         self.features = nn.Sequential(*stages)
         pooled = min(pooled, size)  # never upsample a small map (8x8 digits end at 2x2)
         self.pool = nn.AdaptiveAvgPool2d(pooled)
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(cin * pooled * pooled, hidden), nn.ReLU(inplace=True),
-                                  nn.Dropout(dropout))
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(cin * pooled * pooled, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout)
+        )
         self.classifier = nn.Linear(hidden, num_classes)
         self.feature_layers = tuple(f"features.{i}" for i in range(len(widths))) + ("head",)
 
@@ -43,7 +52,9 @@ class VGGLike(Classifier):
 @MODELS.register("cnn_small", family="cnn")
 def cnn_small(num_classes: int = 10, in_channels: int = 1, image_size: int = 28, dropout: float = 0.0) -> VGGLike:
     """Two stages of one conv (32, 64 channels), the 7x7 map flattened into a 128-d embedding; 0.42M parameters."""
-    return VGGLike(num_classes, in_channels, image_size, widths=(32, 64), convs=1, hidden=128, dropout=dropout, pooled=7)
+    return VGGLike(
+        num_classes, in_channels, image_size, widths=(32, 64), convs=1, hidden=128, dropout=dropout, pooled=7
+    )
 
 
 @MODELS.register("cnn_large", family="cnn")
@@ -73,8 +84,14 @@ class ResNet(Classifier):
 
     family = "cnn"
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28,
-                 widths: tuple[int, ...] = (16, 32, 64), blocks: int = 1):
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        image_size: int = 28,
+        widths: tuple[int, ...] = (16, 32, 64),
+        blocks: int = 1,
+    ):
         super().__init__()
         self.stem = conv_bn(in_channels, widths[0])
         cin, layers = widths[0], []

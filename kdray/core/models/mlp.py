@@ -11,14 +11,22 @@ from kdray.core.models.base import MODELS, Classifier
 class MLP(Classifier):
     family = "mlp"
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28,
-                 hidden: tuple[int, ...] = (512, 512), dropout: float = 0.0):
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        image_size: int = 28,
+        hidden: tuple[int, ...] = (512, 512),
+        dropout: float = 0.0,
+    ):
         super().__init__()
         dims = [in_channels * image_size * image_size, *hidden]
-        self.layers = nn.Sequential(*[
-            nn.Sequential(nn.Linear(a, b), nn.ReLU(inplace=True), nn.Dropout(dropout))
-            for a, b in zip(dims[:-1], dims[1:])
-        ])
+        self.layers = nn.Sequential(
+            *[
+                nn.Sequential(nn.Linear(a, b), nn.ReLU(inplace=True), nn.Dropout(dropout))
+                for a, b in zip(dims[:-1], dims[1:])
+            ]
+        )
         self.classifier = nn.Linear(dims[-1], num_classes)
         self.feature_layers = tuple(f"layers.{i}" for i in range(len(hidden)))
 

@@ -24,8 +24,9 @@ class RowEncoder(nn.Module):
 class RowGRU(Classifier):
     family = "rnn"
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28,
-                 hidden: int = 128, layers: int = 1):
+    def __init__(
+        self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28, hidden: int = 128, layers: int = 1
+    ):
         super().__init__()
         self.encoder = RowEncoder(in_channels * image_size, hidden, layers)
         self.norm = nn.LayerNorm(hidden)

@@ -36,16 +36,31 @@ STAGE_FILE = "stage.json"
 WORKER_COMMAND = "python -m kdray.worker"
 # Environment a Ray job needs to reach the same storage as the submitter. Values are sent in the
 # job's runtime_env and never logged; the secret ones are also masked in any text shown to the user.
-FORWARDED_ENV = ("KDRAY_S3_ENDPOINT", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION",
-                 "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+FORWARDED_ENV = (
+    "KDRAY_S3_ENDPOINT",
+    "AWS_ENDPOINT_URL",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+)
 SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours the "(RayTrainWorker pid=...)" prefixes
 Log = Callable[[str], None]
 
 
 class Launcher(Protocol):
-    def run(self, spec: PipelineSpec, stage_name: str, key: str, log: Log, *, parents: dict[str, Artifact],
-            force: bool = False) -> Artifact | None:
+    def run(
+        self,
+        spec: PipelineSpec,
+        stage_name: str,
+        key: str,
+        log: Log,
+        *,
+        parents: dict[str, Artifact],
+        force: bool = False,
+    ) -> Artifact | None:
         """Run the stage; return its artifact (local) or ``None`` once the cluster has published it."""
 
 

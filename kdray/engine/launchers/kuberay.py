@@ -34,23 +34,35 @@ def job_request(spec: PipelineSpec, stage_name: str, key: str, stage_uri: str | 
     """
     stage = spec.stage(stage_name)
     if not kind_of(stage).trains:
-        raise KdrayError(f"stage {stage_name!r} is an {stage.kind} stage, which always runs locally (it needs no "
-                         "cluster)", hint="Render or submit a train, distill, transfer or adapt stage instead.")
+        raise KdrayError(
+            f"stage {stage_name!r} is an {stage.kind} stage, which always runs locally (it needs no cluster)",
+            hint="Render or submit a train, distill, transfer or adapt stage instead.",
+        )
     run = spec.run_for(stage)
-    extra: dict[str, Any] = {k: os.environ[v] for k, v in (("image", "KDRAY_IMAGE"), ("namespace", "KDRAY_NAMESPACE"))
-             if os.environ.get(v)}
-    return JobRequest(pipeline=spec.name, stage=stage_name, key=key,
-                      stage_uri=stage_uri or stage_file_uri(spec, stage_name, key),
-                      workers=max(1, run.workers), use_gpu=run.use_gpu, cpus_per_worker=run.cpus_per_worker,
-                      s3_endpoint=os.environ.get("KDRAY_S3_ENDPOINT") or None, **extra)
+    extra: dict[str, Any] = {
+        k: os.environ[v] for k, v in (("image", "KDRAY_IMAGE"), ("namespace", "KDRAY_NAMESPACE")) if os.environ.get(v)
+    }
+    return JobRequest(
+        pipeline=spec.name,
+        stage=stage_name,
+        key=key,
+        stage_uri=stage_uri or stage_file_uri(spec, stage_name, key),
+        workers=max(1, run.workers),
+        use_gpu=run.use_gpu,
+        cpus_per_worker=run.cpus_per_worker,
+        s3_endpoint=os.environ.get("KDRAY_S3_ENDPOINT") or None,
+        **extra,
+    )
 
 
 def require_object_storage(spec: PipelineSpec) -> None:
     if not spec.storage.uri.startswith("s3://"):
-        raise SpecError(f"storage.uri {spec.storage.uri!r} is a local folder, which the pods of the kuberay "
-                        "launcher cannot see (they run on other machines)",
-                        hint="Use object storage both sides can reach: storage.uri=s3://<bucket>/<prefix> with "
-                             "KDRAY_S3_ENDPOINT (and the kdray-s3 Secret in the cluster).")
+        raise SpecError(
+            f"storage.uri {spec.storage.uri!r} is a local folder, which the pods of the kuberay "
+            "launcher cannot see (they run on other machines)",
+            hint="Use object storage both sides can reach: storage.uri=s3://<bucket>/<prefix> with "
+            "KDRAY_S3_ENDPOINT (and the kdray-s3 Secret in the cluster).",
+        )
 
 
 @LAUNCHERS.register("kuberay")
@@ -64,7 +76,7 @@ class KubeRayLauncher:
     RayJob (KubeRay then deletes its cluster) and re-raises. Storage must be ``s3://``.
     """
 
-    poll_s = 2.0              # seconds between status polls
+    poll_s = 2.0  # seconds between status polls
     delete_timeout_s = 120.0  # how long a replaced RayJob may take to disappear
 
     def __init__(self, client: Any = None, poll_s: float | None = None):
@@ -76,14 +88,24 @@ class KubeRayLauncher:
             self._client = KubeRayClient(namespace=namespace)
         return self._client
 
-    def run(self, spec: PipelineSpec, stage_name: str, key: str, log: Log = print, *,
-            parents: dict[str, Artifact] | None = None, force: bool = False) -> None:
+    def run(
+        self,
+        spec: PipelineSpec,
+        stage_name: str,
+        key: str,
+        log: Log = print,
+        *,
+        parents: dict[str, Artifact] | None = None,
+        force: bool = False,
+    ) -> None:
         require_object_storage(spec)
         req = job_request(spec, stage_name, key)
         if req.s3_endpoint and re.match(r"^https?://(localhost|127\.|\[::1\])", req.s3_endpoint):
-            log(f"[{spec.name}] warning: KDRAY_S3_ENDPOINT={req.s3_endpoint} is a loopback address, which the "
+            log(
+                f"[{spec.name}] warning: KDRAY_S3_ENDPOINT={req.s3_endpoint} is a loopback address, which the "
                 "pods cannot reach; submit from inside the cluster (e.g. the Prefect worker) with the in-cluster "
-                "endpoint, or use an endpoint both sides reach.")
+                "endpoint, or use an endpoint both sides reach."
+            )
         client = self.client(req.namespace)
         if self._completed_before(client, req.name, stage_store(spec, stage_name, key), force, log):
             return None
@@ -102,18 +124,22 @@ class KubeRayLauncher:
                 client.delete(name)
                 log(f"interrupted: deleted RayJob {name} (KubeRay deletes its cluster)")
             except Exception as e:  # the interrupt matters more than a failed delete
-                log(f"interrupted: could not delete RayJob {name} ({e}); "
-                    f"`kubectl delete rayjob -n {req.namespace} {name}`")
+                log(
+                    f"interrupted: could not delete RayJob {name} ({e}); "
+                    f"`kubectl delete rayjob -n {req.namespace} {name}`"
+                )
             raise
         except JobFailed as e:
             try:
                 text = log_tail(client.logs(name))
             except KdrayError as no_log:
                 text = f"  (no log: {no_log})"
-            raise KdrayError(f"stage {stage_name!r} failed on Kubernetes: {e}\nLast lines of the job log:\n{text}",
-                             hint=f"`kubectl logs -n {req.namespace} -l job-name={name}` has the whole log; fix the "
-                                  "cause and run again (the failed RayJob is replaced, and training resumes "
-                                  "from the last checkpoint).") from None
+            raise KdrayError(
+                f"stage {stage_name!r} failed on Kubernetes: {e}\nLast lines of the job log:\n{text}",
+                hint=f"`kubectl logs -n {req.namespace} -l job-name={name}` has the whole log; fix the "
+                "cause and run again (the failed RayJob is replaced, and training resumes "
+                "from the last checkpoint).",
+            ) from None
         return None
 
     def _completed_before(self, client: Any, name: str, store: Storage, force: bool, log: Log) -> bool:
@@ -145,5 +171,7 @@ class KubeRayLauncher:
                     return False
                 raise
             time.sleep(min(self.poll_s, 0.5))
-        raise KdrayError(f"RayJob {name} was deleted but still exists after {self.delete_timeout_s} s",
-                         hint="Check that the KubeRay operator is running (its finalizer removes the RayJob).")
+        raise KdrayError(
+            f"RayJob {name} was deleted but still exists after {self.delete_timeout_s} s",
+            hint="Check that the KubeRay operator is running (its finalizer removes the RayJob).",
+        )

@@ -14,8 +14,16 @@ from kdray.engine.spec import PipelineSpec
 class LocalLauncher:
     """Run the stage in this process: embedded Ray (or ``ray.init(address=run.address)``), ``fit()`` here."""
 
-    def run(self, spec: PipelineSpec, stage_name: str, key: str, log: Log = print, *,
-            parents: dict[str, Artifact], force: bool = False) -> Artifact:
+    def run(
+        self,
+        spec: PipelineSpec,
+        stage_name: str,
+        key: str,
+        log: Log = print,
+        *,
+        parents: dict[str, Artifact],
+        force: bool = False,
+    ) -> Artifact:
         stage = spec.stage(stage_name)
         root = Storage(spec.storage.uri)
         if force:  # start over: Ray would otherwise resume the finished run from its last checkpoint

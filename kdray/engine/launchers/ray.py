@@ -39,16 +39,21 @@ def dashboard_url(address: str | None) -> str:
     """``http://host:8265`` from ``run.address`` (or ``$RAY_API_SERVER_ADDRESS``/``$RAY_ADDRESS``)."""
     address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
     if not address or address == "auto":
-        raise KdrayError("the ray launcher needs the address of a Ray cluster's dashboard (job API)",
-                         where="run.address",
-                         hint="Set run.address: http://<head>:8265 in the spec (or RAY_ADDRESS=http://<head>:8265); "
-                              "for a KubeRay RayCluster it is http://<name>-head-svc.<namespace>.svc:8265.")
+        raise KdrayError(
+            "the ray launcher needs the address of a Ray cluster's dashboard (job API)",
+            where="run.address",
+            hint="Set run.address: http://<head>:8265 in the spec (or RAY_ADDRESS=http://<head>:8265); "
+            "for a KubeRay RayCluster it is http://<name>-head-svc.<namespace>.svc:8265.",
+        )
     if "://" not in address:
         address = f"http://{address}"
     if not address.startswith(("http://", "https://")):
-        raise KdrayError(f"{address!r} is not a Ray dashboard address", where="run.address",
-                         hint="The ray launcher talks to the Job Submission API over HTTP: give "
-                              "http://<head>:8265 (the dashboard port), not a ray:// or GCS (:6379) address.")
+        raise KdrayError(
+            f"{address!r} is not a Ray dashboard address",
+            where="run.address",
+            hint="The ray launcher talks to the Job Submission API over HTTP: give "
+            "http://<head>:8265 (the dashboard port), not a ray:// or GCS (:6379) address.",
+        )
     return address.rstrip("/")
 
 
@@ -78,16 +83,24 @@ class RayJobLauncher:
     the job (``stop_job``) and re-raises. An unreachable address fails in ``probe_timeout_s``.
     """
 
-    poll_s = 1.0            # seconds between status/log polls
-    probe_timeout_s = 5.0   # an unreachable dashboard fails after this long
-    max_api_errors = 5      # consecutive failed polls before giving up (the job keeps running)
+    poll_s = 1.0  # seconds between status/log polls
+    probe_timeout_s = 5.0  # an unreachable dashboard fails after this long
+    max_api_errors = 5  # consecutive failed polls before giving up (the job keeps running)
 
     def __init__(self, poll_s: float | None = None, probe_timeout_s: float | None = None):
         self.poll_s = poll_s if poll_s is not None else type(self).poll_s
         self.probe_timeout_s = probe_timeout_s if probe_timeout_s is not None else type(self).probe_timeout_s
 
-    def run(self, spec: PipelineSpec, stage_name: str, key: str, log: Log = print, *,
-            parents: dict[str, Artifact] | None = None, force: bool = False) -> None:
+    def run(
+        self,
+        spec: PipelineSpec,
+        stage_name: str,
+        key: str,
+        log: Log = print,
+        *,
+        parents: dict[str, Artifact] | None = None,
+        force: bool = False,
+    ) -> None:
         from ray.job_submission import JobStatus
 
         url = dashboard_url(spec.run_for(spec.stage(stage_name)).address)
@@ -114,8 +127,7 @@ class RayJobLauncher:
                 client.stop_job(job)
                 log(f"interrupted: stopped Ray job {job}")
             except Exception as e:  # the interrupt matters more than a failed stop
-                log(f"interrupted: could not stop Ray job {job} ({redact(str(e))}); stop it with "
-                    f"`ray job stop {job}`")
+                log(f"interrupted: could not stop Ray job {job} ({redact(str(e))}); stop it with `ray job stop {job}`")
             raise
         return None
 
@@ -127,18 +139,21 @@ class RayJobLauncher:
         try:
             from ray.job_submission import JobSubmissionClient
         except ImportError as e:
-            raise KdrayError(f"the ray launcher needs Ray's job API, which is not installed ({e})",
-                             hint="pip install 'ray[default]'") from None
+            raise KdrayError(
+                f"the ray launcher needs Ray's job API, which is not installed ({e})", hint="pip install 'ray[default]'"
+            ) from None
         # Ray's client lets $RAY_ADDRESS override its argument; the spec's address must win.
         with _ENV_LOCK:
             saved = {k: os.environ.pop(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if k in os.environ}
             try:
                 return JobSubmissionClient(url)
             except Exception as e:  # ConnectionError, RuntimeError (HTTP status), AuthenticationError
-                raise KdrayError(f"the Ray job API at {url} refused the connection: {redact(str(e))}",
-                                 where="run.address",
-                                 hint="Check that it is the dashboard address of a Ray >= 2.0 cluster started "
-                                      "with the dashboard (ray[default]).") from None
+                raise KdrayError(
+                    f"the Ray job API at {url} refused the connection: {redact(str(e))}",
+                    where="run.address",
+                    hint="Check that it is the dashboard address of a Ray >= 2.0 cluster started "
+                    "with the dashboard (ray[default]).",
+                ) from None
             finally:
                 os.environ.update(saved)
 
@@ -150,10 +165,13 @@ class RayJobLauncher:
             return  # it answered HTTP (maybe 401 for a token-protected cluster): the client decides
         except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
             reason = getattr(e, "reason", None) or e
-            raise KdrayError(f"cannot reach the Ray dashboard at {url} ({reason})", where="run.address",
-                             hint="Check that the cluster is running and that the address is its dashboard "
-                                  "(job API, port 8265 by default; `kubectl port-forward svc/<cluster>-head-svc "
-                                  "8265` for a KubeRay cluster).") from None
+            raise KdrayError(
+                f"cannot reach the Ray dashboard at {url} ({reason})",
+                where="run.address",
+                hint="Check that the cluster is running and that the address is its dashboard "
+                "(job API, port 8265 by default; `kubectl port-forward svc/<cluster>-head-svc "
+                "8265` for a KubeRay cluster).",
+            ) from None
 
     @staticmethod
     def _attempts(client: Any, base: str) -> list[tuple[int, Any]]:
@@ -171,15 +189,20 @@ class RayJobLauncher:
         if os.environ.get("KDRAY_RAY_FORWARD_CREDENTIALS", "0") != "1":  # see the class docstring
             env = {k: v for k, v in env.items() if k not in SECRET_ENV}
         try:
-            return client.submit_job(entrypoint=f"{WORKER_COMMAND} {shlex.quote(stage_uri)}", submission_id=job,
-                                     runtime_env={"env_vars": env} if env else None,
-                                     metadata={"kdray.key": key, "kdray.stage_uri": stage_uri})
+            return client.submit_job(
+                entrypoint=f"{WORKER_COMMAND} {shlex.quote(stage_uri)}",
+                submission_id=job,
+                runtime_env={"env_vars": env} if env else None,
+                metadata={"kdray.key": key, "kdray.stage_uri": stage_uri},
+            )
         except RuntimeError as e:
             if "already exists" in str(e):  # another submitter won the race: follow its job
                 log(f"Ray job {job} was just submitted by someone else; attaching to it")
                 return job
-            raise KdrayError(f"the Ray job API refused job {job}: {redact(str(e))}",
-                             hint="Read the message above; the dashboard's dashboard.log has the details.") from None
+            raise KdrayError(
+                f"the Ray job API refused job {job}: {redact(str(e))}",
+                hint="Read the message above; the dashboard's dashboard.log has the details.",
+            ) from None
 
     def _follow(self, client: Any, job: str, log: Log) -> None:
         """Stream the job's new log lines and poll its status until it ends; Ctrl-C stops it."""
@@ -192,10 +215,10 @@ class RayJobLauncher:
             except (RuntimeError, OSError) as e:
                 errors += 1
                 if errors >= self.max_api_errors:
-                    raise KdrayError(f"lost contact with the Ray job API while following job {job}: "
-                                     f"{redact(str(e))}",
-                                     hint="The job keeps running on the cluster; run the same command "
-                                          "again to attach to it.") from None
+                    raise KdrayError(
+                        f"lost contact with the Ray job API while following job {job}: {redact(str(e))}",
+                        hint="The job keeps running on the cluster; run the same command again to attach to it.",
+                    ) from None
                 time.sleep(self.poll_s)
                 continue
             # Only complete lines, unless the job is over; a log that shrank was rotated: start over.
@@ -211,7 +234,9 @@ class RayJobLauncher:
         if status.value == "SUCCEEDED":
             return
         info = client.get_job_info(job)
-        raise KdrayError(f"Ray job {job} ended {status.value}: {redact(info.message or 'no message from Ray')}. "
-                         f"Last lines of its log:\n{log_tail(text)}",
-                         hint=f"The full log: `ray job logs {job}` (with RAY_ADDRESS set to the dashboard). "
-                              "Fix the cause and run again: the next attempt resumes from the last checkpoint.")
+        raise KdrayError(
+            f"Ray job {job} ended {status.value}: {redact(info.message or 'no message from Ray')}. "
+            f"Last lines of its log:\n{log_tail(text)}",
+            hint=f"The full log: `ray job logs {job}` (with RAY_ADDRESS set to the dashboard). "
+            "Fix the cause and run again: the next attempt resumes from the last checkpoint.",
+        )
