@@ -21,7 +21,6 @@ from pydantic import ValidationError
 from kdray.adapt.methods import (
     ADAPT_METHODS,
     DANN,
-    SELECTION_RULES,
     AdaptMethodSpec,
     build_adapt_method,
     coral_loss,
@@ -87,7 +86,7 @@ def test_method_returns_finite_loss_with_gradients_to_the_model(name):
     assert first.grad is not None and first.grad.abs().sum() > 0
     for p in method.extra_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0
-    assert set(map(id, method.trainable_parameters())) >= set(map(id, method.extra_parameters()))
+    assert set(map(id, [p for p in method.parameters() if p.requires_grad])) >= set(map(id, method.extra_parameters()))
 
 
 @pytest.mark.parametrize("name", ["dann", "mmd", "coral", "entropy_min"])
@@ -270,7 +269,7 @@ def test_shot_freezes_the_classifier_and_trains_the_features():
     assert model.classifier.weight.grad is None and model.classifier.bias.grad is None
     assert not model.classifier.weight.requires_grad
     assert model.layers[0][0].weight.grad.abs().sum() > 0
-    ids = set(map(id, method.trainable_parameters()))
+    ids = set(map(id, [p for p in method.parameters() if p.requires_grad]))
     assert id(model.classifier.weight) not in ids and id(model.layers[0][0].weight) in ids
 
 
@@ -332,7 +331,7 @@ def test_short_training_reduces_the_loss(name):
     x, y, x_t = make_domains(96)
     model = tiny("mlp_32")
     method = build_adapt_method(name, model, K, weight=1.0)
-    opt = torch.optim.Adam(method.trainable_parameters(), lr=3e-3)
+    opt = torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr=3e-3)
     g = torch.Generator().manual_seed(0)
     losses, ces, steps = [], [], 40
     for step in range(steps):
@@ -340,7 +339,6 @@ def test_short_training_reduces_the_loss(name):
         out = method({"x_src": x[i], "y_src": y[i], "x_tgt": x_t[j]}, progress=step / (steps - 1))
         opt.zero_grad()
         out["loss"].backward()
-        method.sync_extra_gradients()  # no-op outside torch.distributed
         opt.step()
         losses.append(float(out["loss"].detach()))
         ces.append(float(out["ce"]))
@@ -360,7 +358,7 @@ def test_shot_adapts_a_source_model_without_source_data():
         F.cross_entropy(model(x), y).backward()
         opt.step()
     method = build_adapt_method("shot", model, K)
-    opt = torch.optim.Adam(method.trainable_parameters(), lr=1e-3)
+    opt = torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr=1e-3)
     w_before = model.classifier.weight.clone()
     method.refresh_pseudo_labels(x_t)
     ims = []
@@ -406,7 +404,9 @@ def test_snd_score_hand_cases():
 
 
 def test_selection_rules():
-    assert SELECTION_RULES == ("source_val", "entropy", "snd", "oracle")
+    from kdray.adapt.stage import SELECTION_RULES
+
+    assert list(SELECTION_RULES) == ["source_val", "entropy", "snd", "oracle"]
 
 
 # ---------------------------------------------------------------------- torch.distributed (gloo, 2 ranks)
@@ -428,10 +428,6 @@ def _gather_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         mmd = gaussian_mmd(gather_from_all_ranks(fs), gather_from_all_ranks(ft))
         coral = coral_loss(gather_from_all_ranks(fs), gather_from_all_ranks(ft))
         (mmd + coral).backward()
-        method = build_adapt_method("dann", tiny(), K)
-        for p in method.extra_parameters():
-            p.grad = torch.full_like(p, float(rank + 1))
-        method.sync_extra_gradients()
         size_error = ""
         try:
             gather_from_all_ranks(torch.zeros(3 + rank, 2))
@@ -441,7 +437,6 @@ def _gather_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             "mmd": float(mmd.detach()),
             "coral": float(coral.detach()),
             "grad_s": fs.grad.tolist(),
-            "disc_grad": float(method.discriminator[0].weight.grad.mean()),
             "size_error": size_error,
         }
         with open(f"{out_dir}/rank{rank}.json", "w") as fh:
@@ -475,5 +470,4 @@ def test_all_gather_over_two_ranks_matches_the_full_batch(tmp_path):
         # computes the same loss); DDP's averaging over ranks divides it back.
         expected = 2 * fs_full.grad[4 * rank : 4 * rank + 4]
         torch.testing.assert_close(torch.tensor(got["grad_s"]), expected, rtol=1e-4, atol=1e-6)
-        assert got["disc_grad"] == pytest.approx(1.5)  # mean of 1 and 2
         assert "same batch size on every rank, got [3, 4]" in got["size_error"]

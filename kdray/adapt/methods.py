@@ -6,10 +6,10 @@ that methods return losses and the training loop owns the optimiser, AMP, DDP an
     ADAPT_METHODS.get("dann").prepare_model(model)   # before DDP: e.g. SHOT freezes the classifier
     model = ray.train.torch.prepare_model(model)       # (DDP) in the Ray Train loop
     method = build_adapt_method("dann", model, num_classes=10, weight=1.0)
-    opt = torch.optim.AdamW(method.trainable_parameters(), lr=1e-3)
+    opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-3)
     for step, batch in enumerate(loader):          # {"x_src", "y_src", "x_tgt"}
         out = method(batch, progress=step / total_steps)
-        out["loss"].backward(); method.sync_extra_gradients(); opt.step(); opt.zero_grad()
+        out["loss"].backward(); opt.step(); opt.zero_grad()   # DDP wraps the method: all of it syncs
 
 The batch holds ``x_src`` [N, ...], ``y_src`` [N] (absent for source-free methods) and ``x_tgt``
 [M, ...]; target labels never enter (a ``y_tgt`` key is an error). ``progress`` in [0, 1] is the
@@ -29,7 +29,7 @@ part of the shift from the alignment loss, then exposing it at test time) and wo
 forward twice per backward.
 
 Model selection without target labels (DomainBed: the rule changes conclusions) uses
-:func:`entropy_score` or :func:`snd_score`; see :data:`SELECTION_RULES`.
+:func:`entropy_score` or :func:`snd_score`; see ``SELECTION_RULES`` in ``kdray.adapt.stage``.
 """
 
 from __future__ import annotations
@@ -55,7 +55,6 @@ ADAPT_METHODS: Registry = Registry("adapt method", group="kdray.adapt_methods")
 #   snd:        highest Soft Neighbourhood Density on target data (snd_score; Saito et al. 2021);
 #   oracle:     accuracy on labelled TARGET validation data. It uses target labels, so it is an
 #               upper bound for comparison only and is not deployable.
-SELECTION_RULES: tuple[str, ...] = ("source_val", "entropy", "snd", "oracle")
 
 NonNegative = Annotated[float, Field(ge=0)]
 Positive = Annotated[float, Field(gt=0)]
@@ -328,23 +327,6 @@ class AdaptMethod(nn.Module):
     def extra_parameters(self) -> list[nn.Parameter]:
         """Parameters outside the model that the optimiser must also update (e.g. a discriminator)."""
         return []
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """Model parameters that require grad, then :meth:`extra_parameters`: what to optimise."""
-        return [p for p in self.model.parameters() if p.requires_grad] + self.extra_parameters()
-
-    def sync_extra_gradients(self) -> None:
-        """Average the gradients of :meth:`extra_parameters` over ranks (call after ``backward``).
-
-        DDP averages only the wrapped model's gradients; without this, each rank's discriminator
-        would drift apart. A no-op outside ``torch.distributed``.
-        """
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return
-        for p in self.extra_parameters():
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad /= dist.get_world_size()
 
     # -- batch handling -----------------------------------------------------------------------
     def _check_batch(self, batch: Mapping[str, Any], progress: float, source: bool = True, target: bool = True) -> None:
@@ -695,7 +677,6 @@ def build_adapt_method(
 
 __all__ = [
     "ADAPT_METHODS",
-    "SELECTION_RULES",
     "AdaptMethod",
     "AdaptMethodSpec",
     "build_adapt_method",

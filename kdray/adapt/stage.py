@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn as nn
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from kdray.adapt.methods import ADAPT_METHODS, AdaptMethodSpec, build_adapt_method, entropy_score, snd_score
 from kdray.core import data as kdata
@@ -27,10 +27,19 @@ from kdray.core.errors import KdrayError
 from kdray.core.method import Method
 from kdray.core.metrics import metrics_for, predict
 from kdray.core.models import create_model
+from kdray.core.registry import did_you_mean
 from kdray.core.specs import DataSpec, ModelSpec, OptimSpec, StageBase, spec_hash
 from kdray.core.stage import Job, Shard, StageContext, StageKind, stage_kind
 
 VALIDATION_ROWS = 2000  # rows per rank scored by the validators each epoch
+
+# How an epoch's model is scored for selection (higher is better); ``oracle`` reads target labels.
+SELECTION_RULES: dict[str, Callable[[dict[str, Any]], float]] = {
+    "source_val": lambda m: m["val_source_acc"],
+    "entropy": lambda m: -m["val_entropy"],
+    "snd": lambda m: m["val_snd"],
+    "oracle": lambda m: m["test_acc"],
+}
 
 
 class AdaptStage(StageBase):
@@ -48,7 +57,7 @@ class AdaptStage(StageBase):
     source_domain: DataSpec = Field(default_factory=DataSpec)
     target_domain: DataSpec
     method: AdaptMethodSpec
-    selection: Literal["source_val", "entropy", "snd", "oracle"] = "source_val"
+    selection: str = "source_val"
     optim: OptimSpec = Field(default_factory=OptimSpec)
     target_batch_size: int | None = Field(None, ge=1)
 
@@ -56,6 +65,13 @@ class AdaptStage(StageBase):
     def data(self) -> DataSpec:
         """The data the model is built for (classes, channels, size): the source domain's."""
         return self.source_domain
+
+    @field_validator("selection")
+    @classmethod
+    def _selection(cls, v: str) -> str:
+        if v not in SELECTION_RULES:
+            raise ValueError(f"unknown selection rule {v!r}; {did_you_mean(v, list(SELECTION_RULES))}")
+        return v
 
     @model_validator(mode="after")
     def _adapt(self) -> "AdaptStage":
@@ -84,12 +100,7 @@ class AdaptStage(StageBase):
 
 def selection_score(rule: str, metrics: dict[str, Any]) -> float:
     """Higher is better for every rule (entropy is negated)."""
-    return {
-        "source_val": lambda m: m["val_source_acc"],
-        "entropy": lambda m: -m["val_entropy"],
-        "snd": lambda m: m["val_snd"],
-        "oracle": lambda m: m["test_acc"],
-    }[rule](metrics)
+    return SELECTION_RULES[rule](metrics)
 
 
 class Adapt(Method):

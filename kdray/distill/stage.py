@@ -94,6 +94,7 @@ class Distill(Method):
         self.student_layers = tuple(dict.fromkeys(p for t in self.terms for p in t.student_layers))  # type: ignore[union-attr]  # torch: Module.__getattr__
         self.teacher_layers = tuple(dict.fromkeys(p for t in self.terms for p in t.teacher_layers))  # type: ignore[union-attr]  # torch: Module.__getattr__
         self.embedding = any(t.needs_embedding for t in self.terms)
+        self.needs_teacher = any(t.needs_teacher for t in self.terms)  # cross-entropy alone never runs it
 
     def to_device(self, device: torch.device) -> "Distill":
         super().to_device(device)
@@ -109,7 +110,7 @@ class Distill(Method):
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         student = forward_with_features(self.model, batch["x"], self.student_layers, self.embedding, "student")
-        teacher = self.teacher_outputs(batch)
+        teacher = self.teacher_outputs(batch) if self.needs_teacher else None
         parts = {name: term(student, teacher, batch) for name, term in zip(self.names, self.terms)}
         loss = sum(w * v for w, v in zip(self.weights, parts.values()))
         return {"loss": loss, "logits": student.logits, **{k: v.detach() for k, v in parts.items()}}
@@ -161,7 +162,8 @@ def ensure_datafree(ctx: StageContext, teacher: Artifact, kwargs: dict[str, Any]
 
 def cache_decision(spec: DistillStage) -> tuple[bool, str]:
     """Whether to precompute the teacher's outputs, and why (said in the log)."""
-    online = [term.name for _, _, term in build_terms(spec) if term.teacher_layers or term.needs_embedding]
+    terms = [term for _, _, term in build_terms(spec)]
+    online = [term.name for term in terms if term.teacher_layers or term.needs_embedding]
     if spec.teacher_cache == "off":
         return False, "teacher_cache: off"
     if spec.data_free is not None:
@@ -171,6 +173,8 @@ def cache_decision(spec: DistillStage) -> tuple[bool, str]:
                 hint="Use teacher_cache: auto or off with data_free.",
             )
         return False, "data_free: the inputs are synthesised, the teacher runs online"
+    if not any(term.needs_teacher for term in terms):
+        return False, "no loss term reads the teacher's outputs, so the teacher never runs"
     if online:
         reason = f"loss terms {online} read teacher features or embeddings, which the cache does not hold"
         if spec.teacher_cache == "on":
