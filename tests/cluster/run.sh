@@ -203,7 +203,11 @@ ctr() {
 PROBE_SRC=$(cat "$HERE/probe.py")
 probe() {  # probe CONTAINER COMMAND [ARGS]: tests/cluster/probe.py inside the container
   local c=$1; shift
-  podman exec -i "$c" python -c "$PROBE_SRC" "$@"
+  if [ "$1" = s3-put ]; then
+    podman exec -i "$c" python -c "$PROBE_SRC" "$@"   # the object comes on standard input
+  else
+    podman exec "$c" python -c "$PROBE_SRC" "$@" </dev/null
+  fi
 }
 wait_until() {  # wait_until SECONDS WHAT COMMAND...: retry every 2 s
   local limit=$1 what=$2 t0=$SECONDS
