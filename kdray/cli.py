@@ -9,6 +9,9 @@
     kdray score SPEC --stage target --layers           # LogME/LEEP of the candidate sources
     kdray submit SPEC --launcher ray|kuberay           # stages on a Ray cluster or as RayJobs
     kdray render SPEC                                  # the RayJob manifests, validated
+    kdray export ARTIFACT --format onnx                # the model as ONNX, checked with onnxruntime
+    kdray inspect SPEC --stage teacher                 # module tree, parameters, output shapes
+    kdray data import ./images s3://bucket/ds          # image folder / IDX / .npz -> Parquet shards
 
 Prefect runs live on the flows side: ``kdray-flow SPEC`` (or ``python flows/pipeline.py SPEC``).
 
@@ -18,27 +21,41 @@ exit code 2 and no traceback.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib.metadata
 import json
+import os
+import re
 import sys
-from typing import Any, Optional
+import threading
+from typing import Any, Iterator, Optional
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
 from kdray.adapt.methods import ADAPT_METHODS
 from kdray.core.checkpoint import open_artifact, read_artifact, write_artifact
 from kdray.core.data import DATASETS
 from kdray.core.errors import KdrayError
+from kdray.core.files import import_dataset
 from kdray.core.models import MODELS
 from kdray.core.registry import Registry, did_you_mean
 from kdray.core.shifts import SHIFTS
 from kdray.core.stage import STAGE_KINDS
 from kdray.core.storage import Storage
 from kdray.distill.losses import LOSSES
+from kdray.engine import progress
+from kdray.engine.concurrency import needs_ray
+from kdray.engine.driver import Interrupted, catch_signals, ensure_ray, shutdown_ray
+from kdray.engine.export import export_artifact, summary
+from kdray.engine.inspect import inspect_model, stage_model_and_batch
+from kdray.engine.inspect import render as render_modules
 from kdray.engine.pipeline import parent_artifacts, plan, run_pipeline
 from kdray.engine.spec import json_schema, load_pipeline
 from kdray.engine.submit import render_command, submit_command
-from kdray.engine.sweep import parse_grid, run_sweep
+from kdray.engine.sweep import load_sweep, parse_grid, run_sweep, sample_settings
 from kdray.transfer.mapping import MATCH_STRATEGIES
 from kdray.transfer.scoring import score_layers, score_sources
 
@@ -48,6 +65,19 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="kdray: knowledge distillation, transfer and domain adaptation on Ray.",
 )
+
+
+def show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"kdray {importlib.metadata.version('kdray')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=show_version, is_eager=True, help="print the version"),
+) -> None:
+    """kdray: knowledge distillation, transfer and domain adaptation on Ray."""
 
 
 def fail(err: KdrayError) -> None:
@@ -91,20 +121,90 @@ def run(
     force: bool = typer.Option(False, "--force", help="rerun stages even if their artifact exists"),
     only: Optional[list[str]] = typer.Option(None, "--only", help="run only this stage (repeatable)"),
     json_out: bool = typer.Option(False, "--json", help="print the stage outcomes as JSON"),
+    max_concurrent: Optional[int] = typer.Option(
+        None, "--max-concurrent", min=1, help="run at most this many stages at once (default: as CPUs allow)"
+    ),
 ) -> None:
-    """Run a pipeline here: embedded Ray (or run.address), artifacts to the spec's storage."""
+    """Run a pipeline here: embedded Ray (or run.address), artifacts to the spec's storage. Stages that do
+    not depend on each other run at the same time, as far as the CPUs allow."""
 
     p = load_pipeline(spec, overrides or [])
-    outcomes = run_pipeline(p, force=force, only=only or None, log=lambda m: typer.echo(m, err=True))
+    running: list[str] = []
+
+    def log(message: str) -> None:
+        started = re.match(r"\[[^\]]*\] stage (\S+) \(", message)
+        if started:
+            running.append(started.group(1))
+        typer.echo(message, err=True)
+
+    try:
+        with catch_signals(), live_progress(p):  # SIGINT/SIGTERM: one line, exit 130/143, Ray shut down
+            outcomes = run_pipeline(p, force=force, only=only or None, log=log, max_concurrent=max_concurrent)
+    except Interrupted as e:
+        stop_after_signal(e, f"in stage {', '.join(running)}" if running else "before the first stage", spec)
     if json_out:
         typer.echo(json.dumps([o.to_json() for o in outcomes], indent=2))
         return
     for o in outcomes:
         typer.echo(f"{o.stage:<16} {o.kind:<9} {o.status:<7} {o.seconds:7.1f}s  {o.uri}")
-    reports = [o for o in outcomes if o.kind == "evaluate"]
-    for o in reports:
-        typer.echo("")
-        typer.echo(open_artifact(o.uri).store.read_bytes("report.md").decode())
+    for o in outcomes:
+        if o.kind == "evaluate":
+            print_results(open_artifact(o.uri))
+
+
+def stop_after_signal(e: Interrupted, where: str, spec: str) -> None:
+    """One line saying where the run stopped and how to resume; Ray shut down; exit 130 or 143."""
+    shutdown_ray()
+    typer.echo(
+        f"interrupted by {e} {where} of {spec}: rerun the same command to resume "
+        "(finished stages are cached; a stage on Ray resumes from its last checkpoint).",
+        err=True,
+    )
+    if threading.active_count() > 1:  # stage threads still running: end the process now, without them
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(e.exit_code)
+    raise typer.Exit(e.exit_code)
+
+
+@contextlib.contextmanager
+def live_progress(p: Any) -> Iterator[None]:
+    """On a terminal, one progress hub for the whole run, so stages run in child processes show their
+    live bars here too (without it each fit shows its own, and a child's goes to a pipe as plain lines)."""
+    ray_stages = [s for s in p.stages if needs_ray(p, s)]
+    if not ray_stages or not sys.stderr.isatty():
+        yield
+        return
+    ensure_ray(p.run_for(ray_stages[0]))
+    with progress.hub():
+        yield
+
+
+def print_results(art: Any) -> None:
+    """An evaluate stage's results as a table sized for the terminal, then where its reports are
+    (the full table, every column, stays in report.md)."""
+    report = art.read_json("report.json")
+    table = Table(title=f"{report['pipeline']}: test split of {report['data']['name']} ({report['test_examples']:,})")
+    for header in ("stage", "model", "top-1", "parameters", "latency ms", "agreement", "gain"):
+        table.add_column(header, justify="left" if header in ("stage", "model") else "right", overflow="fold")
+    for r in report["models"]:
+        agreement = f"{r['agreement']:.4f} with {r['teacher']}" if "agreement" in r else ""
+        gain = f"{r['gain_over_scratch']:+.4f} over {r['scratch']}" if "gain_over_scratch" in r else ""
+        table.add_row(
+            r["stage"],
+            r["model"],
+            f"{r['top1']:.4f}",
+            f"{r['parameters']:,}",
+            f"{r['latency_ms']:.2f}",
+            agreement,
+            gain,
+        )
+    console = Console()  # no colour codes when stdout is not a terminal
+    console.print()
+    console.print(table)
+    for name in ("report.md", "report.html", "curves.png", "comparison.png"):
+        if art.exists(name):
+            console.print(f"  {name:<15} {art.store.uri(name)}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -131,17 +231,36 @@ def ls(what: str = typer.Argument("models", help=f"one of: {', '.join(REGISTRIES
     """List registered names (models, datasets, losses, ...) or the finished artifacts under a storage URI."""
     if "://" in what or what.startswith(("/", ".")):
         store = Storage(what)
-        for rel in store.list(recursive=True):
-            if rel.endswith("/manifest.json"):
+        rows = []
+        for rel in store.find("manifest.json"):  # bounded, never follows links
+            if "/" not in rel or re.search(r"(^|/)v/[0-9a-f]{16}/manifest\.json$", rel):
+                continue  # a version folder's copy: its artifact is listed once, by its own manifest
+            try:
                 art = read_artifact(store.child(rel.rsplit("/", 1)[0]))
                 if art:
                     m = art.manifest
-                    typer.echo(f"{m['pipeline']}/{m['stage']}  {m['kind']:<9} {m['key']}  {art.uri}")
+                    rows.append([f"{m['pipeline']}/{m['stage']}", m["kind"], m["key"], art.uri])
+            except (KdrayError, KeyError) as e:  # one broken artifact does not hide the others
+                typer.echo(
+                    f"warning: skipped {store.uri(rel)}: {e if isinstance(e, KdrayError) else 'missing ' + str(e)}",
+                    err=True,
+                )
+        for line in aligned(rows):
+            typer.echo(line)
         return
     reg = registry(what)
+    rows = []
     for name in reg.names():
         doc = (getattr(reg.get(name), "__doc__", None) or "").strip().splitlines()
-        typer.echo(f"{name:<22} {doc[0] if doc else ''}")
+        rows.append([name, doc[0] if doc else "", f"from {reg.origin(name)}"])
+    for line in aligned(rows):
+        typer.echo(line)
+
+
+def aligned(rows: list[list[str]]) -> list[str]:
+    """Rows as lines whose columns line up (two spaces apart; the last column is not padded)."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)] if rows else []
+    return ["  ".join([*(c.ljust(w) for c, w in zip(r, widths)), r[-1]]).rstrip() for r in rows]
 
 
 def registry(what: str) -> Registry:
@@ -156,28 +275,130 @@ def show(uri: str = typer.Argument(..., help="artifact URI (a stage's output fol
     """Print an artifact's manifest (and its report, for an evaluate stage)."""
 
     art = open_artifact(uri)
-    typer.echo(json.dumps(art.manifest, indent=2, default=str))
-    if art.store.exists("report.md"):
-        typer.echo(art.store.read_bytes("report.md").decode())
+    m = art.manifest
+    facts = [["pipeline", str(m.get("pipeline"))], ["stage", f"{m.get('stage')} ({m.get('kind')})"]]
+    facts += [["key", str(m.get("key"))], ["uri", art.uri]]
+    if isinstance(m.get("model"), dict):
+        facts.append(["model", str(m["model"].get("name"))])
+    facts += [
+        [k, progress.number(v)]
+        for k, v in (m.get("metrics") or {}).items()
+        if isinstance(v, (int, float)) and k not in ("loop_started", "lr")
+    ]
+    for line in aligned(facts):
+        typer.echo(line)
+    typer.echo("")
+    typer.echo(json.dumps(m, indent=2, default=str))
+    if art.exists("report.md"):
+        typer.echo(art.read_bytes("report.md").decode(errors="replace"))  # checked: no link out of the artifact
 
 
 @app.command()
 @guarded
 def sweep(
     spec: str = typer.Argument(..., help="pipeline YAML file"),
-    stage: str = typer.Option(..., "--stage", help="the stage to sweep (train, distill or transfer)"),
-    grid: list[str] = typer.Option(..., "--grid", help="key.path=v1,v2 (repeatable): the trials are the product"),
+    stage: Optional[str] = typer.Option(None, "--stage", help="the stage to sweep (train, distill or transfer)"),
+    grid: Optional[list[str]] = typer.Option(None, "--grid", help="key.path=v1,v2 (repeatable): trials = product"),
+    space: Optional[str] = typer.Option(
+        None, "--sweep", help="a sweep spec YAML: stage, space (grid/choice/uniform/loguniform/randint), num_samples"
+    ),
     overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value overrides"),
     max_concurrent: int = typer.Option(2, "--max-concurrent", min=1, help="trials running at once"),
-    metric: str = typer.Option("test_acc", help="what ranks the trials"),
+    metric: str = typer.Option("val_acc", help="what ranks the trials: a validation metric (val_acc, val_loss)"),
+    mode: str = typer.Option("max", help="max or min (val_loss: min)"),
 ) -> None:
     """Run many variants of one stage (students x hyperparameters) as Ray Tune trials, ranked in a report."""
 
     p = load_pipeline(spec, overrides or [])
+    trials: Any
+    if space:
+        sw = load_sweep(space)
+        stage, trials = stage or sw.stage, sample_settings(sw)
+        metric, mode, max_concurrent = sw.metric, sw.mode, sw.max_concurrent
+    elif stage and grid:
+        trials = parse_grid(grid)
+    else:
+        raise KdrayError(
+            "kdray sweep needs --stage and --grid key=v1,v2, or --sweep SWEEP.yaml",
+            hint="e.g. kdray sweep SPEC --stage student --grid optim.lr=0.001,0.003",
+        )
     report = run_sweep(
-        p, stage, parse_grid(grid), max_concurrent=max_concurrent, metric=metric, log=lambda m: typer.echo(m, err=True)
+        p,
+        stage,
+        trials,
+        max_concurrent=max_concurrent,
+        metric=metric,
+        mode=mode,
+        log=lambda m: typer.echo(m, err=True),
     )
     typer.echo(f"sweep report: {report['uri']}")
+
+
+@app.command("export")
+@guarded
+def export_cmd(
+    artifact: str = typer.Argument(..., help="artifact URI of a train, distill, transfer or adapt stage"),
+    fmt: str = typer.Option("onnx", "--format", help="onnx or torchscript"),
+    tolerance: float = typer.Option(1e-4, help="largest allowed abs difference from PyTorch's outputs"),
+    latency_batch: int = typer.Option(128, "--latency-batch", min=1, help="batch size the latency is measured at"),
+) -> None:
+    """Export a model (ONNX checked with onnxruntime, or TorchScript) next to its artifact, with exports.json."""
+
+    record = export_artifact(artifact, fmt, tolerance=tolerance, latency_batch=latency_batch)
+    typer.echo(summary(record))
+
+
+data_app = typer.Typer(no_args_is_help=True, help="Datasets from files: convert them into Parquet shards.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("import")
+@guarded
+def data_import(
+    src: str = typer.Argument(..., help="an image folder (<class>/<file>.png), a folder of IDX files, or an .npz"),
+    dest: str = typer.Argument(..., help="where the shards and dataset.json go: a folder, file:// or s3:// URI"),
+    image_size: Optional[int] = typer.Option(None, "--image-size", min=1, help="resize images to this square size"),
+    channels: Optional[int] = typer.Option(None, "--channels", min=1, max=3, help="1 (grey) or 3 (RGB)"),
+    shard_rows: int = typer.Option(10_000, "--shard-rows", min=1, help="images per Parquet shard"),
+    test_fraction: float = typer.Option(0.2, "--test-fraction", min=0.0, max=0.9, help="held out without test/"),
+    seed: int = typer.Option(0, "--seed", help="seed of the held-out test rows"),
+    class_names: Optional[str] = typer.Option(None, "--class-names", help="comma-separated, for IDX and .npz"),
+) -> None:
+    """Convert SRC into Parquet shards with a dataset.json (classes, counts, mean/std, fingerprint) under DEST."""
+
+    meta = import_dataset(
+        src,
+        dest,
+        image_size=image_size,
+        channels=channels,
+        shard_rows=shard_rows,
+        test_fraction=test_fraction,
+        seed=seed,
+        class_names=class_names.split(",") if class_names else None,
+        log=lambda m: typer.echo(m, err=True),
+    )
+    typer.echo(
+        f"{dest}: {meta['num_classes']} classes, {meta['channels']}x{meta['image_size']}x{meta['image_size']}, "
+        f"train {meta['splits']['train']['rows']:,} / test {meta['splits']['test']['rows']:,}, "
+        f"fingerprint {meta['fingerprint']}; use data: {{name: parquet, path: {dest}}}"
+    )
+
+
+@app.command("inspect")
+@guarded
+def inspect_cmd(
+    spec: str = typer.Argument(..., help="pipeline YAML file"),
+    stage: str = typer.Option(..., "--stage", help="the stage whose model to show"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value overrides"),
+    depth: Optional[int] = typer.Option(None, "--depth", help="show modules down to this nesting depth"),
+    batch: int = typer.Option(8, "--batch", min=1, help="examples in the batch run through the model"),
+) -> None:
+    """Print a stage's module tree with parameter counts and each module's output shape for one batch."""
+
+    p = load_pipeline(spec, overrides or [])
+    model, x = stage_model_and_batch(p, stage, batch)
+    typer.echo(f"stage {stage!r}: input {'x'.join(map(str, x.shape))}")
+    typer.echo(render_modules(inspect_model(model, x), depth))
 
 
 @app.command()
@@ -247,9 +468,39 @@ def render(
     typer.echo(render_command(spec, overrides or [], stage))
 
 
+def value_name(marker: str | None) -> str | None:
+    """``<int range>`` -> ``INTEGER``, ``<list[str]>`` -> ``TEXT``: what a value is, as click names it."""
+    if not marker:
+        return None
+    bare = marker.strip("<>").replace(" range", "").removeprefix("list[").removesuffix("]")
+    return {"str": "TEXT", "int": "INTEGER", "float": "NUMBER"}.get(bare, bare.upper())
+
+
+def plain_help(command: Any) -> None:
+    """Help without typer's type markers (``<bool>``, ``<list[str]>``): flags and arguments show none,
+    an option that takes a value shows click's name for it (``TEXT``, ``INTEGER``)."""
+    for param in command.params:
+        takes_value = param.param_type_name == "option" and not getattr(param, "is_flag", False)
+        shown = param.display_type_rich if takes_value else (lambda ctx: None)
+        param.display_type_rich = lambda ctx, shown=shown: value_name(shown(ctx))  # type: ignore[attr-defined]
+    help_option = command.get_help_option
+
+    def get_help_option(ctx: Any) -> Any:
+        option = help_option(ctx)
+        if option is not None:
+            option.display_type_rich = lambda ctx: None
+        return option
+
+    command.get_help_option = get_help_option  # type: ignore[method-assign]
+    for sub in getattr(command, "commands", {}).values():
+        plain_help(sub)
+
+
 def main() -> None:
     try:
-        app()
+        command = typer.main.get_command(app)
+        plain_help(command)
+        command()
     except KdrayError as e:  # raised outside a command (argument parsing, imports)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import pytest
 from conftest import synthetic_pipeline
 
+from kdray.core import data as kdata
 from kdray.core.checkpoint import open_artifact
 from kdray.core.errors import KdrayError
+from kdray.core.metrics import metrics_for, predict
+from kdray.core.specs import DataSpec
 from kdray.engine.pipeline import run_pipeline
 from kdray.engine.spec import parse_pipeline
 
@@ -71,8 +74,12 @@ def test_selected_epoch_is_what_is_published(tmp_path):
         )
     )
     m = open_artifact(out[-1].uri).manifest
-    best = max(m["history"], key=lambda h: h["test_acc"])
-    assert m["adapt"]["target_acc"] == pytest.approx(best["test_acc"], abs=1e-6)
+    best = max(m["history"], key=lambda h: h["val_acc"])  # oracle: target validation labels
+    assert m["adapt"]["selected_epoch"] == best["epoch"]
+    val = kdata.load(DataSpec.model_validate(m["spec"]["target_domain"]), "val")
+    published = open_artifact(out[-1].uri).build_model()
+    acc = metrics_for(predict(published, kdata.normalize(val.x, val), 512), val.y)["top1"]
+    assert acc == pytest.approx(best["val_acc"], abs=1e-6), "the published weights are the selected epoch's"
 
 
 @pytest.mark.parametrize(

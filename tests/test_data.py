@@ -37,7 +37,7 @@ def write_fake_fmnist(folder, n=40, gz=True, seed=0):
 @pytest.mark.parametrize("gz", [True, False])
 def test_reads_idx_from_any_folder(tmp_path, gz):
     arrays = write_fake_fmnist(tmp_path / "fm", gz=gz)
-    split = kdata.load(DataSpec(name="fashion_mnist", path=str(tmp_path / "fm")), "train")
+    split = kdata.load(DataSpec(name="fashion_mnist", path=str(tmp_path / "fm"), val_fraction=0), "train")
     assert split.x.shape == (40, 1, 28, 28) and split.x.dtype == torch.float32
     assert torch.equal(split.y, torch.from_numpy(arrays["train"][1].astype(np.int64)))
     assert torch.allclose(split.x[3, 0] * 255, torch.from_numpy(arrays["train"][0][3].astype(np.float32)))
@@ -78,12 +78,12 @@ def test_not_an_idx_file(tmp_path):
 def test_environment_variable_points_at_data(tmp_path, monkeypatch):
     write_fake_fmnist(tmp_path / "fm", n=12)
     monkeypatch.setenv("KDRAY_FASHION_MNIST", str(tmp_path / "fm"))
-    assert len(kdata.load(DataSpec(name="fashion_mnist"), "train")) == 12
+    assert len(kdata.load(DataSpec(name="fashion_mnist", val_fraction=0), "train")) == 12
 
 
 @needs_fmnist
 def test_debian_package_is_the_default():
-    train = kdata.load(DataSpec(name="fashion_mnist"), "train")
+    train = kdata.load(DataSpec(name="fashion_mnist", val_fraction=0), "train")
     test = kdata.load(DataSpec(name="fashion_mnist"), "test")
     assert train.x.shape == (60000, 1, 28, 28) and test.x.shape == (10000, 1, 28, 28)
     assert torch.bincount(train.y).tolist() == [6000] * 10
@@ -116,8 +116,13 @@ def test_selection_is_deterministic_and_described_by_fingerprint(tmp_path):
 
 def test_class_out_of_range(tmp_path):
     write_fake_fmnist(tmp_path / "fm")
-    with pytest.raises(DataError, match=r"data.classes: \[12\] out of range"):
-        kdata.load(DataSpec(name="fashion_mnist", path=str(tmp_path / "fm"), classes=[1, 12]), "train")
+    with pytest.raises(ValueError, match=r"classes: fashion_mnist has classes 0..9, not 12"):  # caught at validation
+        DataSpec(name="fashion_mnist", path=str(tmp_path / "fm"), classes=[1, 12])
+    unchecked = DataSpec.model_construct(
+        **{**DataSpec().model_dump(), "path": str(tmp_path / "fm"), "classes": [1, 12]}
+    )
+    with pytest.raises(DataError, match=r"data.classes: \[12\] out of range"):  # and when the data is read
+        kdata.load(unchecked, "train")
 
 
 def test_drop_unlabelled_keeps_only_the_labelled_rows(tmp_path):

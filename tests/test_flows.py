@@ -205,7 +205,7 @@ def test_pipeline_flow_publishes_json_results_and_a_report_then_caches(tmp_path,
     assert json.loads(json.dumps(outcomes)) == outcomes, "task results are plain JSON"
     assert [o["key"] for o in outcomes] == list(plan(parse_pipeline(doc)).values()), "the same keys as `kdray run`"
     teacher = open_artifact(outcomes[0]["uri"])
-    assert outcomes[0]["metrics"]["test_acc"] == teacher.manifest["history"][-1]["test_acc"]
+    assert outcomes[0]["metrics"]["val_acc"] == teacher.manifest["history"][-1]["val_acc"]
 
     runs = task_runs(state)
     assert set(runs) >= {"load-spec", "run-teacher", "run-eval"}

@@ -70,7 +70,7 @@ def test_a_stage_kind_is_one_class(tmp_path, registered):
     [outcome] = run_pipeline(spec, log=lambda m: None)
     art = open_artifact(outcome.uri)
     assert art.manifest["kind"] == "fewer-labels" and art.manifest["toy"] is True
-    assert art.manifest["history"][-1]["test_acc"] > 0.6, "it trains through the same loop"
+    assert art.manifest["history"][-1]["val_acc"] > 0.6, "it trains through the same loop"
 
     doc["stages"][0]["kind"] = "fewer-label"
     with pytest.raises(SpecError, match="unknown stage kind 'fewer-label'.*fewer-labels"):

@@ -49,7 +49,7 @@ def test_sweep_runs_trials_shares_the_teacher_cache_and_resumes(tmp_path, ray_lo
     )
     trials = report["trials"]
     assert len(trials) == 4 and [t["rank"] for t in trials] == [1, 2, 3, 4]
-    accs = [t["test_acc"] for t in trials]
+    accs = [t["val_acc"] for t in trials]
     assert accs == sorted(accs, reverse=True) and accs[0] > 0.6
     caches = {open_artifact(t["uri"]).manifest["teacher"]["cache"] for t in trials}
     assert len(caches) == 1 and None not in caches, "all students read one teacher cache"

@@ -56,7 +56,7 @@ def test_new_head_freeze_and_report(tmp_path):
     assert not torch.equal(s["features.1.0.0.weight"], t["features.1.0.0.weight"]), "unfrozen layers trained"
     assert tgt.manifest["transfer"]["copied"] > 0 and tgt.manifest["source"]["uri"] == source.uri
     assert any("classifier.weight" in m for m in logs), "the report table goes to the log"
-    assert tgt.manifest["history"][-1]["test_acc"] > 0.8
+    assert tgt.manifest["history"][-1]["val_acc"] > 0.8
 
 
 def test_l2sp_and_lr_scale_train(tmp_path):
@@ -133,10 +133,13 @@ def test_share_trains_two_tasks_with_one_trunk(tmp_path):
     )
     art = open_artifact(out[1].uri)
     row = open_artifact(out[2].uri).read_json("report.json")["models"][0]
-    assert row["top1"] == pytest.approx(art.manifest["history"][-1]["test_acc"], abs=1e-6), "evaluated on task B"
+    assert (
+        row["top1"] > 0.8
+        and open_artifact(out[2].uri).read_json("report.json")["data"] == art.manifest["spec"]["data_b"]
+    ), "evaluated on task B"
     assert art.manifest["shared"] == ["features.0", "features.1", "head"]
     assert art.manifest["model"]["kwargs"]["num_classes"] == 2
-    assert art.manifest["history"][-1]["test_acc"] > 0.8, "task B learnt through the shared trunk"
+    assert art.manifest["history"][-1]["val_acc"] > 0.8, "task B learnt through the shared trunk"
     assert any("tied modules" in m for m in logs)
 
 

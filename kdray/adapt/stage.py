@@ -6,8 +6,10 @@ model, then evaluate both on the target test split and publish the adapted model
 Worker side (``Adapt``): wraps one ``ADAPT_METHODS`` entry; the loop iterates the source domain
 (the target domain for a source-free method, labels removed) and the method draws target batches
 from this rank's shard. Every epoch it computes the validators (``val_source_acc``,
-``val_entropy``, ``val_snd``; the loop's ``test_acc`` is the oracle) and keeps a copy of the model
-that is best under the stage's ``selection`` rule: that copy is what the stage publishes.
+``val_entropy``, ``val_snd``; the loop's ``val_acc``, on the target domain's labelled validation
+split, is the oracle) and keeps a copy of the model that is best under the stage's ``selection``
+rule: that copy is what the stage publishes. No rule reads a test split; the target test split is
+read once, after training, for the reported accuracies.
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ from kdray.core.checkpoint import Artifact, load_state_checked, open_artifact, r
 from kdray.core.errors import KdrayError
 from kdray.core.method import Method
 from kdray.core.metrics import metrics_for, predict
-from kdray.core.models import create_model
 from kdray.core.registry import did_you_mean
 from kdray.core.specs import DataSpec, ModelSpec, OptimSpec, StageBase, spec_hash
 from kdray.core.stage import Job, Shard, StageContext, StageKind, stage_kind
+from kdray.core.usermodels import build_model
 
 VALIDATION_ROWS = 2000  # rows per rank scored by the validators each epoch
 
@@ -38,7 +40,7 @@ SELECTION_RULES: dict[str, Callable[[dict[str, Any]], float]] = {
     "source_val": lambda m: m["val_source_acc"],
     "entropy": lambda m: -m["val_entropy"],
     "snd": lambda m: m["val_snd"],
-    "oracle": lambda m: m["test_acc"],
+    "oracle": lambda m: m["val_acc"],  # target labels (of the target validation split): not deployable
 }
 
 
@@ -125,7 +127,7 @@ class Adapt(Method):
         self.best = copy.deepcopy(model)  # the selected model; checkpointed, so resume keeps it
         for p in self.best.parameters():
             p.requires_grad_(False)
-        self.register_buffer("best_score", torch.tensor(float("-inf")))
+        self.register_buffer("best_score", torch.tensor(float("-inf"), dtype=torch.float64))  # a tie stays a tie
 
     def to_device(self, device: torch.device) -> "Adapt":
         super().to_device(device)
@@ -234,7 +236,7 @@ class AdaptKind(StageKind):
             job.extras["init_uri"] = ctx.parents[ctx.stage.source].uri
         base, how = baseline(ctx, job)
         result = ctx.train(job)
-        adapted = create_model(ctx.stage.model.name, **job.extras["model_kwargs"])
+        adapted = build_model(ctx.stage.model, job.extras["model_kwargs"])
         adapted.load_state_dict(result.model_state)
         adapted_acc, base_acc = target_accuracy(adapted, ctx.stage), target_accuracy(base.build_model(), ctx.stage)
         selected = max((h for h in result.history if h.get("selected")), key=lambda h: h["epoch"])
@@ -257,7 +259,7 @@ class AdaptKind(StageKind):
 
     def method(self, job: Job, shard: Shard) -> Adapt:
         spec = job.spec
-        model = create_model(spec.model.name, **job.extras["model_kwargs"])
+        model = build_model(spec.model, job.extras["model_kwargs"])
         if job.extras.get("init_uri"):
             load_state_checked(
                 model,
@@ -271,7 +273,7 @@ class AdaptKind(StageKind):
         per = len(x_tgt) // world
         source_val = None
         if not ADAPT_METHODS.meta(spec.method.name)["source_free"]:
-            val = kdata.load(spec.source_domain, "test")
+            val = kdata.load(spec.source_domain, "val")
             part = slice(rank * min(per, VALIDATION_ROWS), (rank + 1) * min(per, VALIDATION_ROWS))
             source_val = (kdata.normalize(val.x, val)[part], val.y[part])
         return Adapt(
@@ -286,10 +288,10 @@ class AdaptKind(StageKind):
 
     def data(self, job: Job) -> tuple[kdata.Split, kdata.Split]:
         """Train on the source domain (or, source-free, on the target domain without its labels);
-        monitor on the target test split."""
+        watch the target domain's validation split (only ``selection: oracle`` chooses by it)."""
         spec = job.spec
-        test = kdata.load(spec.target_domain, "test")
+        val = kdata.load(spec.target_domain, "val")
         if ADAPT_METHODS.meta(spec.method.name)["source_free"]:
             target = kdata.load(spec.target_domain, "train")
-            return dataclasses.replace(target, y=torch.full_like(target.y, -1)), test
-        return kdata.load(spec.source_domain, "train"), test
+            return dataclasses.replace(target, y=torch.full_like(target.y, -1)), val
+        return kdata.load(spec.source_domain, "train"), val

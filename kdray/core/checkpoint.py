@@ -1,15 +1,23 @@
 """Artifacts: weights in safetensors, a JSON manifest written last, and checked loading.
 
-An artifact is a folder ``<root>/<pipeline>/<stage>/<key>/`` holding ``model.safetensors``, any
-reports, and ``manifest.json``. The manifest is written last: a folder without one is unfinished
-and every reader ignores it. Nothing here unpickles: weights are safetensors, metadata is JSON.
+An artifact is a folder ``<root>/<pipeline>/<stage>/<key>/`` holding ``manifest.json`` and, under
+``v/<version>/``, one immutable folder per publish: ``model.safetensors``, any reports and a copy of
+the manifest. ``<version>`` hashes the content of every file, so a folder is never rewritten with
+other bytes. The top ``manifest.json`` is written last, atomically, and names its version and the
+sha256 of each file: it is the commit point. A folder without one is unfinished and every reader
+ignores it; a rerun that fails midway leaves the previous manifest and the files it names intact,
+and two concurrent publishers each write their own version, the last manifest wins whole.
+Nothing here unpickles: weights are safetensors, metadata is JSON. Folders written before versions
+existed (files beside ``manifest.json``, no ``version``) are still read.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
+import re
 import subprocess
 import time
 from dataclasses import dataclass
@@ -22,13 +30,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from kdray.core.errors import CheckpointMismatch, StorageError
-from kdray.core.models import create_model
+from kdray.core.errors import CheckpointMismatch, KdrayError, StorageError
+from kdray.core.models import model_from_record
 from kdray.core.storage import Storage
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 MANIFEST_SCHEMA_VERSION = 1
+VERSIONS = "v"  # <artifact>/v/<version>/: the immutable folders a manifest points at
 
 
 def state_to_bytes(state: dict[str, torch.Tensor]) -> bytes:
@@ -73,21 +82,56 @@ def git_commit() -> str | None:
 
 @dataclass
 class Artifact:
-    """A finished stage output: where it lives and what its manifest says."""
+    """A finished stage output: where it lives and what its manifest says.
+
+    ``home`` is the artifact folder (its stable address, ``uri``); ``store`` is the folder holding
+    the files this manifest names (``home/v/<version>`` or, for an old-layout artifact, ``home``).
+    """
 
     store: Storage
     manifest: dict[str, Any]
+    home: Storage | None = None
 
     @property
     def uri(self) -> str:
+        return (self.home or self.store).uri()
+
+    @property
+    def pinned_uri(self) -> str:
+        """The immutable folder of exactly this version (what a consumer should read)."""
         return self.store.uri()
 
     @property
     def weights_sha256(self) -> str | None:
         return (self.manifest.get("weights") or {}).get("sha256")
 
+    def exists(self, name: str) -> bool:
+        return self.store.exists(name)
+
+    def read_bytes(self, name: str) -> bytes:
+        """A file of this artifact, checked against the sha256 its manifest records (if any).
+
+        A local file that is a link leading out of the artifact's folder is refused.
+        """
+        if self.store.scheme == "file":
+            home = os.path.realpath((self.home or self.store).path())
+            real = os.path.realpath(self.store.path(name))
+            if os.path.commonpath([home, real]) != home:
+                raise StorageError(
+                    f"{self.store.uri(name)} leads out of the artifact folder (to {real})",
+                    hint="Artifacts hold their own files: replace the link with the file or rerun the stage with --force.",
+                )
+        data = self.store.read_bytes(name)
+        expected = (self.manifest.get("files") or {}).get(name, {}).get("sha256")
+        if expected and sha256(data) != expected:
+            raise CheckpointMismatch(
+                f"{self.store.uri(name)} does not match its manifest (sha256 {sha256(data)[:12]} != {expected[:12]})",
+                hint="The file was changed after publishing: rerun the stage with --force.",
+            )
+        return data
+
     def read_json(self, name: str) -> Any:
-        return json.loads(self.store.read_bytes(name))
+        return json.loads(self.read_bytes(name))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         if not self.manifest.get("weights"):
@@ -108,9 +152,14 @@ class Artifact:
     def build_model(self) -> nn.Module:
         """Rebuild the manifest's architecture and load the weights into it (checked)."""
         spec = self.manifest["model"]
-        model = create_model(spec["name"], **spec["kwargs"])
+        model = model_from_record(spec)
         load_state_checked(model, self.state_dict(), source=self.uri, target=spec["name"])
         return model
+
+
+def non_finite(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating tensors holding a NaN or an infinity."""
+    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 def write_artifact(
@@ -119,20 +168,47 @@ def write_artifact(
     state: dict[str, torch.Tensor] | None = None,
     files: dict[str, bytes] | None = None,
 ) -> Artifact:
-    """Publish an artifact: weights and files first, the manifest last (the commit point)."""
+    """Publish an artifact: a fresh version folder with every file, then the manifest (the commit point).
+
+    Non-finite weights are refused: nothing NaN is ever published.
+    """
     manifest = dict(manifest)
+    content: dict[str, bytes] = {}
     if state is not None:
-        data = state_to_bytes(state)
-        store.write_bytes(WEIGHTS, data)
-        manifest["weights"] = {"file": WEIGHTS, "sha256": sha256(data), "bytes": len(data), "tensors": len(state)}
+        bad = non_finite(state)
+        if bad:
+            raise KdrayError(
+                f"refusing to publish {store.uri()}: weights hold NaN or infinite values "
+                f"({', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''})",
+                hint="Training diverged: lower optim.lr or optim.weight_decay, check the inputs for "
+                "non-finite values, then rerun the stage with --force.",
+            )
+        content[WEIGHTS] = state_to_bytes(state)
     for name, data in (files or {}).items():
-        store.write_bytes(name, data)
+        if name == MANIFEST or name == WEIGHTS:
+            raise KdrayError(f"an artifact file may not be called {name!r}")
+        content[name] = data
+    digests = {name: sha256(data) for name, data in content.items()}
+    version = sha256(json.dumps(digests, sort_keys=True).encode())[:16]
+    if state is not None:
+        data = content[WEIGHTS]
+        manifest["weights"] = {"file": WEIGHTS, "sha256": digests[WEIGHTS], "bytes": len(data), "tensors": len(state)}
+    manifest["files"] = {n: {"sha256": digests[n], "bytes": len(d)} for n, d in content.items() if n != WEIGHTS}
     manifest.setdefault("schema_version", MANIFEST_SCHEMA_VERSION)
     manifest.setdefault("versions", package_versions())
     manifest.setdefault("git_commit", git_commit())
     manifest.setdefault("created_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    store.write_bytes(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, default=str).encode())
-    return Artifact(store, manifest)
+    folder = store.child(f"{VERSIONS}/{version}")
+    for name, data in content.items():  # weights first: the biggest write fails before anything else
+        folder.write_bytes(name, data)
+    folder.write_bytes(MANIFEST, _dump(manifest))  # the version alone is a readable (old-layout) artifact
+    manifest["version"] = f"{VERSIONS}/{version}"
+    store.write_bytes(MANIFEST, _dump(manifest))  # the commit point
+    return Artifact(folder, manifest, store)
+
+
+def _dump(manifest: dict[str, Any]) -> bytes:
+    return json.dumps(manifest, indent=2, sort_keys=True, default=str).encode()
 
 
 def read_artifact(uri_or_store: str | Storage) -> Artifact | None:
@@ -141,20 +217,70 @@ def read_artifact(uri_or_store: str | Storage) -> Artifact | None:
     if not store.exists(MANIFEST):
         return None
     raw = store.read_bytes(MANIFEST)
+    where = store.uri(MANIFEST)
     try:
         manifest = json.loads(raw)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise StorageError(
-            f"{store.uri(MANIFEST)} is not valid JSON ({e})",
+            f"{where} is not valid JSON ({e})",
             hint="Delete the artifact folder or rerun the stage with --force.",
         ) from None
+    if not isinstance(manifest, dict):
+        raise StorageError(
+            f"{where} is a JSON {type(manifest).__name__}, not an artifact manifest (an object)",
+            hint="Delete the artifact folder or rerun the stage with --force.",
+        )
     if manifest.get("schema_version") != MANIFEST_SCHEMA_VERSION:
         raise StorageError(
-            f"{store.uri(MANIFEST)} has manifest schema version {manifest.get('schema_version')}, "
+            f"{where} has manifest schema version {manifest.get('schema_version')}, "
             f"this kdray reads version {MANIFEST_SCHEMA_VERSION}",
             hint="Rerun the stage with --force to rebuild it with this version.",
         )
-    return Artifact(store, manifest)
+    _check_shape(manifest, where)
+    version = manifest.get("version")
+    if version is None:
+        return Artifact(store, manifest, store)  # old layout: the files lie beside the manifest
+    return Artifact(store.child(version), manifest, store)
+
+
+# The fields readers rely on, and the JSON type each must have when present.
+_SHAPE: dict[str, type | tuple[type, ...]] = {
+    "kind": str,
+    "pipeline": str,
+    "stage": str,
+    "key": str,
+    "weights": (dict, type(None)),
+    "files": dict,
+    "model": dict,
+    "metrics": dict,
+    "history": list,
+    "parents": list,
+}
+
+
+def _check_shape(manifest: dict[str, Any], where: str) -> None:
+    """A manifest that is JSON of the wrong shape is a clear error, not a KeyError later."""
+    problems = [
+        f"{name!r} is a {type(manifest[name]).__name__}"
+        for name, kind in _SHAPE.items()
+        if name in manifest and not isinstance(manifest[name], kind)
+    ]
+    version = manifest.get("version")
+    if version is not None and not (
+        isinstance(version, str) and re.fullmatch(rf"{VERSIONS}/[0-9a-f]{{16}}", version) is not None
+    ):
+        problems.append(f"'version' is {version!r}, not {VERSIONS}/<16 hex digits>")
+    weights = manifest.get("weights")
+    if isinstance(weights, dict) and not isinstance(weights.get("sha256"), (str, type(None))):
+        problems.append("'weights.sha256' is not a string")
+    model = manifest.get("model")
+    if isinstance(model, dict) and not isinstance(model.get("kwargs"), dict):
+        problems.append("'model' lacks an object 'kwargs'")
+    if problems:
+        raise StorageError(
+            f"{where} is not a valid artifact manifest: {'; '.join(problems)}",
+            hint="Delete the artifact folder or rerun the stage with --force.",
+        )
 
 
 def open_artifact(uri: str) -> Artifact:

@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import os
 import struct
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -53,8 +54,8 @@ class Split:
     x: torch.Tensor
     y: torch.Tensor
     num_classes: int
-    mean: float
-    std: float
+    mean: float | tuple[float, ...]  # one value, or one per channel
+    std: float | tuple[float, ...]
     fingerprint: str
     class_names: tuple[str, ...] = ()
 
@@ -76,13 +77,24 @@ class Split:
 def parse_idx(data: bytes, source: str) -> np.ndarray:
     """Decode one IDX file (optionally gzipped): magic 0x0000, dtype 0x08 (uint8), ndim, big-endian dims."""
     if data[:2] == b"\x1f\x8b":
-        data = gzip.decompress(data)
-    if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08:
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as e:
+            raise DataError(
+                f"{source} is not a readable gzip file ({e})",
+                hint="Re-copy the file (for the Debian package: apt-get install --reinstall dataset-fashion-mnist).",
+            ) from None
+    if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08 or not 1 <= data[3] <= 4:
         raise DataError(
             f"{source} is not an uint8 IDX file (bad magic number)",
             hint="Point data.path at the original Fashion-MNIST files (train-images-idx3-ubyte[.gz] ...).",
         )
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise DataError(
+            f"{source} is truncated: {len(data)} bytes, shorter than its {4 + 4 * ndim}-byte header",
+            hint="Re-copy the file (for the Debian package: apt-get install --reinstall dataset-fashion-mnist).",
+        )
     shape = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
     expected = 4 + 4 * ndim + int(np.prod(shape))
     if len(data) != expected:
@@ -155,8 +167,19 @@ def _fingerprint(*arrays: np.ndarray) -> str:
 def fashion_mnist(split: str, path: str | None = None) -> Split:
     """Fashion-MNIST (Xiao et al. 2017): 60,000 train / 10,000 test grey 28x28 images, 10 classes."""
     images, labels = _read_idx_pair(fashion_mnist_location(path), split)
+    if images.ndim != 3 or labels.ndim != 1:
+        raise DataError(
+            f"Fashion-MNIST {split}: the images file has shape {images.shape} and the labels file {labels.shape}; "
+            "expected (N, 28, 28) images and (N,) labels",
+            hint="Check that data.path holds the Fashion-MNIST IDX files under their own names.",
+        )
     if len(images) != len(labels):
         raise DataError(f"Fashion-MNIST {split}: {len(images)} images but {len(labels)} labels")
+    if len(labels) and int(labels.max()) >= 10:
+        raise DataError(
+            f"Fashion-MNIST {split}: label {int(labels.max())} is outside the 10 classes (0..9)",
+            hint="The labels file is corrupt or from another dataset: re-copy it.",
+        )
     x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
     return Split(
         x,
@@ -202,14 +225,21 @@ def synthetic(
     channels: int = 1,
     noise: float = 0.15,
     seed: int = 0,
+    shuffle_test_labels: bool = False,
 ) -> Split:
-    """Seeded class prototypes plus noise: learnable in a few steps, for tests and smoke runs."""
+    """Seeded class prototypes plus noise: learnable in a few steps, for tests and smoke runs.
+
+    ``shuffle_test_labels`` poisons the test split's labels (a seeded permutation): a check that no
+    choice reads the test split, since every choice must then come out the same.
+    """
     gen = torch.Generator().manual_seed(seed)
     protos = torch.rand(num_classes, channels, image_size, image_size, generator=gen)
     n = num_samples if split == "train" else max(num_samples // 4, num_classes)
     gen_split = torch.Generator().manual_seed(seed + (1 if split == "train" else 2))
     y = torch.arange(n) % num_classes
     x = (protos[y] + noise * torch.randn(n, channels, image_size, image_size, generator=gen_split)).clamp(0, 1)
+    if shuffle_test_labels and split == "test":
+        y = y[torch.randperm(n, generator=torch.Generator().manual_seed(seed + 3))]
     return Split(
         x, y, num_classes, 0.5, 0.3, _fingerprint(x.numpy(), y.numpy()), tuple(f"class{i}" for i in range(num_classes))
     )
@@ -218,8 +248,15 @@ def synthetic(
 # --------------------------------------------------------------------------- selection
 
 
-def select(split: Split, spec: Any, train: bool) -> Split:
-    """Apply the spec's class subset, limit and (training only) scarce-label selection, deterministically."""
+def select(split: Split, spec: Any, part: str) -> Split:
+    """Apply the spec's class subset, validation carve, limit and (training only) scarce-label selection.
+
+    ``part`` is ``train``, ``val`` or ``test``; ``split`` is the builder's train split for the first two.
+    The validation rows (``validation_rows``) come out of the training pool first, before ``limit``
+    and before any label withholding, so they are fully labelled, disjoint from train and test, and the
+    same whatever ``limit`` or the label settings are.
+    """
+    train = part == "train"
     x, y, k, names = split.x, split.y, split.num_classes, split.class_names
     if spec.classes is not None:
         bad = [c for c in spec.classes if c >= k]
@@ -230,8 +267,11 @@ def select(split: Split, spec: Any, train: bool) -> Split:
         remap[torch.tensor(spec.classes)] = torch.arange(len(spec.classes))
         x, y, k = x[keep], remap[y[keep]], len(spec.classes)
         names = tuple(names[c] for c in spec.classes) if names else ()
+    if part != "test":
+        in_val = validation_rows(y, k, spec.val_fraction, spec.val_size, spec.seed)
+        x, y = (x[in_val], y[in_val]) if part == "val" else (x[~in_val], y[~in_val])
     gen = torch.Generator().manual_seed(spec.seed)
-    limit = spec.limit if train else spec.test_limit
+    limit = {"train": spec.limit, "val": None, "test": spec.test_limit}[part]
     if limit is not None and limit < len(y):
         idx = torch.randperm(len(y), generator=gen)[:limit].sort().values
         x, y = x[idx], y[idx]
@@ -241,9 +281,42 @@ def select(split: Split, spec: Any, train: bool) -> Split:
             x, y = x[y >= 0], y[y >= 0]
     tag = hashlib.sha256(
         f"{split.fingerprint}|{spec.classes}|{limit}|{spec.labels_per_class}|"
-        f"{spec.label_fraction}|{spec.drop_unlabelled}|{spec.seed}|{train}".encode()
+        f"{spec.label_fraction}|{spec.drop_unlabelled}|{spec.seed}|{part}|{spec.val_fraction}|{spec.val_size}".encode()
     ).hexdigest()[:16]
     return replace(split, x=x, y=y, num_classes=k, fingerprint=tag, class_names=names)
+
+
+def validation_rows(y: torch.Tensor, num_classes: int, fraction: float, size: int | None, seed: int) -> torch.Tensor:
+    """A boolean mask of the validation rows: ``size`` rows (else ``fraction`` of the labelled rows),
+    stratified by class (each class gives its share, largest remainders first) and seeded by ``seed``.
+
+    Each class keeps at least one row for training; unlabelled rows (``y == -1``) never validate.
+    """
+    mask = torch.zeros(len(y), dtype=torch.bool)
+    counts = torch.stack([(y == c).sum() for c in range(num_classes)]).double()
+    n = float(counts.sum())
+    total = size if size is not None else round(fraction * n)
+    if total <= 0 or n == 0:
+        return mask
+    room = (counts - 1).clamp(min=0)
+    if total > float(room.sum()):
+        raise DataError(
+            f"data.val_size/val_fraction asks for {total} validation rows but the training pool has {int(n)} "
+            "labelled rows (each class keeps at least one for training)",
+            hint="Lower data.val_size or data.val_fraction (0 turns the validation split off).",
+        )
+    share = counts * (total / n)
+    quota = torch.minimum(share.floor(), room)
+    order = torch.argsort(share - quota, descending=True, stable=True).tolist()
+    while int(quota.sum()) < total:  # hand out the remainder, largest fractional shares first
+        for c in order:
+            if int(quota.sum()) < total and quota[c] < room[c]:
+                quota[c] += 1
+    gen = torch.Generator().manual_seed(seed + 104729)
+    for c in range(num_classes):
+        idx = (y == c).nonzero().flatten()
+        mask[idx[torch.randperm(len(idx), generator=gen)[: int(quota[c])]]] = True
+    return mask
 
 
 def withhold_labels(
@@ -261,30 +334,43 @@ def withhold_labels(
 
 
 def normalize(x: torch.Tensor, split: Split) -> torch.Tensor:
-    return (x - split.mean) / split.std
+    if isinstance(split.mean, (int, float)) and isinstance(split.std, (int, float)):
+        return (x - split.mean) / split.std
+    shape = (-1,) + (1,) * (x.dim() - 2)  # per channel: [C, 1, 1] against [N, C, H, W]
+    mean = torch.as_tensor(split.mean, dtype=x.dtype).view(shape)
+    return (x - mean) / torch.as_tensor(split.std, dtype=x.dtype).view(shape)
 
 
 def load(spec: Any, split: str = "train") -> Split:
-    """Load ``spec.name``'s ``split``, apply the spec's domain shifts and deterministic selection.
+    """Load ``spec.name``'s ``split`` (``train``, ``val`` or ``test``), apply the spec's domain shifts
+    and deterministic selection. ``val`` is carved from the dataset's training split (``select``).
 
     Pixels stay in [0, 1]; ``normalize`` comes after. A shift is seeded by ``spec.seed`` and the
     split, so train and test images of a shifted domain get independent noise.
     """
+    if split not in ("train", "val", "test"):
+        raise DataError(f"unknown split {split!r}; use train, val or test")
     builder = DATASETS.get(spec.name)
     try:
-        raw = builder(split, path=spec.path, **spec.options)
+        raw = builder("test" if split == "test" else "train", path=spec.path, **spec.options)
     except TypeError as e:
         raise DataError(f"data.options: {e}") from None
     if spec.shifts:
         x, y = compose(spec.shifts, num_classes=raw.num_classes)(raw.x, raw.y, spec.seed * 2 + (split == "test"))
         tag = hashlib.sha256(f"{raw.fingerprint}|{shift_hash(spec.shifts)}".encode()).hexdigest()[:16]
         raw = replace(raw, x=x, y=y, fingerprint=tag)
-    return select(raw, spec, train=split == "train")
+    return select(raw, spec, split)
 
 
 def describe(spec: Any) -> dict[str, Any]:
     """Static facts of a dataset for model building without loading it (channels, size, classes)."""
     meta = dict(DATASETS.meta(spec.name))
+    facts = ("num_classes", "in_channels", "image_size")
+    if callable(meta.get("describe")):  # a file-backed dataset reads them from its metadata (dataset.json)
+        meta.update(meta.pop("describe")(spec.path, **spec.options))
+    elif any(k not in meta for k in facts):  # e.g. a plug-in registered without them: read them off the data
+        raw = DATASETS.get(spec.name)("train", path=spec.path, **spec.options)
+        meta.update(num_classes=raw.num_classes, in_channels=raw.in_channels, image_size=raw.image_size)
     meta.update({k: v for k, v in spec.options.items() if k in ("image_size", "num_classes")})
     if spec.options.get("channels"):
         meta["in_channels"] = spec.options["channels"]

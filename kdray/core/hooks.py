@@ -74,6 +74,30 @@ def resolve_modules(model: nn.Module, paths: Sequence[str], role: str = "model")
     return found
 
 
+def find_classifier(model: nn.Module, name: str | None = None, role: str = "model") -> str:
+    """The classifier's module path: ``name``, the model's ``classifier_name``, or its last ``nn.Linear``."""
+    inner = unwrap(model)
+    name = name or getattr(inner, "classifier_name", None)
+    if name:
+        module = resolve_modules(inner, [name], role)[name]
+        if not any(True for _ in module.parameters()) and not isinstance(module, nn.Linear):
+            raise KdrayError(f"{role}: classifier {name!r} is a {type(module).__name__} with no parameters")
+        return name
+    linears = [n for n, m in inner.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise KdrayError(
+            f"{role} {type(inner).__name__} has no nn.Linear, so its classifier cannot be found; set "
+            "model.classifier to the module path of the layer that maps the embedding to the class scores "
+            "(see `kdray inspect SPEC --stage NAME`)."
+        )
+    return linears[-1]
+
+
+def classifier_name(model: nn.Module) -> str:
+    """The module path of a model's classifier (kdray models and adopted user models set ``classifier_name``)."""
+    return getattr(unwrap(model), "classifier_name", None) or find_classifier(model)
+
+
 def _as_tensor(output: Any, path: str) -> torch.Tensor:
     # Recurrent modules return (sequence, hidden): the sequence is the feature.
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
@@ -139,7 +163,7 @@ def forward_with_features(
         Outputs(logits [N, K], features {path: tensor}, embedding [N, D] or None).
     """
     paths = list(dict.fromkeys(paths))
-    head = getattr(unwrap(model), "classifier_name", "classifier")
+    head = classifier_name(model)
     modules = resolve_modules(model, paths + ([head] if embedding else []), role)
     emb: list[torch.Tensor] = []
     handle = modules[head].register_forward_pre_hook(lambda _m, inputs: emb.append(inputs[0])) if embedding else None
@@ -160,7 +184,7 @@ def forward_with_features(
 
 def embedding_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One ``model(x)`` call returning ``(embedding [N, D], logits [N, K])``; the classifier must run once."""
-    head = getattr(unwrap(model), "classifier_name", "classifier")
+    head = classifier_name(model)
     classifier = resolve_modules(model, [head])[head]
     captured: list[torch.Tensor] = []
     hook = classifier.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))

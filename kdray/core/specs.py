@@ -9,13 +9,23 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Annotated, Any, Callable, ClassVar, Literal
+from typing import Annotated, Any, Callable, ClassVar, Literal, get_args
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
+from kdray.core import files  # noqa: F401  (registers the file-backed datasets: parquet, image_folder)
 from kdray.core.data import DATASETS
-from kdray.core.models import MODELS
-from kdray.core.registry import Entry, Registry, did_you_mean
+from kdray.core.errors import KdrayError
+from kdray.core.models import MODELS, import_target
+from kdray.core.registry import Entry, Registry, check_params, did_you_mean
 from kdray.core.shifts import ShiftSpec
 
 DNS_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
@@ -47,7 +57,19 @@ def spec_hash(obj: Any) -> str:
 
 
 class Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)  # .inf, .nan: errors
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, data: Any) -> Any:
+        """``epochs: true`` is a mistake, not 1: a number field refuses a boolean."""
+        if isinstance(data, dict):
+            for name, field in cls.model_fields.items():
+                v = data.get(field.alias or name, data.get(name))
+                kinds = set(get_args(field.annotation)) | {field.annotation}
+                if isinstance(v, bool) and bool not in kinds and kinds & {int, float}:
+                    raise ValueError(f"{name}: expected a number, got {str(v).lower()}")
+        return data
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -92,13 +114,81 @@ class RunSpec(Spec):
 
 
 class ModelSpec(Entry):
-    """``{name: <registered model>, ...builder parameters}``; ``num_classes`` defaults to the data's."""
+    """``{name: <registered model>, ...builder parameters}`` or ``{import: "pkg.mod:factory", options: {...}}``.
+
+    ``num_classes`` defaults to the data's (``num_classes``, ``in_channels`` and ``image_size`` are
+    passed to an imported factory only when its signature takes them). ``classifier`` is the module
+    path of the classification layer (default: the model's own, or its last ``nn.Linear``).
+    ``weights`` initialises the model from a safetensors file (``file://``, ``s3://`` or a plain
+    path) or a kdray artifact URI; ``weights_prefix`` renames key prefixes of the file first
+    (``{"backbone.": "features."}``). See docs/models.md.
+    """
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
 
     entry_kind: ClassVar[str] = "model"
     entry_registry: ClassVar[Registry] = MODELS
     entry_skip: ClassVar[tuple[str, ...]] = ("num_classes", "in_channels", "image_size")
 
+    name: str | None = None  # type: ignore[assignment]  # one of name/import
+    import_: str | None = Field(None, alias="import")
+    options: dict[str, Any] = Field(default_factory=dict)
+    classifier: str | None = None
+    weights: str | None = None
+    weights_prefix: dict[str, str] = Field(default_factory=dict)
     num_classes: int | None = Field(None, ge=2)
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, v: str | None) -> str | None:  # type: ignore[override]  # name is optional here
+        if v is not None and v not in MODELS:
+            raise ValueError(f"unknown model {v!r}; {did_you_mean(v, MODELS.names())}")
+        return v
+
+    @model_validator(mode="after")
+    def _check_params(self) -> "ModelSpec":
+        if (self.name is None) == (self.import_ is None):
+            raise ValueError(
+                "give exactly one of model.name (a registered model, see `kdray ls models`) and "
+                "model.import (a 'package.module:factory' path)"
+            )
+        if self.name is not None:
+            if self.options:
+                raise ValueError("model.options is for model.import; a registered model takes its options beside name")
+        elif self.__pydantic_extra__:
+            raise ValueError(
+                f"model.import takes its arguments under model.options, not beside it: "
+                f"move {sorted(self.__pydantic_extra__)} under options"
+            )
+        try:
+            if self.name is not None:
+                self.__pydantic_extra__ = check_params(
+                    "model", self.name, MODELS.get(self.name), self.params, self.entry_skip
+                )
+            else:
+                target = import_target(self.import_ or "", "model.import")
+                self.options = check_params("model", self.label, target, self.options, self.entry_skip)
+        except KdrayError as e:
+            raise ValueError(str(e)) from None
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        # The fields of model.import/weights appear only when set, so a registry model's spec (and its
+        # stage key) is what it was before they existed; the import path is written as ``import``.
+        out = handler(self)
+        if out.get("name") is None:
+            out.pop("name", None)
+        for key in ("import_", "options", "classifier", "weights", "weights_prefix"):
+            value = out.pop(key, None)
+            if value:
+                out["import" if key == "import_" else key] = value
+        return out
+
+    @property
+    def label(self) -> str:
+        """How logs and errors name the model: its registry name or its import path."""
+        return self.name or self.import_ or "?"
 
 
 class DataSpec(Spec):
@@ -108,12 +198,18 @@ class DataSpec(Spec):
     deterministically. ``labels_per_class``/``label_fraction`` keep labels for only part of the training set (the
     rest get label -1: usable by distillation and adaptation, ignored by cross-entropy), or, with
     ``drop_unlabelled``, leave only the labelled examples in the training set.
+
+    ``val_fraction`` (or ``val_size`` rows) of the training pool, seeded and stratified by class, is the
+    validation split: carved out before ``limit`` and label withholding, watched every epoch and used for
+    every choice (epoch, trial, source); the test split is read only by the final evaluation.
     """
 
     name: Annotated[str, AfterValidator(registered(DATASETS))] = "fashion_mnist"
     path: str | None = None
     limit: int | None = Field(None, ge=1)
     test_limit: int | None = Field(None, ge=1)
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    val_size: int | None = Field(None, ge=0)
     classes: list[int] | None = None
     labels_per_class: int | None = Field(None, ge=1)
     label_fraction: float = Field(1.0, gt=0, le=1)
@@ -128,6 +224,21 @@ class DataSpec(Spec):
         if v is not None and (len(v) < 2 or len(set(v)) != len(v) or min(v) < 0):
             raise ValueError("classes must list at least two distinct non-negative class ids, e.g. [0, 1, 2, 3, 4]")
         return v
+
+    @model_validator(mode="after")
+    def _options_and_classes(self) -> "DataSpec":
+        """Unknown ``options`` (checked against the dataset builder's signature) and ``classes``
+        beyond the dataset's are errors at validation, not when the data is read."""
+        builder = DATASETS.get(self.name)
+        if self.options:
+            try:
+                check_params("dataset", self.name, builder, self.options, skip=("split", "path"))
+            except KdrayError as e:
+                raise ValueError(f"options: {e}") from None
+        total = self.options.get("num_classes", DATASETS.meta(self.name).get("num_classes"))
+        if self.classes is not None and isinstance(total, int) and max(self.classes) >= total:
+            raise ValueError(f"classes: {self.name} has classes 0..{total - 1}, not {max(self.classes)}")
+        return self
 
 
 class OptimSpec(Spec):

@@ -8,7 +8,7 @@
             ...
         def method(self, job: Job, shard: Shard) -> Method:  # worker: what the loop optimises
             ...
-        def data(self, job: Job) -> tuple[Split, Split]:     # worker: (training, monitoring) splits
+        def data(self, job: Job) -> tuple[Split, Split]:     # worker: (training, validation) splits
             ...
 
 ``STAGE_KINDS`` is the only table of kinds: the pipeline spec's ``Stage`` union, the CLI's kind
@@ -20,8 +20,9 @@ run the training loop), so a technique never imports the engine.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -29,10 +30,11 @@ import torch
 from kdray.core import data as kdata
 from kdray.core.checkpoint import Artifact, write_artifact
 from kdray.core.method import Method
-from kdray.core.models import count_parameters, create_model
+from kdray.core.models import count_parameters
 from kdray.core.registry import Registry
 from kdray.core.specs import DataSpec, ModelSpec, RunSpec, StageBase
 from kdray.core.storage import Storage
+from kdray.core.usermodels import build_model, weights_record
 
 Log = Callable[[str], None]
 
@@ -141,7 +143,7 @@ class StageContext:
             spec=self.stage,
             run=self.run,
             key=self.key,
-            parents={ref: art.uri for ref, art in self.parents.items()},
+            parents={ref: art.pinned_uri for ref, art in self.parents.items()},  # the exact version read here
             extras={"model_kwargs": model_kwargs(self.stage.model, self.stage.data), **extras},
         )
 
@@ -154,7 +156,13 @@ class StageContext:
             "spec": self.stage.model_dump(mode="json"),
             "run": self.run.model_dump(mode="json"),
             "parents": [
-                {"ref": ref, "uri": art.uri, "key": art.manifest.get("key"), "weights_sha256": art.weights_sha256}
+                {
+                    "ref": ref,
+                    "uri": art.uri,
+                    "version_uri": art.pinned_uri,
+                    "key": art.manifest.get("key"),
+                    "weights_sha256": art.weights_sha256,
+                }
                 for ref, art in self.parents.items()
             ],
         }
@@ -164,7 +172,7 @@ class StageContext:
     ) -> Artifact:
         """Write a trained model's artifact: weights, history and ``files``, then the manifest."""
         kwargs = job.extras["model_kwargs"]
-        model = create_model(self.stage.model.name, **kwargs)
+        model = build_model(self.stage.model, kwargs, weights=False)
         manifest = self.base_manifest() | {
             "model": model_record(self.stage.model, kwargs, model),
             "metrics": result.metrics,
@@ -185,18 +193,24 @@ def model_kwargs(model_spec: ModelSpec, data_spec: DataSpec) -> dict[str, Any]:
         "in_channels": facts["in_channels"],
         "image_size": facts["image_size"],
         **model_spec.params,
+        **model_spec.options,
     }
 
 
 def model_record(model_spec: ModelSpec, kwargs: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
-    return {
-        "name": model_spec.name,
+    record = {
+        "name": model_spec.label,
         "kwargs": kwargs,
         "family": getattr(model, "family", "unknown"),
         "parameters": count_parameters(model),
         "feature_layers": list(getattr(model, "feature_layers", ())),
         "classifier": getattr(model, "classifier_name", "classifier"),
     }
+    if model_spec.import_:
+        record["import"] = model_spec.import_  # so that Artifact.build_model rebuilds the user's class
+    if model_spec.weights:
+        record["pretrained"] = weights_record(model_spec)  # lineage: the initial weights' URI and sha256
+    return record
 
 
 # --------------------------------------------------------------------------- the plug-in
@@ -207,6 +221,9 @@ class StageKind:
 
     spec: ClassVar[type[StageBase]]
     trains: ClassVar[bool] = True  # False: the stage only reads artifacts and always runs locally (evaluate)
+    # False: the method's losses cannot use a row whose label is withheld (cross-entropy), so the
+    # loop trains on the labelled rows only instead of iterating rows that contribute nothing.
+    uses_unlabelled: ClassVar[bool] = True
 
     @classmethod
     def kind(cls) -> str:
@@ -221,8 +238,27 @@ class StageKind:
         raise NotImplementedError(f"stage kind {self.kind()!r} does not train")
 
     def data(self, job: Job) -> tuple[kdata.Split, kdata.Split]:
-        """Worker side: (training split, split watched each epoch); ``spec.data`` by default."""
-        return kdata.load(job.spec.data, "train"), kdata.load(job.spec.data, "test")
+        """Worker side: (training split, validation split watched each epoch); ``spec.data`` by default.
+
+        The second split is what the loop reports as ``val_*`` and what selection may read: it must
+        never be a test split (the test split is read once, by the evaluation).
+        """
+        train = kdata.load(job.spec.data, "train")
+        return (train if self.uses_unlabelled else labelled_only(train, job)), kdata.load(job.spec.data, "val")
+
+
+def labelled_only(train: kdata.Split, job: Job) -> kdata.Split:
+    """The rows of ``train`` whose label is kept (for a kind whose losses ignore the others), said in the log."""
+    keep = train.y >= 0
+    if bool(keep.all()):
+        return train
+    print(
+        f"[{job.pipeline}/{job.spec.name}] training on the {int(keep.sum()):,} labelled rows of {len(train):,}: "
+        f"a {job.spec.kind} stage's losses cannot use rows whose label is withheld",
+        flush=True,
+    )
+    tag = hashlib.sha256(f"{train.fingerprint}|labelled".encode()).hexdigest()[:16]
+    return replace(train, x=train.x[keep], y=train.y[keep], fingerprint=tag)
 
 
 STAGE_KINDS: Registry[type[StageKind]] = Registry("stage kind", group="kdray.stage_kinds")

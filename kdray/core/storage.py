@@ -13,7 +13,10 @@ Buckets are never created here: a missing bucket is an error at ``check_writable
 
 from __future__ import annotations
 
+import builtins
+import contextlib
 import os
+import re
 import sys
 import uuid
 from pathlib import Path
@@ -30,7 +33,20 @@ S3_PROBE_TIMEOUTS: dict[str, Any] = {"connect_timeout": 3.0, "request_timeout": 
 
 
 def s3_endpoint() -> str | None:
-    return os.environ.get("KDRAY_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
+    """The configured endpoint; one with credentials written into it (``user:pass@host``) is refused."""
+    endpoint = os.environ.get("KDRAY_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint and "@" in urlparse(endpoint if "://" in endpoint else f"http://{endpoint}").netloc:
+        raise StorageError(
+            f"the S3 endpoint {redact(endpoint)!r} has credentials written into it",
+            hint="Set only the address in KDRAY_S3_ENDPOINT (e.g. http://host:8333) and pass the keys as "
+            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.",
+        )
+    return endpoint
+
+
+def redact(url: str) -> str:
+    """``url`` with any ``user:password@`` part replaced by ``***@`` (never echo credentials)."""
+    return re.sub(r"(?<=://)[^/@\s]*@|^[^/@\s:]*:[^/@\s]*@", "***@", url)
 
 
 def s3_filesystem(connect_timeout: float = 5.0, request_timeout: float = 20.0, attempts: int = 3) -> pafs.S3FileSystem:
@@ -98,6 +114,11 @@ class Storage:
             self.root = uri[len("s3://") :].strip("/")
             if not self.root:
                 raise StorageError(f"storage URI {uri!r} names no bucket", hint="Use s3://<bucket>/<prefix>.")
+        elif "://" in uri and not uri.startswith("file://"):
+            raise StorageError(
+                f"storage URI {redact(uri)!r} has scheme {uri.split('://', 1)[0]!r}; kdray reads file:// and s3:// only",
+                hint="Use a local path, file:///path, or s3://bucket/prefix (download other URLs first).",
+            )
         else:
             self.scheme = "file"
             self.fs = pafs.LocalFileSystem()
@@ -167,11 +188,16 @@ class Storage:
                 parent = os.path.dirname(target)
                 os.makedirs(parent, exist_ok=True)
                 tmp = f"{target}.{uuid.uuid4().hex[:8]}.tmp"
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, target)
+                try:
+                    with open(tmp, "wb") as f:
+                        f.write(data)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    os.replace(tmp, target)
+                except BaseException:  # a full disk, an interrupt: leave no partial file behind
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+                    raise
             else:
                 # One write() queues every part of a multipart upload; close() completes the upload
                 # only if all parts arrived, so the object never exists partly written.
@@ -198,6 +224,30 @@ class Storage:
             raise self._wrap("list", rel, e) from None
         base = self.root + "/"
         return sorted(i.path[len(base) :] if i.path.startswith(base) else i.path for i in infos)
+
+    def find(
+        self, name: str, rel: str = "", max_depth: int = 8, max_entries: int = 200_000
+    ) -> builtins.list[str]:  # (`list` is a method here)
+        """Relative paths of the files called ``name`` under ``rel``, at most ``max_depth`` folders down.
+
+        Local folders are walked without following links (no loops) and the walk stops after
+        ``max_entries`` entries, so pointing it at a system folder ends quickly.
+        """
+        if self.scheme != "file":
+            return [p for p in self.list(rel, recursive=True) if p == name or p.endswith(f"/{name}")]
+        top, seen = self.path(rel), 0
+        found: builtins.list[str] = []
+        for folder, dirs, files in os.walk(top, followlinks=False):
+            depth = os.path.relpath(folder, top).count(os.sep) + (folder != top)
+            seen += len(dirs) + len(files)
+            if depth >= max_depth:
+                dirs.clear()
+            if name in files and not os.path.islink(os.path.join(folder, name)):
+                found.append(os.path.relpath(os.path.join(folder, name), self.root))
+            if seen > max_entries:
+                break
+            dirs.sort()
+        return sorted(found)
 
     def delete_dir(self, rel: str) -> None:
         try:

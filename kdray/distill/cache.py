@@ -1,7 +1,8 @@
 """The teacher-output cache: the teacher runs once over the training data, each rank reads its rows.
 
 Layout (``<root>/_cache/teacher/<key>/``): ``logits-<start>.safetensors`` chunks of ``CHUNK_ROWS``
-rows in dataset order, then ``meta.json`` (written last: the commit point). The key hashes the
+rows in dataset order, then ``meta.json`` (written last: the commit point, with each chunk's sha256,
+checked on every read; a corrupt or unreadable ``meta.json`` makes the driver rebuild). The key hashes the
 teacher's weights, the training data's fingerprint and the input transform, so a changed teacher
 or a changed selection gets a new cache and a stale one is never used.
 """
@@ -16,14 +17,14 @@ import torch
 import torch.nn as nn
 
 from kdray.core import data as kdata
-from kdray.core.checkpoint import Artifact, bytes_to_state, state_to_bytes
+from kdray.core.checkpoint import Artifact, bytes_to_state, sha256, state_to_bytes
 from kdray.core.errors import KdrayError
 from kdray.core.specs import spec_hash
 from kdray.core.stage import StageContext
 from kdray.core.storage import Storage
 
 CHUNK_ROWS = 16384
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: meta.json records each chunk's sha256
 
 
 def cache_key(teacher: Artifact, train: kdata.Split) -> str:
@@ -38,9 +39,26 @@ def cache_key(teacher: Artifact, train: kdata.Split) -> str:
 
 
 def read_cache_meta(store: Storage) -> dict[str, Any] | None:
+    """The cache's ``meta.json``, or None when it is absent, not JSON or not of this format."""
     if not store.exists("meta.json"):
         return None
-    return json.loads(store.read_bytes("meta.json"))
+    try:
+        meta = json.loads(store.read_bytes("meta.json"))
+    except (ValueError, RecursionError):
+        return None
+    ok = (
+        isinstance(meta, dict)
+        and meta.get("format") == CACHE_FORMAT
+        and isinstance(meta.get("rows"), int)
+        and isinstance(meta.get("chunk_rows"), int)
+        and meta["chunk_rows"] > 0
+        and isinstance(meta.get("chunks"), dict)
+    )
+    return meta if ok else None
+
+
+def chunk_name(start: int) -> str:
+    return f"logits-{start:09d}.safetensors"
 
 
 def build_cache(
@@ -49,15 +67,25 @@ def build_cache(
     """Run the teacher once over ``x`` and write its logits in chunks, then ``meta.json`` last."""
     teacher.eval()
     t0 = time.perf_counter()
+    chunks = {}
     with torch.no_grad():
         for start in range(0, len(x), CHUNK_ROWS):
             rows = x[start : start + CHUNK_ROWS]
             logits = torch.cat([teacher(rows[i : i + batch_size]).float() for i in range(0, len(rows), batch_size)])
-            store.write_bytes(f"logits-{start:09d}.safetensors", state_to_bytes({"logits": logits}))
+            if not bool(torch.isfinite(logits).all()):
+                raise KdrayError(
+                    f"the teacher's outputs for rows {start:,}-{start + len(rows):,} are NaN or infinite: "
+                    f"refusing to cache them at {store.uri()}",
+                    hint="Check the teacher artifact (rerun its stage with --force) and the inputs.",
+                )
+            data = state_to_bytes({"logits": logits})
+            store.write_bytes(chunk_name(start), data)
+            chunks[chunk_name(start)] = sha256(data)
             log(f"  teacher cache: {min(start + CHUNK_ROWS, len(x)):,}/{len(x):,} rows")
     meta = {
         **meta,
         "rows": len(x),
+        "chunks": chunks,
         "chunk_rows": CHUNK_ROWS,
         "format": CACHE_FORMAT,
         "seconds": round(time.perf_counter() - t0, 3),
@@ -71,17 +99,39 @@ def read_cache_rows(
 ) -> torch.Tensor:
     """Logits of rows ``[start, stop)`` from the chunks that overlap them (a rank reads only its shard)."""
     meta = read_cache_meta(store)
-    if meta is None or meta["rows"] != expect_rows or meta["data_fingerprint"] != expect_fingerprint:
+    if meta is None or meta["rows"] != expect_rows or meta.get("data_fingerprint") != expect_fingerprint:
         raise KdrayError(
-            f"teacher cache at {store.uri()} does not match this data (rows {meta and meta['rows']} vs {expect_rows})",
-            hint="Rerun the stage: the driver rebuilds a cache that does not match.",
+            f"teacher cache at {store.uri()} is unreadable or does not match this data "
+            f"(rows {meta and meta['rows']} vs {expect_rows})",
+            hint="Rerun the stage: the driver rebuilds a cache that does not match "
+            "(or delete the cache folder and rerun with --force).",
         )
     chunk = meta["chunk_rows"]
     parts = []
     for c0 in range((start // chunk) * chunk, stop, chunk):
-        logits = bytes_to_state(store.read_bytes(f"logits-{c0:09d}.safetensors"), store.uri())["logits"]
-        parts.append(logits[max(start - c0, 0) : stop - c0])
+        parts.append(read_chunk(store, meta, c0)[max(start - c0, 0) : stop - c0])
     return torch.cat(parts)
+
+
+def read_chunk(store: Storage, meta: dict[str, Any], c0: int) -> torch.Tensor:
+    """One chunk, checked against its sha256 in ``meta.json`` and for its shape."""
+    name = chunk_name(c0)
+    data = store.read_bytes(name)
+    rows = min(meta["chunk_rows"], meta["rows"] - c0)
+    logits = None
+    if sha256(data) == meta["chunks"].get(name):
+        logits = bytes_to_state(data, store.uri(name)).get("logits")
+    if (
+        logits is None
+        or logits.ndim != 2
+        or len(logits) != rows
+        or logits.shape[1] != (meta.get("num_classes") or logits.shape[1])
+    ):
+        raise KdrayError(
+            f"teacher cache chunk {store.uri(name)} is corrupt (its sha256 or shape does not match meta.json)",
+            hint=f"Delete {store.uri()} and rerun the stage with --force: the cache is rebuilt from the teacher.",
+        )
+    return logits
 
 
 def ensure_cache(ctx: StageContext, teacher: Artifact) -> str:

@@ -22,10 +22,10 @@ from kdray.core.checkpoint import Artifact, bytes_to_state, open_artifact, state
 from kdray.core.errors import KdrayError
 from kdray.core.hooks import Outputs, forward_with_features
 from kdray.core.method import Method
-from kdray.core.models import create_model
 from kdray.core.specs import DataSpec, ModelSpec, OptimSpec, Spec, StageBase, spec_hash
 from kdray.core.stage import Job, Shard, StageContext, StageKind, stage_kind
 from kdray.core.storage import Storage
+from kdray.core.usermodels import build_model
 from kdray.distill.cache import ensure_cache, read_cache_rows
 from kdray.distill.datafree import synthesize
 from kdray.distill.losses import LossTerm
@@ -230,7 +230,7 @@ class DistillKind(StageKind):
 
     def method(self, job: Job, shard: Shard) -> Distill:
         spec = job.spec
-        student = create_model(spec.model.name, **job.extras["model_kwargs"])
+        student = build_model(spec.model, job.extras["model_kwargs"])
         terms = build_terms(spec)
         cache_uri = job.extras.get("teacher_cache")
         teacher = None if cache_uri else open_artifact(job.parents[spec.teacher]).build_model()
@@ -250,18 +250,18 @@ class DistillKind(StageKind):
         return Distill(student, terms, teacher, cached, start)
 
     def data(self, job: Job) -> tuple[kdata.Split, kdata.Split]:
-        """Data-free: train on the synthesised inputs (already normalised), test on the real test split."""
+        """Data-free: train on the synthesised inputs (already normalised), validate on the real validation split."""
         if not job.extras.get("datafree_uri"):
             return super().data(job)
         store = Storage(job.extras["datafree_uri"])
         tensors = bytes_to_state(store.read_bytes("inputs.safetensors"), store.uri())
-        test = kdata.load(job.spec.data, "test")
+        val = kdata.load(job.spec.data, "val")
         synthetic = dataclasses.replace(
-            test,
+            val,
             x=tensors["x"],
             y=tensors["y"],
             mean=0.0,
             std=1.0,
             fingerprint=json.loads(store.read_bytes("meta.json"))["key"],
         )
-        return synthetic, test
+        return synthetic, val

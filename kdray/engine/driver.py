@@ -7,24 +7,31 @@ same ``RunConfig(name, storage_path)`` resumes the run where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import signal
+import socket
+import sys
 import tempfile
+import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
 
 from kdray.core.checkpoint import bytes_to_state
-from kdray.core.errors import KdrayError
+from kdray.core.errors import KdrayError, StorageError
 from kdray.core.specs import RunSpec
 from kdray.core.stage import FitResult, Job
 from kdray.core.storage import Storage
-from kdray.engine import diagnostics
+from kdray.engine import diagnostics, progress
 from kdray.engine.loop import train
+from kdray.engine.raylogs import quiet_ray_logs
+from kdray.engine.raypolicy import find_user_error, trainer_class
 
 # Settings that make a small Ray Train fit start in seconds on a laptop (see docs/architecture.md).
 RAY_ENV = {
@@ -34,23 +41,6 @@ RAY_ENV = {
     "RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION": "0",
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # otherwise every worker line is printed twice
 }
-
-
-def quiet_ray_logs() -> None:
-    """Keep Ray Train's per-report INFO lines (and a state-API warning without a dashboard) out of the log.
-
-    Runs in every Ray worker process (``worker_process_setup_hook``) and in the driver.
-    """
-    import logging
-
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
-    try:  # this one logs every report at INFO under a logger named by its file path
-        from ray.train.v2._internal.execution import context
-
-        logging.getLogger(context.__file__).setLevel(logging.WARNING)
-    except ImportError:
-        pass
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -86,28 +76,132 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         report=report,
         wrap=wrap,
         instrument=diagnostics.instrument(job, rank),
+        progress=progress.worker_progress(config.get("progress_hub"), rank, f"{job.pipeline}/{job.spec.name}"),
     )
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM while a command runs: unwinds like KeyboardInterrupt, carrying the signal."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # 130 for SIGINT, 143 for SIGTERM
+
+
+_catching = False
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)
+
+
+def _install_handlers() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _raise_interrupted)
+
+
+@contextlib.contextmanager
+def catch_signals() -> Iterator[None]:
+    """While the block runs, SIGINT and SIGTERM raise ``Interrupted`` in this (main) thread, also
+    after Ray starts; the previous handlers come back afterwards (a long-lived process, such as a
+    test runner or a Prefect worker, keeps its own).
+
+    Embedded Ray installs its own SIGTERM handler (it exits 1 mid-call); ``ensure_ray`` puts this
+    one back, and the CLI then shuts Ray down itself (``shutdown_ray``), leaving no Ray process.
+    """
+    global _catching
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    _catching = True
+    _install_handlers()
+    try:
+        yield
+    finally:
+        _catching = False
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def shutdown_ray() -> None:
+    """Stop the Ray this process started or joined (a no-op without one)."""
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+@contextlib.contextmanager
+def embedded_cluster_env() -> Iterator[None]:
+    """The environment an embedded cluster's processes start with (see docs/architecture.md, "Logs").
+
+    * Token authentication stays on (Ray 2.59+'s default for a local cluster: a generated token in
+      ``~/.ray/auth_token``); only Ray's notice that it chose this default is kept out of the log.
+    * ``RAY_ADDRESS`` (and the GCS port it names): Ray processes that look their cluster up (Ray
+      Train's PlacementGroupCleaner uses the state API) otherwise scan the machine's processes and
+      fail when another Ray instance runs there. Set only while the cluster starts, so its processes
+      inherit it and this process keeps its own environment.
+    """
+    logging.getLogger("ray._private.worker").setLevel(logging.WARNING)  # "Connecting to ...", "Connected ..."
+    if os.environ.get("RAY_ADDRESS"):  # joining a parent's cluster: it already set all this
+        yield
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"127.0.0.1:{port}"}
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+_ray_lock = threading.Lock()  # stages of one pipeline may start at once, from several threads
 
 
 def ensure_ray(run: RunSpec) -> None:
     """Start embedded Ray (or connect to ``run.address``) once per process, with laptop-friendly settings."""
+    with _ray_lock:
+        _ensure_ray(run)
+
+
+def _ensure_ray(run: RunSpec) -> None:
     for k, v in RAY_ENV.items():
         os.environ.setdefault(k, v)
     import ray
 
     if ray.is_initialized():
         return
-    runtime_env = {"worker_process_setup_hook": "kdray.engine.driver.quiet_ray_logs"}
+    # a light module: the hook runs in every Ray worker process, Ray Train's controller included
+    runtime_env = {"worker_process_setup_hook": "kdray.engine.raylogs.quiet_ray_logs"}
     if run.address:
         ray.init(address=run.address, runtime_env=runtime_env)
     else:
-        ray.init(
-            num_cpus=os.cpu_count(),
-            include_dashboard=False,
-            runtime_env=runtime_env,
-            object_store_memory=256 * 1024**2,
-            logging_level=logging.WARNING,
-        )
+        address = None if os.environ.get("RAY_ADDRESS") else "local"  # a parent's cluster, else a new one
+        with embedded_cluster_env():
+            ray.init(
+                address=address,
+                num_cpus=os.cpu_count(),
+                include_dashboard=False,
+                runtime_env=runtime_env,
+                object_store_memory=256 * 1024**2,
+                logging_level=logging.WARNING,
+            )
+    if _catching and threading.current_thread() is threading.main_thread():
+        _install_handlers()  # ray.init replaced the SIGTERM handler
 
 
 def fit(job: Job, storage: Storage) -> FitResult:
@@ -119,6 +213,9 @@ def fit(job: Job, storage: Storage) -> FitResult:
     without Ray (fastest for small jobs, tests and sweep trials; it keeps no checkpoint to resume).
     """
     t0 = time.perf_counter()
+    fault = diagnostics.fault_for(job)  # read here: Ray's worker processes do not see this environment
+    if fault:
+        job = job.replace(extras={**job.extras, "fault": fault})
     threads = torch.get_num_threads()  # the loop sets its own thread count
     try:
         folder, run_path = _fit_here(job) if job.run.workers == 0 else _fit_on_ray(job, storage)
@@ -153,22 +250,28 @@ def _fit_here(job: Job) -> tuple[str, None]:
                 hint="Set run.use_gpu: false, or run on a machine with a GPU.",
             )
         device = torch.device("cuda")
-    train(job, device=device, report=report, instrument=diagnostics.instrument(job, 0))
+    shown = progress.local_progress(f"{job.pipeline}/{job.spec.name}")
+    try:
+        train(job, device=device, report=report, instrument=diagnostics.instrument(job, 0), progress=shown)
+    finally:
+        shown.close()
     return last[0], None
 
 
 def _fit_on_ray(job: Job, storage: Storage) -> tuple[str, str]:
     """The loop as a TorchTrainer; returns a local copy of the final checkpoint and the run folder."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
+    TorchTrainer = trainer_class()  # raises a user error raised in a worker at once (no retry)
     run = job.run
     quiet_ray_logs()
     ensure_ray(run)
     storage_path, filesystem = storage.ray_storage()
+    shown = contextlib.ExitStack()  # the workers' progress, shown here (or by a parent process's hub)
+    hub = progress.existing_hub() or shown.enter_context(progress.hub())
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=job.to_config(),
+        train_loop_config={**job.to_config(), "progress_hub": hub},
         scaling_config=ScalingConfig(
             num_workers=run.workers,
             use_gpu=run.use_gpu,
@@ -184,9 +287,10 @@ def _fit_on_ray(job: Job, storage: Storage) -> tuple[str, str]:
         ),  # type: ignore[call-arg]
     )
     try:
-        result = trainer.fit()
+        with shown:
+            result = trainer.fit()
     except Exception as e:  # Ray wraps worker errors; surface a user error as itself
-        cause = _user_error(e)
+        cause = _user_error(e) or _storage_error(e, job, storage)
         if cause is not None:
             raise cause from None
         raise
@@ -197,16 +301,27 @@ def _fit_on_ray(job: Job, storage: Storage) -> tuple[str, str]:
 
 def _user_error(e: BaseException) -> KdrayError | None:
     """The KdrayError raised inside a worker, found through Ray's wrappers (causes, worker failures)."""
+    return find_user_error(e)
+
+
+def _storage_error(e: BaseException, job: Job, storage: Storage) -> StorageError | None:
+    """An I/O failure of the run's storage inside Ray (an S3 outage while checkpointing) as a StorageError."""
     seen: set[int] = set()
-    stack: list[BaseException | None] = [e]
+    stack: list[Any] = [e]
     while stack:
         err = stack.pop()
-        if err is None or id(err) in seen:
+        if not isinstance(err, BaseException) or id(err) in seen:
             continue
         seen.add(id(err))
-        if isinstance(err, KdrayError):
-            return err
-        stack += [err.__cause__, err.__context__, getattr(err, "cause", None)]
+        if isinstance(err, OSError):  # pyarrow's S3 and local file errors
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            return StorageError(
+                f"stage {job.spec.name!r}: Ray Train could not read or write the run's storage "
+                f"{storage.uri('_ray')} ({first[:300]})",
+                hint=storage._hint() + " Then rerun: the stage resumes from its last checkpoint.",
+                transient=True,
+            )
+        stack += [err.__cause__, err.__context__, getattr(err, "cause", None), getattr(err, "controller_failure", None)]
         failures = getattr(err, "worker_failures", None)
         if isinstance(failures, dict):
             stack += list(failures.values())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle  # only for its error type: torch.load(weights_only=True) raises UnpicklingError
 import shutil
 import tempfile
 import time
@@ -24,6 +25,7 @@ import torch.nn as nn
 
 from kdray.core import data as kdata
 from kdray.core.checkpoint import bytes_to_state, state_to_bytes
+from kdray.core.errors import KdrayError
 from kdray.core.specs import OptimSpec
 from kdray.core.stage import Job, Shard, kind_of
 from kdray.engine import kinds  # noqa: F401  (the stage kinds this loop can run, also in a Ray worker process)
@@ -113,17 +115,42 @@ def save_train_state(folder: str, method: nn.Module, opt, sched, epoch: int, his
 
 
 def load_train_state(folder: str, method: nn.Module, opt, sched) -> tuple[int, list[dict]]:
-    with open(os.path.join(folder, "method.safetensors"), "rb") as f:
-        method.load_state_dict(bytes_to_state(f.read(), folder))
-    state = torch.load(os.path.join(folder, "train_state.pt"), weights_only=True)
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    with open(os.path.join(folder, "history.json")) as f:
-        history = json.load(f)
-    return int(state["epoch"]) + 1, history
+    """Resume state from a run checkpoint; an unreadable one is a user error whose fix is ``--force``."""
+    try:
+        with open(os.path.join(folder, "method.safetensors"), "rb") as f:
+            method.load_state_dict(bytes_to_state(f.read(), folder))
+        state = torch.load(os.path.join(folder, "train_state.pt"), weights_only=True)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        with open(os.path.join(folder, "history.json")) as f:
+            history = json.load(f)
+        return int(state["epoch"]) + 1, history
+    except (KdrayError, OSError, RuntimeError, ValueError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as e:
+        why = str(e).strip().splitlines()[0][:200] if isinstance(e, (KdrayError, OSError)) else type(e).__name__
+        raise KdrayError(  # not torch's own text: it suggests weights_only=False, which would unpickle
+            f"the run checkpoint to resume from ({folder}) is corrupt or unreadable ({why})",
+            hint="Rerun the stage with --force to start it over (the run's old checkpoints are then deleted).",
+        ) from None
 
 
 # --------------------------------------------------------------------------- the loop
+
+
+def check_finite(job: Job, epoch: int, loss: float, model: nn.Module) -> None:
+    """Stop the stage when its loss or weights stop being finite: nothing NaN is checkpointed or published."""
+    bad = [] if math.isfinite(loss) else [f"the training loss is {loss}"]
+    bad += [
+        f"weight {n} holds NaN/inf"
+        for n, p in model.state_dict().items()
+        if p.is_floating_point() and not torch.isfinite(p).all()
+    ][:3]
+    if bad:
+        raise KdrayError(
+            f"stage {job.spec.name!r} diverged in epoch {epoch + 1}: {'; '.join(bad)}",
+            hint=f"Likely causes: optim.lr ({job.spec.optim.lr}) or optim.weight_decay "
+            f"({job.spec.optim.weight_decay}) too large, or non-finite inputs (data or teacher outputs). "
+            "Lower them (or set optim.grad_clip) and rerun the stage with --force.",
+        )
 
 
 def train(
@@ -136,17 +163,19 @@ def train(
     report: Report,
     wrap: Callable[[nn.Module], nn.Module] = lambda m: m,
     instrument: Callable[[nn.Module], None] = lambda m: None,
+    progress: Progress | None = None,
 ) -> None:
     """The training loop. ``report(metrics, checkpoint_folder)`` is called every epoch on every rank
     (rank 0 passes a folder); ``wrap`` makes the method data-parallel; ``instrument`` sees the method
-    once before training (diagnostics such as injected faults)."""
+    once before training (diagnostics such as injected faults); ``progress`` shows steps and epochs
+    (``kdray.engine.progress``: to this process's terminal, or through Ray to the driver's)."""
     spec, run, kind = job.spec, job.run, kind_of(job.spec)
     torch.set_num_threads(max(1, int(run.cpus_per_worker)))
     torch.manual_seed(run.seed)  # same initial weights on every rank
 
-    # 1. Data: this rank's shard of the training set, the whole monitoring split.
-    train_set, test = kind.data(job)
-    x_train, x_test = kdata.normalize(train_set.x, train_set), kdata.normalize(test.x, test)
+    # 1. Data: this rank's shard of the training set, the validation split (never the test split).
+    train_set, val = kind.data(job)
+    x_train, x_val = kdata.normalize(train_set.x, train_set), kdata.normalize(val.x, val)
     mine = torch.tensor(list(shard(len(train_set), rank, world)))
     per_rank_batch = max(1, spec.optim.batch_size // world)
     steps_per_epoch = math.ceil(len(mine) / per_rank_batch)
@@ -168,7 +197,7 @@ def train(
         shutil.rmtree(resume_from, ignore_errors=True)
     resumed = (history[-1]["resumed"] + 1) if history else 0  # how many times this run has resumed
 
-    progress = Progress(rank == 0, f"{job.pipeline}/{spec.name}")
+    progress = progress or Progress(rank == 0, f"{job.pipeline}/{spec.name}")
     loop_started = time.time()  # wall clock, so the driver can tell start-up from training
     for epoch in range(start, spec.optim.epochs):
         # 4. One epoch over this rank's shard.
@@ -209,10 +238,10 @@ def train(
                 )
         train_seconds = time.perf_counter() - t0
 
-        # 5. Metrics, summed over ranks by name: train loss/accuracy, and the monitoring split's accuracy.
-        part = shard(len(test), rank, world)
-        t_loss, t_correct, t_count = evaluate_model(
-            method.model, x_test[part.start : part.stop], test.y[part.start : part.stop], device
+        # 5. Metrics, summed over ranks by name: train loss/accuracy, and the validation split's loss/accuracy.
+        part = shard(len(val), rank, world)
+        v_loss, v_correct, v_count = evaluate_model(
+            method.model, x_val[part.start : part.stop], val.y[part.start : part.stop], device
         )
         scores = method.epoch_scores(device)  # e.g. unsupervised validators for model selection
         sums = all_reduce(
@@ -221,20 +250,21 @@ def train(
                 "correct": correct,
                 "labelled": labelled,
                 "seen": seen,
-                "test_loss": t_loss,
-                "test_correct": t_correct,
-                "test_count": t_count,
+                "val_loss": v_loss,
+                "val_correct": v_correct,
+                "val_count": v_count,
                 **{f"score:{k}": v for k, v in scores.items()},
             },
             device,
         )
+        check_finite(job, epoch, sums["loss"] / max(sums["seen"], 1), method.model)  # same on every rank
         metrics = {
             "epoch": epoch + 1,
             "resumed": resumed,
             "train_loss": sums["loss"] / max(sums["seen"], 1),
             "train_acc": sums["correct"] / sums["labelled"] if sums["labelled"] else None,
-            "test_loss": sums["test_loss"] / max(sums["test_count"], 1),
-            "test_acc": sums["test_correct"] / max(sums["test_count"], 1),
+            "val_loss": sums["val_loss"] / sums["val_count"] if sums["val_count"] else None,
+            "val_acc": sums["val_correct"] / sums["val_count"] if sums["val_count"] else None,
             "samples_per_s": sums["seen"] / train_seconds,
             "epoch_seconds": train_seconds,
             "lr": sched.get_last_lr()[0],

@@ -1,8 +1,15 @@
-"""Run a pipeline: stages in order, each keyed by its spec and its parents, finished ones skipped.
+"""Run a pipeline: every stage whose parents are finished, each keyed by its spec and its parents.
 
 A stage's key is the hash of its spec and its parents' keys (or, for an artifact URI parent, its
 weights hash), so changing one stage reruns it and its descendants only. A stage whose key
 already has a manifest is "cached" and not run again, unless ``force``.
+
+Stages that do not depend on each other run at the same time, as far as the CPUs allow
+(``kdray.engine.concurrency``): a stage that runs alone runs in this process; stages that overlap run
+in child processes (``python -m kdray.worker``) joined to the same Ray cluster, their log lines
+prefixed with the stage name. A failed stage stops only the stages that depend on it; the others
+finish and are published, then ``run_pipeline`` raises the first failure (its notes name every failed
+stage and the stages not run).
 
 Where a stage runs is its ``run.launcher`` (``kdray.engine.launchers``): ``local`` in this process, ``ray`` as a
 job on an existing Ray cluster, ``kuberay`` as a RayJob on Kubernetes. ``evaluate`` stages always run
@@ -11,14 +18,17 @@ locally: they only read finished artifacts and need no cluster.
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from kdray.core.checkpoint import Artifact, open_artifact, read_artifact
 from kdray.core.errors import KdrayError
 from kdray.core.specs import is_artifact_uri, spec_hash
 from kdray.core.storage import Storage
+from kdray.engine import concurrency
 from kdray.engine.launchers import LAUNCHERS, artifact_store, kuberay, launcher_for, local, ray  # noqa: F401 (registers them)
 from kdray.engine.spec import PipelineSpec
 
@@ -63,18 +73,19 @@ def run_pipeline(
     force: bool | list[str] = False,
     only: list[str] | None = None,
     log: Callable[[str], None] = print,
+    max_concurrent: int | None = None,
 ) -> list[StageOutcome]:
-    """Run every stage (or ``only`` these) in order; ``force`` reruns all (True) or the named stages."""
+    """Run every stage (or ``only`` these) as soon as its parents are finished and its CPUs are free
+    (at most ``max_concurrent`` at a time; 1 runs them one by one, in order); ``force`` reruns all
+    (True) or the named stages. Returns the outcomes in pipeline order."""
+    for name in [*(only or []), *(force if isinstance(force, list) else [])]:
+        spec.stage(name)  # `--only nosuch` is an error with a did-you-mean, not a run of nothing
     root = Storage(spec.storage.uri)
     root.check_writable()
     keys = plan(spec)
-    outcomes = []
-    for stage in spec.stages:
-        if only is not None and stage.name not in only:
-            continue
-        forced = force is True or (isinstance(force, list) and stage.name in force)
-        outcomes.append(run_stage(spec, stage.name, force=forced, keys=keys, log=log))
-    return outcomes
+    names = [s.name for s in spec.stages if only is None or s.name in only]
+    forced = {n for n in names if force is True or (isinstance(force, list) and n in force)}
+    return _Scheduler(spec, keys, names, forced, log, max_concurrent or len(names) or 1).run()
 
 
 def run_stage(
@@ -91,36 +102,265 @@ def run_stage(
     retry (or another process) can run it again and Ray resumes from the stage's last checkpoint.
     The stage runs where ``launcher_for(spec, stage)`` says (``kdray.engine.launchers``); a remote launcher
     returns once the cluster has published the artifact, which is then read back from storage.
+    Called from several threads at once (Prefect's submitted tasks), each call first waits for its
+    stage's CPUs (``concurrency.CPUS``), and a local stage runs in a child process if another thread
+    already runs one in this process.
+    """
+    keys = keys or plan(spec)
+    cached = None if force else cached_outcome(spec, name, keys, log=log)
+    if cached is not None:
+        return cached
+    with concurrency.CPUS.hold(concurrency.stage_cpus(spec, spec.stage(name))):
+        return launch_stage(spec, name, keys, force=force, log=log)
+
+
+def cached_outcome(
+    spec: PipelineSpec, name: str, keys: dict[str, str], *, log: Callable[[str], None] = print
+) -> StageOutcome | None:
+    """The outcome of a stage whose artifact already exists (logged as cached), else None."""
+    t0 = time.perf_counter()
+    store = artifact_store(Storage(spec.storage.uri), spec.name, name, keys[name])
+    art = read_artifact(store)
+    if art is None:
+        return None
+    log(f"[{spec.name}] stage {name}: cached at {store.uri()}")
+    return _outcome(spec, name, keys[name], art, "cached", t0)
+
+
+def launch_stage(
+    spec: PipelineSpec,
+    name: str,
+    keys: dict[str, str],
+    *,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+    where: Literal["auto", "child"] = "auto",
+) -> StageOutcome:
+    """Run the stage now (no cache check, no CPU reservation) and return its outcome.
+
+    A remote launcher always runs from this thread (it only follows a job). A local stage runs in
+    this process (``where="auto"``, unless another thread runs a stage here) or in a child process.
     """
     root = Storage(spec.storage.uri)
-    keys = keys or plan(spec)
     stage = spec.stage(name)
     key = keys[name]
     store = artifact_store(root, spec.name, name, key)
     t0 = time.perf_counter()
-    art = None if force else read_artifact(store)
-    status = "cached"
+    parents = parent_artifacts(spec, stage, keys, root)  # a missing parent fails here, before any launch
+    launcher = launcher_for(spec, stage)
+    if launcher != "local":
+        return _launch_here(spec, name, key, launcher, parents, store, force=force, log=log, t0=t0)
+    if where == "auto":
+        with concurrency.in_process_slot.take() as here:
+            if here:
+                return _launch_here(spec, name, key, launcher, parents, store, force=force, log=log, t0=t0)
+    log(f"[{spec.name}] stage {name} ({stage.kind}) -> {store.uri()} in a child process")
+    doc = concurrency.run_in_child(spec, name, key, force=force, log=log)
+    art = read_artifact(store)
     if art is None:
-        parents = parent_artifacts(spec, stage, keys, root)  # a missing parent fails here, before any launch
-        launcher = launcher_for(spec, stage)
-        via = "" if launcher == "local" else f" via the {launcher} launcher"
-        log(f"[{spec.name}] stage {name} ({stage.kind}) -> {store.uri()}{via}")
-        art = LAUNCHERS.get(launcher)().run(spec, name, key, log, parents=parents, force=force)
-        if art is None:  # a remote launcher: the artifact was published by the cluster, read it back
-            art = read_artifact(store)
-            if art is None:
-                raise KdrayError(
-                    f"the {launcher} launcher finished stage {name!r}, but {store.uri()} has no "
-                    "manifest.json: the remote run did not publish its artifact",
-                    hint="Check that the cluster writes to the same storage as this machine "
-                    "(storage.uri, KDRAY_S3_ENDPOINT) and read the job's log above.",
-                )
-        status = "ran"
-    else:
-        log(f"[{spec.name}] stage {name}: cached at {store.uri()}")
+        raise KdrayError(
+            f"the child process finished stage {name!r}, but {store.uri()} has no manifest.json",
+            hint="Read the stage's log above.",
+        )
+    return _outcome(spec, name, key, art, str(doc.get("status", "ran")), t0)
+
+
+def _launch_here(
+    spec: PipelineSpec,
+    name: str,
+    key: str,
+    launcher: str,
+    parents: dict[str, Artifact],
+    store: Storage,
+    *,
+    force: bool,
+    log: Callable[[str], None],
+    t0: float,
+) -> StageOutcome:
+    stage = spec.stage(name)
+    via = "" if launcher == "local" else f" via the {launcher} launcher"
+    log(f"[{spec.name}] stage {name} ({stage.kind}) -> {store.uri()}{via}")
+    art = LAUNCHERS.get(launcher)().run(spec, name, key, log, parents=parents, force=force)
+    if art is None:  # a remote launcher: the artifact was published by the cluster, read it back
+        art = read_artifact(store)
+        if art is None:
+            raise KdrayError(
+                f"the {launcher} launcher finished stage {name!r}, but {store.uri()} has no "
+                "manifest.json: the remote run did not publish its artifact",
+                hint="Check that the cluster writes to the same storage as this machine "
+                "(storage.uri, KDRAY_S3_ENDPOINT) and read the job's log above.",
+            )
+    return _outcome(spec, name, key, art, "ran", t0)
+
+
+def _outcome(spec: PipelineSpec, name: str, key: str, art: Artifact, status: str, t0: float) -> StageOutcome:
+    kind = spec.stage(name).kind
     return StageOutcome(
-        name, stage.kind, key, art.uri, status, round(time.perf_counter() - t0, 3), art.manifest.get("metrics", {})
+        name, kind, key, art.uri, status, round(time.perf_counter() - t0, 3), art.manifest.get("metrics", {})
     )
+
+
+class _Scheduler:
+    """Runs the chosen stages of a pipeline as a DAG: every stage whose parents are finished starts as
+    soon as its CPUs are free (``concurrency.CPUS``). One stage that runs alone runs here, in this
+    thread (Ctrl-C reaches it as before); stages that overlap run in child processes, each followed by
+    a thread whose log lines carry the stage's name. A failure skips the stages that depend on it.
+
+    Two stages that read the same parent never run at the same time: what they derive from it on the
+    driver side (a teacher-output cache, data-free samples) is shared by key, and is built by the first.
+    """
+
+    def __init__(
+        self,
+        spec: PipelineSpec,
+        keys: dict[str, str],
+        names: list[str],
+        forced: set[str],
+        log: Callable[[str], None],
+        max_concurrent: int,
+    ):
+        self.spec, self.keys, self.names, self.forced, self._log = spec, keys, names, forced, log
+        self.max_concurrent = max(1, max_concurrent)
+        self.reads = {n: {ref for _, ref in spec.stage(n).references()} for n in names}
+        self.parents = {n: [ref for _, ref in spec.stage(n).references() if ref in names] for n in names}
+        self.width = max((len(n) for n in names), default=0)
+        self.done: dict[str, StageOutcome] = {}
+        self.failed: dict[str, Exception] = {}
+        self.not_run: dict[str, str] = {}  # stage -> the failed stage it depends on
+        self.running: dict[str, float] = {}  # stage -> the CPUs it holds
+        self.events: queue.Queue[tuple[str, StageOutcome | None, BaseException | None]] = queue.Queue()
+        self.abort = threading.Event()
+        self.lock = threading.Lock()
+
+    def log(self, message: str) -> None:
+        with self.lock:
+            self._log(message)
+
+    def run(self) -> list[StageOutcome]:
+        pending = list(self.names)
+        try:
+            while pending or self.running:
+                self._drop_dependants(pending)
+                ready = [n for n in pending if all(p in self.done for p in self.parents[n])]
+                cached = False
+                for n in ready:
+                    outcome = None if n in self.forced else cached_outcome(self.spec, n, self.keys, log=self.log)
+                    if outcome is not None:
+                        pending.remove(n)
+                        self.done[n] = outcome
+                        cached = True
+                if cached:  # their children may be ready now
+                    continue
+                start: list[tuple[str, float]] = []
+                for n in ready:
+                    busy = [*self.running, *(m for m, _ in start)]
+                    if len(busy) >= self.max_concurrent or any(self.reads[n] & self.reads[m] for m in busy):
+                        continue
+                    got = concurrency.CPUS.try_acquire(concurrency.stage_cpus(self.spec, self.spec.stage(n)))
+                    if got is not None:
+                        start.append((n, got))
+                        pending.remove(n)
+                if len(start) == 1 and not self.running:
+                    self._run_here(*start[0])
+                    continue
+                if start:
+                    self.log(
+                        f"[{self.spec.name}] starting {', '.join(n for n, _ in start)}"
+                        + (f" alongside {', '.join(self.running)}" if self.running else "")
+                        + f" ({concurrency.CPUS.held:g} of {concurrency.CPUS.total():g} CPUs held)"
+                    )
+                for n, cpus in start:
+                    self._start(n, cpus)
+                if not self.running:
+                    if pending:  # cannot happen: references point to earlier stages
+                        raise RuntimeError(f"stages {pending} can never start")
+                    break
+                self._collect(*self.events.get())
+        except BaseException:  # an interrupt (or a bug here): stop what still runs, then raise
+            self._stop()
+            raise
+        return self._finish()
+
+    def _drop_dependants(self, pending: list[str]) -> None:
+        for n in list(pending):
+            bad = [p for p in self.parents[n] if p in self.failed or p in self.not_run]
+            if bad:
+                pending.remove(n)
+                self.not_run[n] = self.not_run.get(bad[0], bad[0])
+                self.log(f"[{self.spec.name}] stage {n} not run: it depends on stage {bad[0]}, which did not finish")
+
+    def _run_here(self, name: str, cpus: float) -> None:
+        self.running[name] = cpus
+        try:
+            outcome = launch_stage(self.spec, name, self.keys, force=name in self.forced, log=self.log)
+        except Exception as e:
+            self._collect(name, None, e)
+            return
+        self._collect(name, outcome, None)
+
+    def _start(self, name: str, cpus: float) -> None:
+        self.running[name] = cpus
+        prefix = f"{name:<{self.width}} | "
+
+        def log(message: str) -> None:
+            if self.abort.is_set():  # a remote launcher stops its job when its log raises this
+                raise KeyboardInterrupt
+            for line in message.splitlines() or [""]:
+                self.log(prefix + line)
+
+        def body() -> None:
+            try:
+                out = launch_stage(self.spec, name, self.keys, force=name in self.forced, log=log, where="child")
+                self.events.put((name, out, None))
+            except BaseException as e:
+                self.events.put((name, None, e))
+
+        threading.Thread(target=body, name=f"kdray-stage-{name}", daemon=True).start()
+
+    def _collect(self, name: str, outcome: StageOutcome | None, error: BaseException | None) -> None:
+        concurrency.CPUS.release(self.running.pop(name))
+        if outcome is not None:
+            self.done[name] = outcome
+            if self.running or len(self.names) > 1:
+                self.log(f"[{self.spec.name}] stage {name} {outcome.status} in {outcome.seconds:.1f}s")
+        elif isinstance(error, Exception):
+            self.failed[name] = error
+            first = (str(error).strip().splitlines() or [""])[0]
+            self.log(f"[{self.spec.name}] stage {name} failed: {type(error).__name__}: {first}")
+        elif error is not None:  # an interrupt inside a stage's thread: stop everything
+            raise error
+
+    def _stop(self) -> None:
+        self.abort.set()
+        if self.running:
+            self.log(f"[{self.spec.name}] interrupted: stopping {', '.join(self.running)}")
+        concurrency.interrupt_children()
+        deadline = time.monotonic() + concurrency.INTERRUPT_GRACE_S
+        while self.running and time.monotonic() < deadline:
+            try:
+                name, _, _ = self.events.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            concurrency.CPUS.release(self.running.pop(name, 0.0))
+        for name in list(self.running):
+            concurrency.CPUS.release(self.running.pop(name))
+
+    def _finish(self) -> list[StageOutcome]:
+        outcomes = [self.done[n] for n in self.names if n in self.done]
+        if not self.failed:
+            return outcomes
+        failed = [n for n in self.names if n in self.failed]
+        note = f"pipeline {self.spec.name!r}: stage{'s' if len(failed) > 1 else ''} failed: " + ", ".join(
+            f"{n} ({type(self.failed[n]).__name__})" for n in failed
+        )
+        if self.not_run:
+            note += "; not run (they depend on a failed stage): " + ", ".join(self.not_run)
+        if outcomes:
+            note += "; finished: " + ", ".join(o.stage for o in outcomes)
+        self.log(f"[{self.spec.name}] {note}")
+        error = self.failed[failed[0]]
+        error.add_note(note)
+        raise error
 
 
 def parent_artifacts(

@@ -19,16 +19,17 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Annotated, Any, Union
+from types import UnionType
+from typing import Annotated, Any, Union, get_args, get_origin
 
-import yaml
-from pydantic import Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
-from kdray.core.errors import SpecError
-from kdray.core.registry import did_you_mean
+from kdray.core.errors import KdrayError, SpecError
+from kdray.core.registry import close_matches, did_you_mean
 from kdray.core.specs import DNS_LABEL, RunSpec, Spec, StageBase, StorageSpec, is_artifact_uri
-from kdray.core.stage import STAGE_KINDS
+from kdray.core.stage import STAGE_KINDS, model_kwargs
 from kdray.core.storage import Storage
+from kdray.core.yamlsafe import load_yaml
 from kdray.engine import kinds  # noqa: F401  (registers the built-in stage kinds)
 
 SCHEMA_VERSION = 1
@@ -62,6 +63,11 @@ class PipelineSpec(Spec):
                 )
             for field, ref in stage.references():
                 if is_artifact_uri(ref):
+                    if not ref.startswith(("file://", "s3://")):
+                        raise ValueError(
+                            f"stages[{i}].{field}: {ref!r} is not a storage URI kdray reads; artifacts are "
+                            "read from file://... or s3://... only (download it first, or name a stage)"
+                        )
                     continue
                 where = f"stages[{i}].{field}"
                 if ref == stage.name:
@@ -79,6 +85,29 @@ class PipelineSpec(Spec):
                         "so move it earlier (references must point backwards, which also rules out cycles)"
                     )
             seen[stage.name] = i
+        return self
+
+    @model_validator(mode="after")
+    def _teachers_fit(self) -> "PipelineSpec":
+        """A student whose classes, channels or image size differ from its teacher stage's fails here,
+        at validation, not after the teacher has trained."""
+        stages: dict[str, Any] = {s.name: s for s in self.stages}  # kinds with `model` and `data`
+        for i, stage in enumerate(stages.values()):
+            ref = getattr(stage, "teacher", None)
+            if not isinstance(ref, str) or ref not in stages or not hasattr(stages[ref], "model"):
+                continue
+            try:
+                student = model_kwargs(stage.model, stage.data)
+                teacher = model_kwargs(stages[ref].model, stages[ref].data)
+            except (KdrayError, OSError, TypeError, ValueError):  # data not readable here: `run` checks it
+                continue
+            for field in ("num_classes", "in_channels", "image_size"):
+                if student.get(field) != teacher.get(field):
+                    raise ValueError(
+                        f"stages[{i}].teacher: the teacher {ref!r} has {field}={teacher.get(field)} but the "
+                        f"student {stage.name!r} has {field}={student.get(field)}; distil on the data the "
+                        "teacher is trained for (same classes and image size)"
+                    )
         return self
 
     def stage(self, name: str) -> Any:
@@ -126,10 +155,45 @@ def format_loc(loc: tuple[Any, ...]) -> str:
     return out or "(top level)"
 
 
-def _explain(err: Any) -> str:
+def fields_at(model: Any, loc: tuple[Any, ...]) -> list[str]:
+    """The field names of the pydantic model found by following ``loc`` (an error's location, whose
+    discriminated-union steps name the stage kind) down from ``model``; [] when the walk gets lost."""
+    types = _expand([model])
+    for part in loc:
+        nxt: list[Any] = []
+        for t in types:
+            origin, args = get_origin(t), get_args(t)
+            if isinstance(part, int) and origin in (list, tuple) and args:
+                nxt.append(args[0])
+            elif origin is dict and isinstance(part, str) and len(args) == 2:
+                nxt.append(args[1])
+            elif isinstance(t, type) and issubclass(t, BaseModel):
+                if part in t.model_fields:
+                    nxt.append(t.model_fields[part].annotation)
+                elif getattr(t.model_fields.get("kind"), "default", None) == part:
+                    nxt.append(t)  # a discriminated union's step: the stage kind
+        types = _expand(nxt)
+    return sorted({f for t in types if isinstance(t, type) and issubclass(t, BaseModel) for f in t.model_fields})
+
+
+def _expand(types: list[Any]) -> list[Any]:
+    """Unions and Annotated wrappers flattened into their members."""
+    out: list[Any] = []
+    for t in types:
+        if get_origin(t) is Annotated:
+            t = get_args(t)[0]
+        out += _expand(list(get_args(t))) if get_origin(t) in (Union, UnionType) else [t]
+    return out
+
+
+def _explain(err: Any, model: Any = None) -> str:
     loc = format_loc(tuple(err["loc"]))
     typ, msg = err["type"], err["msg"].removeprefix("Value error, ")
     if typ == "extra_forbidden":
+        known = fields_at(model, tuple(err["loc"])[:-1]) if model is not None else []
+        hits = close_matches(str(err["loc"][-1]), known)
+        if hits:
+            return f"{loc}: unknown field; did you mean {' or '.join(repr(h) for h in hits)}?"
         return f"{loc}: unknown field; remove it or check its spelling"
     if typ == "missing":
         return f"{loc}: required field is missing"
@@ -138,7 +202,7 @@ def _explain(err: Any) -> str:
     return f"{loc}: {msg}{shown}"
 
 
-def explain_validation(e: ValidationError) -> str:
+def explain_validation(e: ValidationError, model: Any = None) -> str:
     lines = []
     for err in e.errors():
         if err["type"] == "union_tag_invalid":
@@ -152,7 +216,7 @@ def explain_validation(e: ValidationError) -> str:
                 f"{format_loc(tuple(err['loc']))}: every stage needs a 'kind' ({', '.join(STAGE_KINDS.names())})"
             )
         else:
-            lines.append(_explain(err))
+            lines.append(_explain(err, model))
     return "; ".join(dict.fromkeys(lines))
 
 
@@ -161,11 +225,19 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise SpecError(f"override {text!r} is not of the form key.path=value (e.g. run.workers=2)")
     key, raw = text.split("=", 1)
+    path = key.strip().split(".")
+    if not all(p.strip() for p in path):
+        raise SpecError(
+            f"override {text!r} names no field before '=' (or has an empty part in {key!r})",
+            hint="Write key.path=value, e.g. stages.teacher.optim.epochs=1.",
+        )
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    return [p for p in key.strip().split(".") if p], value
+        value = load_yaml(raw, f"override {text!r}") if raw != "" else ""
+    except SpecError as e:
+        if "refused" in str(e):  # tags, deep nesting, aliases: refused, not read as text
+            raise
+        value = raw  # not YAML: the text itself
+    return [p.strip() for p in path], value
 
 
 def apply_override(doc: dict[str, Any], path: list[str], value: Any, text: str) -> None:
@@ -205,11 +277,12 @@ def parse_pipeline(doc: Any, source: str = "<spec>", overrides: list[str] | tupl
         )
     for text in overrides:
         apply_override(doc, *parse_override(text), text)
+    model = pipeline_model()
     try:
-        return pipeline_model().model_validate(doc)
+        return model.model_validate(doc)
     except ValidationError as e:
         raise SpecError(
-            f"{source}: {explain_validation(e)}.",
+            f"{source}: {explain_validation(e, model)}.",
             hint="Fix the field(s) named above; `kdray schema` prints every field and its type.",
         ) from None
 
@@ -228,22 +301,17 @@ def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
                 f"spec file {where!r} does not exist",
                 hint="Give the path of a pipeline YAML file, e.g. examples/fmnist_cnn_to_mlp_hinton.yaml.",
             )
-        text = local.read_bytes()
+        try:
+            text = local.read_bytes()
+        except OSError as e:
+            raise SpecError(f"cannot read spec file {where!r} ({e.strerror or e})") from None
     return parse_pipeline(parse_yaml(text, where), where, list(overrides))
 
 
 def parse_yaml(text: bytes, source: str) -> Any:
-    """The YAML document in ``text``; a syntax error is a SpecError with its line and column."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e)
-        raise SpecError(
-            f"{source}: YAML syntax error{where}: {problem}",
-            hint="Check indentation and that every 'key: value' has a space after the colon.",
-        ) from None
+    """The YAML document in ``text``, read strictly (UTF-8, no duplicate keys, tags or alias bombs:
+    ``kdray.core.yamlsafe``); a syntax error is a SpecError with its line and column."""
+    return load_yaml(text, source)
 
 
 def json_schema() -> dict[str, Any]:

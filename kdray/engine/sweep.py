@@ -24,16 +24,26 @@ import json
 import time
 from typing import Any, Callable
 
+import numpy as np
+from pydantic import Field, ValidationError, field_validator, model_validator
+
 from kdray.core.checkpoint import write_artifact
 from kdray.core.errors import SpecError
-from kdray.core.specs import spec_hash
+from kdray.core.specs import Spec, spec_hash
 from kdray.core.stage import StageContext
 from kdray.core.storage import Storage
 from kdray.distill.cache import ensure_cache
 from kdray.distill.stage import cache_decision
 from kdray.engine.driver import ensure_ray
 from kdray.engine.pipeline import parent_artifacts, plan, run_pipeline, run_stage
-from kdray.engine.spec import PipelineSpec, apply_override, parse_override, parse_pipeline
+from kdray.engine.spec import (
+    PipelineSpec,
+    apply_override,
+    explain_validation,
+    parse_override,
+    parse_pipeline,
+    parse_yaml,
+)
 
 
 def parse_grid(items: list[str]) -> dict[str, list[Any]]:
@@ -50,8 +60,123 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
     return grid
 
 
-def expand(spec: PipelineSpec, stage: str, grid: dict[str, list[Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The pipeline document with one stage per trial (replacing ``stage``), and the trials' settings."""
+# --------------------------------------------------------------------------- search spaces in a spec
+
+
+class Axis(Spec):
+    """One searched field: exactly one of ``grid`` (every value), ``choice`` (one sampled),
+    ``uniform``/``loguniform`` ([low, high] floats), ``randint`` ([low, high) integers)."""
+
+    grid: list[Any] | None = None
+    choice: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "Axis":
+        given = [k for k in ("grid", "choice", "uniform", "loguniform", "randint") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of grid, choice, uniform, loguniform, randint (got {given or 'none'})")
+        kind = given[0]
+        if kind in ("grid", "choice") and not getattr(self, kind):
+            raise ValueError(f"{kind} lists no values")
+        if kind in ("uniform", "loguniform", "randint"):
+            low, high = getattr(self, kind)
+            if not low < high or (kind == "loguniform" and low <= 0):
+                raise ValueError(
+                    f"{kind}: [low, high] needs low < high{' and low > 0' if kind == 'loguniform' else ''}"
+                )
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("grid", "choice", "uniform", "loguniform", "randint") if getattr(self, k) is not None)
+
+    def sample(self, rng: np.random.Generator) -> Any:
+        if self.choice is not None:
+            return self.choice[int(rng.integers(len(self.choice)))]
+        if self.uniform is not None:
+            return float(rng.uniform(*self.uniform))
+        if self.loguniform is not None:
+            return float(np.exp(rng.uniform(np.log(self.loguniform[0]), np.log(self.loguniform[1]))))
+        assert self.randint is not None
+        return int(rng.integers(*self.randint))
+
+
+class SweepSpec(Spec):
+    """A sweep of one pipeline stage: its search space, how many samples, and how trials are ranked.
+
+    Every ``grid`` axis is crossed; each of ``num_samples`` repeats of that grid draws the other axes
+    (seeded by ``seed``, so the same spec gives the same trials and a rerun resumes them). Trials
+    are ranked on a validation metric only (``val_acc``, ``val_loss`` with ``mode: min``).
+    """
+
+    stage: str
+    space: dict[str, Axis] = Field(min_length=1)
+    num_samples: int = Field(1, ge=1, le=10_000)
+    metric: str = "val_acc"
+    mode: str = "max"
+    max_concurrent: int = Field(2, ge=1)
+    seed: int = 0
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, v: str) -> str:
+        if not (v.startswith("val_") or v == "selection_score"):
+            raise ValueError(f"{v!r}: trials are ranked on the validation split only; use val_acc or val_loss")
+        return v
+
+    @field_validator("mode")
+    @classmethod
+    def _mode(cls, v: str) -> str:
+        if v not in ("max", "min"):
+            raise ValueError("use max or min")
+        return v
+
+
+def parse_sweep(doc: Any, source: str = "<sweep>") -> SweepSpec:
+    """A ``sweep:`` document (or a document with a top-level ``sweep`` key), validated."""
+    if isinstance(doc, dict) and set(doc) == {"sweep"}:
+        doc = doc["sweep"]
+    try:
+        return SweepSpec.model_validate(doc)
+    except ValidationError as e:
+        raise SpecError(
+            f"{source}: sweep: {explain_validation(e, SweepSpec)}",
+            hint="A sweep names a stage and a space, e.g. {stage: student, space: {optim.lr: {loguniform: "
+            "[0.0003, 0.01]}, model.name: {grid: [mlp_32, mlp_64]}}, num_samples: 4}.",
+        ) from None
+
+
+def load_sweep(path: str) -> SweepSpec:
+    try:
+        with open(path.removeprefix("file://"), "rb") as f:
+            text = f.read()
+    except OSError as e:
+        raise SpecError(f"sweep file {path!r} cannot be read ({e.strerror})") from None
+    return parse_sweep(parse_yaml(text, path), path)
+
+
+def sample_settings(sweep: SweepSpec) -> list[dict[str, Any]]:
+    """Every trial's settings: the grid axes crossed, the sampled axes drawn, ``num_samples`` times."""
+    grid = {k: a.grid for k, a in sweep.space.items() if a.grid is not None}
+    rng = np.random.default_rng(sweep.seed)
+    out = []
+    for _ in range(sweep.num_samples):
+        for values in itertools.product(*grid.values()) if grid else [()]:
+            fixed = dict(zip(grid, values))
+            out.append({k: fixed[k] if k in fixed else a.sample(rng) for k, a in sweep.space.items()})
+    return out
+
+
+def expand(
+    spec: PipelineSpec, stage: str, grid: dict[str, list[Any]] | list[dict[str, Any]]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The pipeline document with one stage per trial (replacing ``stage``), and the trials' settings.
+
+    ``grid`` is ``{path: [values]}`` (every combination is a trial) or the list of trials' settings.
+    """
     doc = spec.model_dump(mode="json", exclude_unset=False)
     names = [s["name"] for s in doc["stages"]]
     if stage not in names:
@@ -60,10 +185,10 @@ def expand(spec: PipelineSpec, stage: str, grid: dict[str, list[Any]]) -> tuple[
     base = doc["stages"][index]
     if base["kind"] == "evaluate":
         raise SpecError(f"--stage {stage!r} is an evaluate stage; sweep a train, distill or transfer stage")
+    combos = [dict(zip(grid, v)) for v in itertools.product(*grid.values())] if isinstance(grid, dict) else grid
     trials, stages = [], []
-    for i, values in enumerate(itertools.product(*grid.values())):
+    for i, settings in enumerate(combos):
         trial = copy.deepcopy(base)
-        settings = dict(zip(grid, values))
         for path, value in settings.items():
             apply_override(trial, path.split("."), value, f"{path}={value}")
         trial["name"] = f"{stage}-t{i}"
@@ -89,18 +214,32 @@ def _trial(config: dict[str, Any]) -> None:
     )
 
 
+def check_metric(metric: str, mode: str = "max") -> None:
+    """Trials are ranked on validation data only: a ``val_*`` metric (or ``selection_score``)."""
+    if not (metric.startswith("val_") or metric == "selection_score"):
+        raise SpecError(
+            f"sweep metric {metric!r}: trials are ranked on the validation split only, never on test or "
+            "training figures (choosing by the test split makes the reported test accuracy optimistic)",
+            hint="Use val_acc (the default) or val_loss with mode min.",
+        )
+    if mode not in ("max", "min"):
+        raise SpecError(f"sweep mode {mode!r}: use max or min")
+
+
 def run_sweep(
     spec: PipelineSpec,
     stage: str,
-    grid: dict[str, list[Any]],
+    grid: dict[str, list[Any]] | list[dict[str, Any]],
     *,
     max_concurrent: int = 2,
-    metric: str = "test_acc",
+    metric: str = "val_acc",
     mode: str = "max",
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run every trial through Ray Tune; return (and publish) the ranked report."""
     from ray import tune
+
+    check_metric(metric, mode)
 
     doc, trials = expand(spec, stage, grid)
     full = parse_pipeline(copy.deepcopy(doc))
@@ -147,7 +286,7 @@ def run_sweep(
                 "trial": trial,
                 "settings": by_trial[trial],
                 metric: m.get(metric),
-                "test_acc": m.get("test_acc"),
+                "val_acc": m.get("val_acc"),
                 "uri": m.get("uri"),
                 "status": m.get("status"),
             }
@@ -160,7 +299,7 @@ def run_sweep(
         "stage": stage,
         "metric": metric,
         "mode": mode,
-        "grid": grid,
+        "grid": grid if isinstance(grid, dict) else {k: sorted({str(t[k]) for t in grid}) for k in grid[0]},
         "trials": rows,
         "seconds": round(time.perf_counter() - t0, 2),
         "max_concurrent": max_concurrent,

@@ -3,7 +3,8 @@
 For every referenced artifact: top-1/top-5 accuracy and loss on the test split, parameter count,
 weights size on disk, latency per batch on this machine's device; for a distilled model also
 agreement with its teacher and the compression ratio teacher/student. Writes ``report.json``,
-``report.md`` and ``curves.png`` (training curves from the manifests' histories).
+``report.md``, ``curves.png`` (training curves from the manifests' histories), ``comparison.png``
+and ``report.html`` (all of it in one self-contained page, ``kdray.evaluate.html``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from kdray.core.metrics import latency_ms, metrics_for, predict
 from kdray.core.models import count_parameters
 from kdray.core.specs import DataSpec, StageBase
 from kdray.core.stage import StageContext, StageKind, stage_kind
+from kdray.evaluate.html import plot_comparison, render_html
 
 
 class EvaluateStage(StageBase):
@@ -68,6 +70,7 @@ def evaluate_stage(ctx: Any) -> tuple[dict[str, Any], dict[str, bytes]]:
             "bytes": art.manifest["weights"]["bytes"],
             "latency_ms": latency_ms(model, x, ctx.stage.latency_batch, ctx.stage.latency_batches),
             "latency_batch": min(ctx.stage.latency_batch, len(x)),
+            "selection": selection_note(art.manifest),
         }
         rows.append(row)
         ctx.log(f"[{ctx.stage.name}] {ref}: top-1 {row['top1']:.4f}, {row['parameters']:,} parameters")
@@ -76,13 +79,42 @@ def evaluate_stage(ctx: Any) -> tuple[dict[str, Any], dict[str, bytes]]:
         "pipeline": ctx.pipeline.name,
         "data": spec.model_dump(mode="json"),
         "test_examples": len(test),
+        "selection": "validation split / training data only; the test split is read once, by this report",
         "models": rows,
     }
     files = {"report.json": json.dumps(report, indent=2).encode(), "report.md": markdown(report).encode()}
     png = plot_curves({ref: ctx.parents[ref].manifest.get("history", []) for ref in ctx.stage.models})
     if png:
         files["curves.png"] = png
+    comparison = plot_comparison(rows)
+    if comparison:
+        files["comparison.png"] = comparison
+    images = {"Top-1 against the baselines": comparison, "Training curves": png}
+    files["report.html"] = render_html(report, {k: v for k, v in images.items() if v}).encode()
     return report, files
+
+
+def selection_note(manifest: dict[str, Any]) -> str:
+    """What chose this model (its epoch, its source): validation data only, never the test split."""
+    spec = manifest.get("spec") or {}
+    data = spec.get("data") or spec.get("source_domain") or {}
+    val = data.get("val_size") or f"{data.get('val_fraction', 0.1):g} of the training pool"
+    parts = []
+    adapt = manifest.get("adapt")
+    if adapt:
+        where = {
+            "source_val": f"source-domain validation accuracy (val split: {val})",
+            "entropy": "prediction entropy on unlabelled target training data",
+            "snd": "soft neighbourhood density on unlabelled target training data",
+            "oracle": "target validation labels (oracle: NOT deployable)",
+        }.get(adapt.get("selection"), str(adapt.get("selection")))
+        parts.append(f"epoch {adapt.get('selected_epoch')} chosen by {where}")
+    else:
+        parts.append("last epoch (no epoch selection); val_* watched on the validation split")
+    ranking = (manifest.get("source") or {}).get("ranking")
+    if ranking:
+        parts.append("source: auto chosen by transferability on the target training data")
+    return "; ".join(parts)
 
 
 def add_relations(rows: list[dict[str, Any]], ctx: Any, logits: dict[str, torch.Tensor]) -> None:
@@ -126,6 +158,7 @@ def markdown(report: dict[str, Any]) -> str:
         ("parameters", "{:,}"),
         ("bytes", "{:,}"),
         ("latency_ms", "{:.2f}"),
+        ("selection", "{}"),
     ]
     extra = [
         ("teacher", "{}"),
@@ -139,7 +172,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"# Evaluation: {report['pipeline']}",
         "",
         f"Test split of `{report['data']['name']}`: {report['test_examples']:,} examples. "
-        "Latency: median forward time of one batch on this machine.",
+        "Latency: median forward time of one batch on this machine. The test split is read here only; "
+        "every choice (epoch, source, sweep trial) used validation or training data (column `selection`).",
         "",
         "| " + " | ".join(c for c, _ in cols) + " |",
         "|" + "---|" * len(cols),
@@ -150,7 +184,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def plot_curves(histories: dict[str, list[dict[str, Any]]]) -> bytes | None:
-    """Training loss and test accuracy per epoch, one line per model; None when nothing to plot."""
+    """Training loss and validation accuracy per epoch, one line per model; None when nothing to plot."""
     histories = {k: h for k, h in histories.items() if h}
     if not histories:
         return None
@@ -163,9 +197,9 @@ def plot_curves(histories: dict[str, list[dict[str, Any]]]) -> bytes | None:
     for name, hist in histories.items():
         epochs = [h["epoch"] for h in hist]
         ax_loss.plot(epochs, [h["train_loss"] for h in hist], marker="o", label=name)
-        ax_acc.plot(epochs, [h["test_acc"] for h in hist], marker="o", label=name)
+        ax_acc.plot(epochs, [h.get("val_acc", h.get("test_acc")) for h in hist], marker="o", label=name)
     ax_loss.set(xlabel="epoch", ylabel="training loss", title="Training loss")
-    ax_acc.set(xlabel="epoch", ylabel="test accuracy", title="Test accuracy")
+    ax_acc.set(xlabel="epoch", ylabel="validation accuracy", title="Validation accuracy")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()

@@ -75,14 +75,50 @@ def _default_api_client():
         try:
             # Read KUBECONFIG now: the client's own default was frozen when it was imported.
             config.load_kube_config(config_file=os.environ.get("KUBECONFIG"), client_configuration=cfg)
-        except (config.ConfigException, OSError) as exc:
+        except Exception as exc:  # a missing, unreadable or garbage kubeconfig (YAML, types, keys) alike
             raise KdrayError(
-                f"no Kubernetes credentials found ({exc}).",
+                f"no Kubernetes credentials found ({type(exc).__name__}: {str(exc)[:300]}).",
                 where="kuberay launcher",
                 hint="Run inside the cluster with the kdray-runner ServiceAccount, or point KUBECONFIG at "
                 "a kubeconfig whose user may create ray.io RayJobs.",
             ) from exc
     return client.ApiClient(cfg)
+
+
+# Every API request is bounded: (connect, read) seconds. A server that accepts connections and never
+# answers fails after REQUEST_TIMEOUT_S[1] seconds with the limit in the error, instead of hanging.
+REQUEST_TIMEOUT_S = (5.0, 30.0)
+
+
+class _Bounded:
+    """A Kubernetes API object whose every call has a request timeout, and whose transport failures
+    (refused connection, timeout, reset) are KdrayErrors naming the server and the limit."""
+
+    def __init__(self, api: Any, host: str, timeout: tuple[float, float]):
+        self._api, self._host, self._timeout = api, host, timeout
+
+    def __getattr__(self, name: str) -> Any:
+        import urllib3
+
+        fn = getattr(self._api, name)
+        if not callable(fn):
+            return fn
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            kwargs.setdefault("_request_timeout", self._timeout)
+            try:
+                return fn(*args, **kwargs)
+            except urllib3.exceptions.HTTPError as exc:
+                raise KdrayError(
+                    f"the Kubernetes API server at {self._host} did not answer ({type(exc).__name__}: "
+                    f"{str(exc)[:200]}); each request may take {self._timeout[0]:g} s to connect and "
+                    f"{self._timeout[1]:g} s to answer",
+                    where="kuberay launcher",
+                    hint="Check that the API server is up and that KUBECONFIG (or the in-cluster service "
+                    "account) points at it.",
+                ) from exc
+
+        return call
 
 
 class KubeRayClient:
@@ -101,8 +137,9 @@ class KubeRayClient:
 
         self.api_client = api_client if api_client is not None else _default_api_client()
         self.namespace = namespace
-        self.custom = client.CustomObjectsApi(self.api_client)
-        self.core = client.CoreV1Api(self.api_client)
+        host = getattr(getattr(self.api_client, "configuration", None), "host", "?")
+        self.custom = _Bounded(client.CustomObjectsApi(self.api_client), host, REQUEST_TIMEOUT_S)
+        self.core = _Bounded(client.CoreV1Api(self.api_client), host, REQUEST_TIMEOUT_S)
 
     # -- API helpers ---------------------------------------------------------------------------
     def _api_error(self, exc, action: str, name: str | None) -> KdrayError:
@@ -260,6 +297,8 @@ class KubeRayClient:
         except KdrayError as exc:
             cause = exc.__cause__
             if isinstance(cause, ApiException) and cause.status in (429, 500, 502, 503, 504):
+                return None, cause
+            if isinstance(cause, urllib3.exceptions.HTTPError):  # refused, reset, timed out: transient
                 return None, cause
             raise
         except urllib3.exceptions.HTTPError as exc:  # connection refused or reset, read timeout

@@ -10,9 +10,9 @@ from pydantic import Field
 
 from kdray.core.checkpoint import Artifact
 from kdray.core.method import Method, labelled_cross_entropy
-from kdray.core.models import create_model
 from kdray.core.specs import DataSpec, ModelSpec, OptimSpec, StageBase
 from kdray.core.stage import Job, Shard, StageContext, StageKind, stage_kind
+from kdray.core.usermodels import build_model
 
 
 class TrainStage(StageBase):
@@ -42,11 +42,12 @@ class TrainKind(StageKind):
     """Train ``model`` on ``data`` with cross-entropy."""
 
     spec = TrainStage
+    uses_unlabelled = False  # cross-entropy: rows whose label is withheld are not iterated
 
     def run(self, ctx: StageContext) -> Artifact:
         job = ctx.job()
         return ctx.publish(job, ctx.train(job))
 
     def method(self, job: Job, shard: Shard) -> Supervised:
-        model = create_model(job.spec.model.name, **job.extras["model_kwargs"])
+        model = build_model(job.spec.model, job.extras["model_kwargs"])
         return Supervised(model, label_smoothing=job.spec.label_smoothing)

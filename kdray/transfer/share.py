@@ -11,9 +11,9 @@ from pydantic import Field
 from kdray.core import data as kdata
 from kdray.core.checkpoint import Artifact
 from kdray.core.method import Method, labelled_cross_entropy
-from kdray.core.models import create_model
 from kdray.core.specs import DataSpec, ModelSpec, OptimSpec, StageBase
 from kdray.core.stage import Job, Shard, StageContext, StageKind, model_kwargs, stage_kind
+from kdray.core.usermodels import build_model
 from kdray.transfer.mapping import tie_modules
 
 
@@ -21,7 +21,7 @@ class ShareStage(StageBase):
     """Parameter sharing ``W_shared = W_a ∩ W_b``: two networks of one architecture trained together
     on two tasks, the modules selected by ``shared`` tied (one tensor), each with its own head.
 
-    Task A is ``data`` (iterated), task B is ``data_b`` (sampled alongside; its test split is what
+    Task A is ``data`` (iterated), task B is ``data_b`` (sampled alongside; its validation split is what
     the stage reports). The published model is network B, the one for the target task.
     """
 
@@ -79,8 +79,8 @@ class ShareKind(StageKind):
         job.extras["model_kwargs"] = model_kwargs(ctx.stage.model, ctx.stage.data_b)
         # Tie on the driver first: a glob that matches nothing or modules that differ fail before Ray starts.
         tied = tie_modules(
-            create_model(ctx.stage.model.name, **job.extras["model_a_kwargs"]),
-            create_model(ctx.stage.model.name, **job.extras["model_kwargs"]),
+            build_model(ctx.stage.model, job.extras["model_a_kwargs"]),
+            build_model(ctx.stage.model, job.extras["model_kwargs"]),
             ctx.stage.shared,
         )
         ctx.log(f"[{ctx.stage.name}] tied modules (one tensor for both tasks): {', '.join(tied)}")
@@ -88,8 +88,8 @@ class ShareKind(StageKind):
 
     def method(self, job: Job, shard: Shard) -> Share:
         spec = job.spec
-        net_a = create_model(spec.model.name, **job.extras["model_a_kwargs"])
-        net_b = create_model(spec.model.name, **job.extras["model_kwargs"])
+        net_a = build_model(spec.model, job.extras["model_a_kwargs"])
+        net_b = build_model(spec.model, job.extras["model_kwargs"])
         task_b = kdata.load(spec.data_b, "train")
         keep = task_b.y >= 0  # task B's labelled rows (it may have few)
         return Share(
@@ -104,5 +104,5 @@ class ShareKind(StageKind):
         )
 
     def data(self, job: Job) -> tuple[kdata.Split, kdata.Split]:
-        """Iterate task A's training split; watch task B's test split (what the stage reports)."""
-        return kdata.load(job.spec.data, "train"), kdata.load(job.spec.data_b, "test")
+        """Iterate task A's training split; watch task B's validation split (what the stage is for)."""
+        return kdata.load(job.spec.data, "train"), kdata.load(job.spec.data_b, "val")

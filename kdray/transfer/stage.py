@@ -18,9 +18,9 @@ from pydantic import Field, model_validator
 
 from kdray.core.checkpoint import Artifact, open_artifact
 from kdray.core.method import Method, labelled_cross_entropy
-from kdray.core.models import create_model
 from kdray.core.specs import DataSpec, ModelSpec, OptimSpec, StageBase
 from kdray.core.stage import Job, Shard, StageContext, StageKind, model_kwargs, stage_kind
+from kdray.core.usermodels import build_model
 from kdray.transfer.mapping import (
     L2SP,
     MappingRule,
@@ -153,6 +153,7 @@ class TransferKind(StageKind):
     """Initialise ``model`` from a source network (``W_target = W_source``), then train it on ``data``."""
 
     spec = TransferStage
+    uses_unlabelled = False  # cross-entropy: rows whose label is withheld are not iterated
 
     def run(self, ctx: StageContext) -> Artifact:
         source, ranking = choose_source(ctx)
@@ -160,7 +161,7 @@ class TransferKind(StageKind):
         job = ctx.job(source_uri=source.uri)
         # Plan on the driver: a mapping that cannot hold fails here, naming both sides, before Ray starts.
         dry = Transfer(
-            create_model(ctx.stage.model.name, **job.extras["model_kwargs"]),
+            build_model(ctx.stage.model, job.extras["model_kwargs"]),
             ctx.stage.transfer,
             source.state_dict(),
             source.manifest["model"]["name"],
@@ -186,7 +187,7 @@ class TransferKind(StageKind):
 
     def method(self, job: Job, shard: Shard) -> Transfer:
         source = open_artifact(job.extras["source_uri"])
-        model = create_model(job.spec.model.name, **job.extras["model_kwargs"])
+        model = build_model(job.spec.model, job.extras["model_kwargs"])
         return Transfer(
             model,
             job.spec.transfer,

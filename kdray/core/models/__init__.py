@@ -25,6 +25,7 @@ import torch.nn as nn
 from kdray.core.errors import SpecError
 from kdray.core.models import cnn, mlp, rnn, transformer  # noqa: F401  (importing a family registers it)
 from kdray.core.models.base import MODELS, Classifier
+from kdray.core.models.user import adopt, build_user_model, import_target
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
@@ -35,8 +36,24 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         raise SpecError(f"model {name!r} does not accept these options: {e}") from None
 
 
+def model_from_record(record: dict[str, Any]) -> nn.Module:
+    """Rebuild the architecture an artifact's manifest records (a registry name or a user import path)."""
+    if record.get("import"):
+        return build_user_model(record["import"], record["kwargs"], record.get("classifier"))
+    return create_model(record["name"], **record["kwargs"])
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["MODELS", "Classifier", "create_model", "count_parameters"]
+__all__ = [
+    "MODELS",
+    "Classifier",
+    "adopt",
+    "build_user_model",
+    "count_parameters",
+    "create_model",
+    "import_target",
+    "model_from_record",
+]

@@ -49,7 +49,7 @@ class PatchTransformer(Classifier):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2)
-        tokens = torch.cat([self.cls_token.expand(len(x), -1, -1), tokens], dim=1) + self.pos
+        tokens = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), tokens], dim=1) + self.pos  # traceable batch
         return self.norm(self.blocks(tokens)[:, 0])
 
 

@@ -1,0 +1,450 @@
+"""Datasets from files: an image folder, and Parquet shards written by ``kdray data import``.
+
+Two dataset kinds join ``DATASETS``:
+
+* ``image_folder``: ``<path>/<class>/<file>.png`` (or ``<path>/train/<class>/...`` and
+  ``<path>/test/<class>/...``), any format Pillow reads, colour or grey, any size (resized to
+  ``image_size``, by default the first image's). Without ``train``/``test`` folders a seeded
+  ``test_fraction`` of the rows is held out as the test split.
+* ``parquet``: shards under any storage URI (a folder, ``file://`` or ``s3://``) holding the
+  encoded images (PNG bytes, column ``image``) and labels (column ``label``), plus a
+  ``dataset.json`` with the class names, counts, per-channel mean/std and a fingerprint.
+
+:func:`import_dataset` (``kdray data import SRC DEST``) converts an image folder, a folder of IDX
+files or an ``.npz`` (``x_train``/``y_train``/``x_test``/``y_test``, images ``[N, H, W]`` or
+``[N, H, W, C]``) into such shards. Rows are ordered by file name, then class, so a folder whose
+files are numbered keeps its order. Both kinds load into memory (the in-memory fast path); every
+bad file is a :class:`DataError` naming it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from kdray.core.data import DATASETS, FASHION_MNIST_FILES, Split, parse_idx
+from kdray.core.errors import DataError, KdrayError
+from kdray.core.storage import Storage
+
+META = "dataset.json"
+FORMAT = "kdray-parquet"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+SPLITS = ("train", "test")
+
+Log = Callable[[str], None]
+
+
+# --------------------------------------------------------------------------- images
+
+
+def decode(data: bytes, where: str, channels: int, size: int | None = None) -> np.ndarray:
+    """Encoded image bytes -> uint8 ``[H, W, C]`` (``C`` = ``channels``), resized to ``size`` if given."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise DataError(
+            f"{where} is not a readable image ({type(e).__name__}: {e})",
+            hint="Replace or delete the file (re-run `kdray data import` for a shard).",
+        ) from None
+    out: Image.Image = img.convert("L" if channels == 1 else "RGB")
+    if size is not None and out.size != (size, size):
+        out = out.resize((size, size), Image.Resampling.BILINEAR)
+    arr = np.asarray(out, dtype=np.uint8)
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def encode_png(arr: np.ndarray) -> bytes:
+    """uint8 ``[H, W, C]`` -> PNG bytes (lossless)."""
+    img = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr, mode="L" if arr.shape[2] == 1 else "RGB")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def image_channels(data: bytes, where: str) -> tuple[int, tuple[int, int]]:
+    """(channels, (width, height)) of an encoded image: 1 for grey modes, else 3."""
+    try:
+        img = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataError(f"{where} is not a readable image ({type(e).__name__}: {e})") from None
+    return (1 if img.mode in ("1", "L", "LA", "I", "I;16", "F") else 3), img.size
+
+
+# --------------------------------------------------------------------------- sources
+
+
+@dataclass
+class Source:
+    """Rows to import: class names and, per split, an iterator of (uint8 [H, W, C], label)."""
+
+    classes: list[str]
+    rows: dict[str, Callable[[], Iterator[tuple[np.ndarray, int]]]] = field(default_factory=dict)
+    description: str = ""
+
+
+def _folder_files(store: Storage, rel: str = "") -> list[tuple[str, str]]:
+    """(class name, relative file path) of the images under ``rel``: one sub-folder per class."""
+    prefix = f"{rel}/" if rel else ""
+    found = []
+    for path in store.list(rel, recursive=True):
+        path = path if path.startswith(prefix) else prefix + path
+        parts = path[len(prefix) :].split("/")
+        if len(parts) == 2 and parts[1].lower().endswith(IMAGE_SUFFIXES):
+            found.append((parts[0], path))
+    return found
+
+
+def _folder_layout(
+    store: Storage, test_fraction: float, seed: int
+) -> tuple[list[str], dict[str, list[tuple[int, str]]]]:
+    """Class names and, per split, the ordered (label, file) rows of an image folder."""
+    split_folders = {s: _folder_files(store, s) for s in SPLITS}
+    if split_folders["train"]:
+        files = {s: split_folders[s] for s in SPLITS}
+    else:
+        every = _folder_files(store)
+        if not every:
+            raise DataError(
+                f"{store.uri()} holds no images in class folders",
+                hint="Lay it out as <folder>/<class>/<file>.png (or <folder>/train/<class>/... and "
+                "<folder>/test/<class>/...).",
+            )
+        order = np.random.default_rng(seed).permutation(len(every))
+        cut = int(round(test_fraction * len(every)))
+        test_idx = set(order[:cut].tolist())
+        files = {
+            "train": [f for i, f in enumerate(every) if i not in test_idx],
+            "test": [f for i, f in enumerate(every) if i in test_idx],
+        }
+    classes = sorted({c for c, _ in files["train"]})
+    unknown = sorted({c for c, _ in files["test"]} - set(classes))
+    if unknown:
+        raise DataError(f"{store.uri()}: test classes {unknown} have no training images")
+    if len(classes) < 2:
+        raise DataError(f"{store.uri()}: found {len(classes)} class folder(s); a classification dataset needs two")
+    index = {c: i for i, c in enumerate(classes)}
+    rows = {s: sorted(((index[c], f) for c, f in files[s]), key=lambda r: (Path(r[1]).name, r[0])) for s in SPLITS}
+    return classes, rows
+
+
+def folder_source(src: str, image_size: int | None, channels: int | None, test_fraction: float, seed: int) -> Source:
+    store = Storage(src)
+    classes, rows = _folder_layout(store, test_fraction, seed)
+    first = rows["train"][0][1]
+    c0, (w, h) = image_channels(store.read_bytes(first), store.uri(first))
+    channels = channels or c0
+    if image_size is None and w != h:
+        raise DataError(
+            f"{store.uri(first)} is {w}x{h}; kdray's models take square images",
+            hint="Give an image size to resize every image to (--image-size, or data.options.image_size).",
+        )
+    size = image_size or w
+
+    def reader(split: str) -> Callable[[], Iterator[tuple[np.ndarray, int]]]:
+        def rows_of() -> Iterator[tuple[np.ndarray, int]]:
+            for label, rel in rows[split]:
+                yield decode(store.read_bytes(rel), store.uri(rel), channels, size), label
+
+        return rows_of
+
+    return Source(classes, {s: reader(s) for s in SPLITS}, f"image folder {src}")
+
+
+def idx_source(folder: Path, class_names: list[str] | None) -> Source:
+    arrays = {}
+    for split, (images, labels) in FASHION_MNIST_FILES.items():
+        pair = []
+        for name in (images, labels):
+            path = next((p for p in (folder / (name + ".gz"), folder / name) if p.is_file()), None)
+            if path is None:
+                raise DataError(f"no {name}[.gz] in {folder}", hint="An IDX folder holds the four *-ubyte[.gz] files.")
+            pair.append(parse_idx(path.read_bytes(), str(path)))
+        arrays[split] = (pair[0][..., None], pair[1].astype(np.int64))
+    k = int(arrays["train"][1].max()) + 1
+    return _array_source(arrays, class_names or [str(i) for i in range(k)], f"IDX files in {folder}")
+
+
+def npz_source(path: Path, class_names: list[str] | None, test_fraction: float, seed: int) -> Source:
+    with np.load(path, allow_pickle=False) as z:
+        keys = set(z.files)
+        if {"x_train", "y_train", "x_test", "y_test"} <= keys:
+            arrays = {s: (z[f"x_{s}"], z[f"y_{s}"]) for s in SPLITS}
+        elif {"x", "y"} <= keys:
+            x, y = z["x"], z["y"]
+            order = np.random.default_rng(seed).permutation(len(y))
+            cut = int(round(test_fraction * len(y)))
+            test = np.sort(order[:cut])
+            train = np.sort(order[cut:])
+            arrays = {"train": (x[train], y[train]), "test": (x[test], y[test])}
+        else:
+            raise DataError(
+                f"{path} has arrays {sorted(keys)}; expected x_train, y_train, x_test, y_test (or x and y)",
+            )
+        names = [str(n) for n in z["class_names"]] if "class_names" in keys else None
+    out = {}
+    for s, (x, y) in arrays.items():
+        if x.ndim == 3:
+            x = x[..., None]
+        if x.ndim != 4 or x.shape[-1] not in (1, 3):
+            raise DataError(f"{path}: x_{s} has shape {x.shape}; expected [N, H, W] or [N, H, W, C] with C 1 or 3")
+        if x.dtype != np.uint8:
+            if np.issubdtype(x.dtype, np.floating) and x.size and (x.min() < 0 or x.max() > 1):
+                raise DataError(f"{path}: x_{s} is {x.dtype} outside [0, 1]; store uint8 pixels or floats in [0, 1]")
+            x = np.round(x.astype(np.float64) * 255).astype(np.uint8) if np.issubdtype(x.dtype, np.floating) else x
+            x = x.astype(np.uint8)
+        out[s] = (x, np.asarray(y).astype(np.int64).reshape(-1))
+    k = int(max(out["train"][1].max(), out["test"][1].max())) + 1
+    return _array_source(out, class_names or names or [str(i) for i in range(k)], f"arrays in {path}")
+
+
+def _array_source(arrays: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str], description: str) -> Source:
+    def reader(split: str) -> Callable[[], Iterator[tuple[np.ndarray, int]]]:
+        x, y = arrays[split]
+        return lambda: ((x[i], int(y[i])) for i in range(len(y)))
+
+    return Source(classes, {s: reader(s) for s in SPLITS}, description)
+
+
+def open_source(
+    src: str,
+    image_size: int | None = None,
+    channels: int | None = None,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    class_names: list[str] | None = None,
+) -> Source:
+    """What ``kdray data import`` reads: an ``.npz``, a folder of IDX files, or an image folder."""
+    local = Path(src.removeprefix("file://"))
+    if src.endswith(".npz"):
+        if not local.is_file():
+            raise DataError(f"{src} does not exist")
+        return npz_source(local, class_names, test_fraction, seed)
+    if "://" not in src or src.startswith("file://"):
+        if not local.is_dir():
+            raise DataError(f"{src} is not a folder or an .npz file", hint="Give an image folder, IDX folder or .npz.")
+        if any((local / (FASHION_MNIST_FILES["train"][0] + ext)).is_file() for ext in ("", ".gz")):
+            return idx_source(local, class_names)
+    source = folder_source(src, image_size, channels, test_fraction, seed)
+    if class_names:
+        raise DataError("class names come from an image folder's sub-folder names; drop --class-names")
+    return source
+
+
+# --------------------------------------------------------------------------- import
+
+
+def write_shard(store: Storage, split: str, shards: list[str], images: list[bytes], labels: list[int]) -> None:
+    """Write the pending rows as the split's next shard; empty the row lists."""
+    rel = f"{split}/part-{len(shards):05d}.parquet"
+    table = pa.table({"image": pa.array(images, pa.binary()), "label": pa.array(labels, pa.int64())})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    store.write_bytes(rel, buf.getvalue())
+    shards.append(rel)
+    images.clear()
+    labels.clear()
+
+
+def import_dataset(
+    src: str,
+    dest: str,
+    *,
+    image_size: int | None = None,
+    channels: int | None = None,
+    shard_rows: int = 10_000,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    class_names: list[str] | None = None,
+    log: Log = print,
+) -> dict[str, Any]:
+    """Write ``src`` as Parquet shards under ``dest`` (any storage URI); ``dataset.json`` last. Returns it."""
+    source = open_source(src, image_size, channels, test_fraction, seed, class_names)
+    store = Storage(dest)
+    if store.exists(META):
+        raise DataError(f"{store.uri(META)} already exists", hint="Import into a new folder or prefix.")
+    k = len(source.classes)
+    digest = hashlib.sha256()  # the rows (labels and pixels), not the class names: same data, same fingerprint
+    meta: dict[str, Any] = {"format": FORMAT, "version": 1, "classes": source.classes, "num_classes": k, "splits": {}}
+    shape: tuple[int, ...] | None = None
+    sums: np.ndarray | None = None
+    squares: np.ndarray | None = None
+    pixels = 0
+    for split in SPLITS:
+        counts = [0] * k
+        shards: list[str] = []
+        images: list[bytes] = []
+        labels: list[int] = []
+
+        for arr, label in source.rows[split]():
+            if not 0 <= label < k:
+                raise DataError(
+                    f"{source.description}: {split} row {sum(counts)} has label {label}, outside 0..{k - 1}"
+                )
+            if shape is None:
+                shape = arr.shape
+                sums, squares = np.zeros(arr.shape[2]), np.zeros(arr.shape[2])
+            elif arr.shape != shape:
+                raise DataError(
+                    f"{source.description}: {split} row {sum(counts)} is {arr.shape}, the first image {shape}",
+                    hint="Give an image size to resize every image to (--image-size).",
+                )
+            if split == "train":
+                px = arr.reshape(-1, arr.shape[2]).astype(np.float64) / 255.0
+                sums += px.sum(0)  # type: ignore[operator]
+                squares += (px * px).sum(0)  # type: ignore[operator]
+                pixels += len(px)
+            data = encode_png(arr)
+            digest.update(label.to_bytes(8, "little") + hashlib.sha256(data).digest())
+            images.append(data)
+            labels.append(label)
+            counts[label] += 1
+            if len(images) >= shard_rows:
+                write_shard(store, split, shards, images, labels)
+        if images or not shards:
+            write_shard(store, split, shards, images, labels)
+        meta["splits"][split] = {"rows": sum(counts), "counts": counts, "shards": shards}
+        log(f"{split}: {sum(counts):,} images in {len(shards)} shard(s)")
+    if shape is None or not pixels or sums is None or squares is None:
+        raise DataError(f"{source.description} has no training images")
+    mean = sums / pixels
+    std = np.sqrt(np.maximum(squares / pixels - mean * mean, 1e-12))
+    meta.update(
+        channels=int(shape[2]),
+        image_size=int(shape[0]),
+        mean=[round(float(m), 6) for m in mean],
+        std=[round(float(s), 6) for s in std],
+        fingerprint=digest.hexdigest()[:16],
+        source=source.description,
+    )
+    store.write_bytes(META, json.dumps(meta, indent=2).encode())  # last: a folder without it is unfinished
+    return meta
+
+
+# --------------------------------------------------------------------------- the dataset kinds
+
+
+def read_meta(path: str | None) -> tuple[Storage, dict[str, Any]]:
+    if not path:
+        raise DataError(
+            "data.path is not set: the parquet dataset reads the folder or s3:// prefix that holds dataset.json",
+            hint="Write one with `kdray data import SRC DEST` and set data.path to DEST.",
+        )
+    store = Storage(path)
+    if not store.exists(META):
+        raise DataError(
+            f"data.path: no {META} under {store.uri()}",
+            hint="Point data.path at a folder written by `kdray data import SRC DEST` (it writes dataset.json last; "
+            "a folder without it is an unfinished import).",
+        )
+    try:
+        meta = json.loads(store.read_bytes(META))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{store.uri(META)} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise DataError(f"{store.uri(META)} is not a kdray Parquet dataset description (format {FORMAT!r})")
+    return store, meta
+
+
+def describe_parquet(path: str | None, **_options: Any) -> dict[str, Any]:
+    _, meta = read_meta(path)
+    return {"num_classes": meta["num_classes"], "in_channels": meta["channels"], "image_size": meta["image_size"]}
+
+
+@DATASETS.register("parquet", describe=describe_parquet)
+def parquet(split: str, path: str | None = None) -> Split:
+    """Parquet shards of PNG images and labels with a dataset.json (``kdray data import``), from any storage URI."""
+    store, meta = read_meta(path)
+    # A stage loads the training split twice (train and val are carved from it): decode it once per
+    # version of the shards (their sizes and modification times are part of the key).
+    try:
+        infos = store.fs.get_file_info([store.path(rel) for rel in meta["splits"][split]["shards"]])
+    except OSError as e:
+        raise DataError(f"cannot read the shards under {store.uri()} ({e})") from None
+    stamp = tuple((i.path, i.size, i.mtime_ns) for i in infos)
+    decoded = _decoded(store.uri(), split, json.dumps(meta, sort_keys=True), stamp)
+    return replace(decoded, x=decoded.x.clone(), y=decoded.y.clone())
+
+
+@functools.lru_cache(maxsize=2)
+def _decoded(uri: str, split: str, meta_json: str, stamp: tuple) -> Split:
+    store, meta = Storage(uri), json.loads(meta_json)
+    k, c, size = meta["num_classes"], meta["channels"], meta["image_size"]
+    xs, ys = [], []
+    for rel in meta["splits"][split]["shards"]:
+        where = store.uri(rel)
+        try:
+            table = pq.read_table(pa.BufferReader(store.read_bytes(rel)), columns=["image", "label"])
+        except (pa.ArrowInvalid, OSError, KeyError) as e:
+            if isinstance(e, KdrayError):
+                raise
+            raise DataError(f"{where} is not a readable Parquet shard with image and label columns ({e})") from None
+        labels = table.column("label").to_numpy(zero_copy_only=False)
+        for row, data in enumerate(table.column("image").to_pylist()):
+            label = int(labels[row])
+            if not 0 <= label < k:
+                raise DataError(
+                    f"{where} row {row}: label {label} is outside the {k} classes of {store.uri(META)} (0..{k - 1})"
+                )
+            arr = decode(data, f"{where} row {row}", c)
+            if arr.shape != (size, size, c):
+                raise DataError(f"{where} row {row}: image {arr.shape}, dataset.json says {(size, size, c)}")
+            xs.append(arr)
+            ys.append(label)
+    x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).float().div_(255.0) if xs else torch.zeros(0, c, size, size)
+    return Split(
+        x.contiguous(),
+        torch.tensor(ys, dtype=torch.int64),
+        k,
+        tuple(meta["mean"]),
+        tuple(meta["std"]),
+        f"{meta['fingerprint']}-{split}",
+        tuple(meta["classes"]),
+    )
+
+
+def describe_folder(
+    path: str | None, image_size: int | None = None, channels: int | None = None, **_options: Any
+) -> dict[str, Any]:
+    if not path:
+        raise DataError("data.path is not set: image_folder reads <path>/<class>/<file>.png")
+    store = Storage(path)
+    classes, rows = _folder_layout(store, 0.2, 0)
+    first = rows["train"][0][1]
+    c0, (w, _h) = image_channels(store.read_bytes(first), store.uri(first))
+    return {"num_classes": len(classes), "in_channels": channels or c0, "image_size": image_size or w}
+
+
+@DATASETS.register("image_folder", describe=describe_folder)
+def image_folder(
+    split: str,
+    path: str | None = None,
+    image_size: int | None = None,
+    channels: int | None = None,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> Split:
+    """Images in class folders (<path>/<class>/<file>.png), any size and colour, read with Pillow."""
+    if not path:
+        raise DataError("data.path is not set: image_folder reads <path>/<class>/<file>.png")
+    source = folder_source(path, image_size, channels, test_fraction, seed)
+    rows = list(source.rows[split]())
+    train = rows if split == "train" else list(source.rows["train"]())
+    x = torch.from_numpy(np.stack([a for a, _ in rows])).permute(0, 3, 1, 2).float().div_(255.0)
+    tx = torch.from_numpy(np.stack([a for a, _ in train])).permute(0, 3, 1, 2).float().div_(255.0)
+    y = torch.tensor([label for _, label in rows], dtype=torch.int64)
+    mean = tuple(float(m) for m in tx.mean(dim=(0, 2, 3)))
+    std = tuple(max(float(s), 1e-6) for s in tx.std(dim=(0, 2, 3)))
+    h = hashlib.sha256(x.numpy().tobytes() + y.numpy().tobytes()).hexdigest()[:16]
+    return Split(x.contiguous(), y, len(source.classes), mean, std, h, tuple(source.classes))
