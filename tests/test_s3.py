@@ -245,12 +245,14 @@ def test_fashion_mnist_is_read_from_a_bucket_prefix(s3env, prefix):
     arrays = fake_fmnist(24, seed=3)
     upload_fmnist(s3env, f"{prefix}/fmnist", arrays, gz=True)
     upload_fmnist(s3env, f"{prefix}/raw", fake_fmnist(12, seed=4), gz=False)
-    train = kdata.load(DataSpec(name="fashion_mnist", path=f"s3://{BUCKET}/{prefix}/fmnist"), "train")
+    # val_fraction 0: every training row is read back as it was uploaded
+    train = kdata.load(DataSpec(name="fashion_mnist", path=f"s3://{BUCKET}/{prefix}/fmnist", val_fraction=0), "train")
     test = kdata.load(DataSpec(name="fashion_mnist", path=f"s3://{BUCKET}/{prefix}/fmnist"), "test")
     assert train.x.shape == (24, 1, 28, 28) and len(test) == 24
     assert torch.equal(train.y, torch.from_numpy(arrays["train"][1].astype(np.int64)))
     assert torch.equal((test.x[5, 0] * 255).round().to(torch.uint8), torch.from_numpy(arrays["test"][0][5]))
-    assert len(kdata.load(DataSpec(name="fashion_mnist", path=f"s3://{BUCKET}/{prefix}/raw"), "train")) == 12
+    raw = DataSpec(name="fashion_mnist", path=f"s3://{BUCKET}/{prefix}/raw", val_fraction=0)
+    assert len(kdata.load(raw, "train")) == 12
     with pytest.raises(DataError, match=rf"no train-images-idx3-ubyte\[\.gz\] under s3://{BUCKET}/{prefix}/nothing"):
         kdata.load(DataSpec(name="fashion_mnist", path=f"s3://{BUCKET}/{prefix}/nothing"), "train")
 
