@@ -271,7 +271,13 @@ def test_ray_launcher_streams_whole_lines_masks_secrets_and_rides_out_api_errors
     monkeypatch.setattr(RayJobLauncher, "client", lambda self, url: api)
     lines: list[str] = []
     RayJobLauncher(poll_s=0).run(spec, "teacher", plan(spec)["teacher"], lines.append)
-    assert lines[1:] == ["(RayTrainWorker pid=7) epoch 1", "key ***", "tail"], "whole lines, once each"
+    states = [line for line in lines if line.startswith("[synth] Ray job ") and " after " in line]
+    assert [line.split(": ")[1].split()[0] for line in states] == ["RUNNING", "SUCCEEDED"], "each state, once"
+    assert [line for line in lines[1:] if line not in states] == [
+        "(RayTrainWorker pid=7) epoch 1",
+        "key ***",
+        "tail",
+    ], "whole lines, once each"
     (sub,) = api.submitted
     assert sub["runtime_env"] == {
         "env_vars": {
@@ -300,8 +306,8 @@ def _stop_tree(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
     snapshot of the process tree, plus the process group, which orphaned Ray agents keep) is
     killed. Only processes descended from ``proc`` are touched.
     """
+    import ray  # noqa: F401, I001  (first: Ray ships psutil in ray/thirdparty_files and puts it on sys.path)
     import psutil
-    import ray  # noqa: F401  (Ray ships psutil in ray/thirdparty_files and puts it on sys.path)
 
     try:
         root = psutil.Process(proc.pid)
@@ -329,8 +335,8 @@ def ray_cluster():
     It is this fixture's child (and dies with the test process); teardown ends it and every
     process it started, by process id, so Ray clusters of other users of the machine live on.
     """
+    import ray  # noqa: F401, I001  (first: it puts Ray's bundled psutil on sys.path)
     import psutil  # noqa: F401  (fail here, not in teardown, if it is missing)
-    import ray  # noqa: F401  (puts Ray's bundled psutil on sys.path)
     from s3server import _EXEC_DYING_WITH_PARENT, free_ports
 
     bin_dir = Path(PY).parent
@@ -448,6 +454,7 @@ def test_ray_launcher_runs_a_stage_as_a_ray_job(ray_cluster, tmp_path, monkeypat
     assert outcome.status == "ran" and outcome.key == key
     assert f"Ray job {first} ended STOPPED; submitting attempt 2" in text
     assert f"submitted Ray job {first}-r2" in text
+    assert text.index(f"Ray job {first}-r2: RUNNING after ") < text.index(f"Ray job {first}-r2: SUCCEEDED after ")
     assert "[synth/teacher] epoch 1" in text, f"the worker's epoch line was not streamed:\n{text}"
     assert any(line.startswith("{") and json.loads(line)["status"] == "ran" for line in lines), (
         "the worker's JSON outcome line comes through the job log"

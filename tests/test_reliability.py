@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -156,6 +157,24 @@ def test_a_reader_polling_during_republishes_never_sees_a_mismatch(store):
     assert not errors, errors[:3]
     assert reads[0] > 0
     FAULT_CASES.append(f"concurrent republish ({reads[0]} reads)")
+
+
+MANIFEST_BASE = {"kind": "train", "pipeline": "p", "stage": "s", "key": "k"}
+
+
+def test_a_publish_deletes_versions_older_than_an_hour_and_keeps_recent_ones(store):
+    old = {**MANIFEST_BASE, "created_at": "2020-01-01T00:00:00Z"}
+    first = write_artifact(store, old, {"w": torch.zeros(3)})
+    second = write_artifact(store, MANIFEST_BASE, {"w": torch.ones(3)})
+    versions = lambda: sorted(p.rsplit("/", 1)[-1] for p in store.list("v"))  # noqa: E731
+    assert versions() == sorted([second.manifest["version"][2:]]), "the 2020 version is gone, the current one kept"
+    store.write_bytes("v/unfinished/model.safetensors", b"a publisher still at work")
+    third = write_artifact(store, MANIFEST_BASE, {"w": torch.full((3,), 2.0)})
+    assert versions() == sorted([second.manifest["version"][2:], third.manifest["version"][2:], "unfinished"]), (
+        "a version younger than an hour (a reader may still read it) and an uncommitted folder are kept"
+    )
+    assert torch.equal(read_artifact(store).state_dict()["w"], torch.full((3,), 2.0))
+    assert first.manifest["version"] != second.manifest["version"]
 
 
 def test_old_layout_artifacts_are_still_read(store):
@@ -377,6 +396,37 @@ def test_a_signal_stops_kdray_run_with_one_line_and_its_exit_code(tmp_path, sig,
     assert tail and tail[-1].startswith(f"interrupted by {sig.name} in stage teacher of {path}"), tail[-5:]
     assert "rerun the same command to resume" in tail[-1]
     assert "Traceback" not in (rest or "") and "Fatal Python" not in (rest or "")
+
+
+@pytest.mark.slow
+def test_no_ray_process_outlives_a_killed_kdray_run(tmp_path):
+    """``kill -9`` of ``kdray run`` while a Ray worker trains: within seconds no process of its Ray cluster remains."""
+    from kdray.engine.reaper import session_pids
+
+    doc = synthetic_pipeline(tmp_path, workers=1, epochs=100_000, cpus_per_worker=1)
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    proc = subprocess.Popen([KDRAY, "run", str(path)], stderr=subprocess.PIPE, text=True, cwd=REPO)
+    assert proc.stderr is not None
+    for line in proc.stderr:  # wait until a Ray Train worker trains
+        if "epoch 1/" in line:
+            break
+    watchers = [p for p in session_pids("kdray.engine.reaper", set()) if _ppid(p) == proc.pid]
+    assert len(watchers) == 1, "kdray run started one watcher for its embedded cluster"
+    with open(f"/proc/{watchers[0]}/cmdline", "rb") as f:
+        session, address = (a.decode() for a in f.read().split(b"\0")[-3:-1])
+    assert session.startswith("session_") and len(session_pids(session, set(), address)) >= 5, "gcs, raylet, actors"
+    proc.kill()
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 60
+    while (left := session_pids(session, set(), address)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, [open(f"/proc/{p}/cmdline", "rb").read()[:200] for p in left]
+
+
+def _ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
 
 
 # --------------------------------------------------------------------------- 4. hostile spec files and inputs

@@ -292,6 +292,50 @@ def test_ray_workers_checkpoint_to_the_bucket_and_read_data_from_it(ray_local, s
 # --------------------------------------------------------------------------- failures
 
 
+def test_an_outage_during_a_ray_worker_run_is_a_storage_error_and_the_rerun_resumes(ray_local, s3env, prefix, tmp_path):
+    """The S3 server killed while a ``workers: 1`` run trains: Ray Train's next checkpoint upload fails,
+    the driver raises a StorageError naming the run's storage (exit 2, no ControllerError traceback), and
+    once the server is back the same run resumes from its last checkpoint and publishes."""
+    from kdray.core.checkpoint import open_artifact
+    from kdray.core.errors import StorageError
+    from kdray.engine.pipeline import run_pipeline
+    from kdray.engine.spec import parse_pipeline
+
+    marker = tmp_path / "paused"
+    doc = s3_pipeline(tmp_path, prefix, workers=1, epochs=3, max_failures=0)
+    spec = parse_pipeline(doc)
+    fault = {"stage": "teacher", "epoch": 1, "step": 1, "rank": 0, "marker": str(marker), "how": "pause"}
+    os.environ["KDRAY_INJECT_FAULT"] = json.dumps(fault)
+    try:
+        run = Background(lambda: run_pipeline(spec, log=quiet))
+        run.start()
+        deadline = time.monotonic() + 180
+        while not marker.exists():  # epoch 1 is checkpointed; epoch 2 is paused at its second step
+            assert run.is_alive() and time.monotonic() < deadline, f"the run never reached the pause: {run.error!r}"
+            time.sleep(0.05)
+        client, snapshot = s3env.client(), None
+        while "checkpoint_" not in (snapshot or ""):  # Ray Train's controller has recorded epoch 1's checkpoint
+            assert time.monotonic() < deadline, "the controller never recorded the first checkpoint"
+            keys = [k for k in objects(s3env, f"{prefix}/_ray/") if k.endswith("checkpoint_manager_snapshot.json")]
+            snapshot = client.get_object(Bucket=BUCKET, Key=keys[0])["Body"].read().decode() if keys else None
+            time.sleep(0.1)
+        s3env.stop()
+        (tmp_path / "paused.go").touch()
+        run.join(timeout=240)
+        assert not run.is_alive(), "a Ray run whose storage is gone must fail, not hang"
+    finally:
+        os.environ.pop("KDRAY_INJECT_FAULT", None)
+    assert isinstance(run.error, StorageError), repr(run.error)
+    assert f"s3://{BUCKET}/{prefix}/_ray" in str(run.error) and "resumes" in run.error.hint
+
+    s3env.start()
+    assert not [k for k in objects(s3env, f"{prefix}/synth/") if k.endswith("manifest.json")], "nothing published"
+    out = run_pipeline(spec, log=quiet)[0]
+    history = open_artifact(out.uri).manifest["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert history[-1]["resumed"] >= 1, "the rerun resumed from the checkpoint written before the outage"
+
+
 def test_an_outage_mid_publish_leaves_no_manifest(s3env, prefix):
     """Kill the server while a 24 MB weights upload is in flight: nothing is published; then retry."""
     from kdray.core.checkpoint import read_artifact, write_artifact

@@ -233,7 +233,7 @@ class AdaptKind(StageKind):
         job = ctx.job(publish_prefix="best.")
         check_source(ctx, job.extras["model_kwargs"])
         if ctx.stage.source:
-            job.extras["init_uri"] = ctx.parents[ctx.stage.source].uri
+            job.extras["init_uri"] = ctx.parents[ctx.stage.source].pinned_uri  # the version read at planning
         base, how = baseline(ctx, job)
         result = ctx.train(job)
         adapted = build_model(ctx.stage.model, job.extras["model_kwargs"])

@@ -13,6 +13,7 @@ existed (files beside ``manifest.json``, no ``version``) are still read.
 
 from __future__ import annotations
 
+import calendar
 import hashlib
 import json
 import os
@@ -204,7 +205,39 @@ def write_artifact(
     folder.write_bytes(MANIFEST, _dump(manifest))  # the version alone is a readable (old-layout) artifact
     manifest["version"] = f"{VERSIONS}/{version}"
     store.write_bytes(MANIFEST, _dump(manifest))  # the commit point
+    prune_versions(store, keep=version)
     return Artifact(folder, manifest, store)
+
+
+KEEP_VERSIONS_S = 3600.0  # an older version is deleted by the next publish; a reader has this long to finish
+
+
+def prune_versions(store: Storage, keep: str, older_than_s: float = KEEP_VERSIONS_S) -> list[str]:
+    """Delete the version folders a manifest no longer names, once they are ``older_than_s`` old.
+
+    Age, not "not current", decides: a concurrent publisher's folder is not committed yet, and a
+    reader may still be reading the previous version; neither is touched for an hour. A folder
+    without a readable manifest copy (a publisher still writing, or one that failed) is left alone.
+    Best effort: a failure to list or delete never fails the publish.
+    """
+    removed: list[str] = []
+    now = time.time()
+    try:
+        names = [p.rsplit("/", 1)[-1] for p in store.list(VERSIONS)]
+    except StorageError:
+        return removed
+    for name in names:
+        if name == keep:
+            continue
+        try:
+            created = json.loads(store.read_bytes(f"{VERSIONS}/{name}/{MANIFEST}"))["created_at"]
+            age = now - calendar.timegm(time.strptime(created, "%Y-%m-%dT%H:%M:%SZ"))
+        except (StorageError, ValueError, KeyError, TypeError):
+            continue  # unfinished (maybe by a publisher still at work), or not ours to judge
+        if age >= older_than_s:
+            store.delete_dir(f"{VERSIONS}/{name}")
+            removed.append(name)
+    return removed
 
 
 def _dump(manifest: dict[str, Any]) -> bytes:

@@ -1,16 +1,21 @@
 """Instruments for tests and for finding out where a run ran; the training loop knows none of this.
 
 * a **fault** (``job.extras["fault"]`` or ``$KDRAY_INJECT_FAULT`` with a ``stage`` name):
-  ``{"epoch": 1, "step": 3, "rank": 0, "marker": "/tmp/x", "how": "raise" | "kill"}`` fails once,
-  at that step of that epoch on that rank (the marker file makes it fire only on the first
-  attempt; ``kill`` ends the worker process abruptly). How fault-tolerance tests break a run for real.
+  ``{"epoch": 1, "step": 3, "rank": 0, "marker": "/tmp/x", "how": "raise" | "kill" | "pause"}`` fails
+  once, at that step of that epoch on that rank (the marker file makes it fire only on the first
+  attempt; ``kill`` ends the worker process abruptly; ``pause`` holds the step until ``<marker>.go``
+  exists, at most 120 s, so that a test can break something outside, such as the storage, at a known
+  point). How fault-tolerance tests break a run for real.
 * a **placement log** (``job.extras["placement_log"]``): each rank writes its node and process id.
+* a **rows log** (``job.extras["rows_log"]``): each rank appends the row ids (``batch["index"]``) of
+  every training batch to ``rank<r>.jsonl``, one line per batch: ``{"epoch": e, "rows": [...]}``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 import torch.nn as nn
@@ -29,8 +34,11 @@ def fault_for(job: Job) -> dict[str, Any] | None:
 def instrument(job: Job, rank: int):
     """The loop's ``instrument(method)`` callback for this job: installs a fault if one is configured."""
     fault = fault_for(job)
+    rows_log = job.extras.get("rows_log")
 
     def install(method: nn.Module) -> None:
+        if rows_log:
+            log_rows(method, rows_log, rank)
         if not fault or fault.get("rank", 0) != rank:
             return
         where = {"epoch": -1, "step": 0}
@@ -51,10 +59,36 @@ def instrument(job: Job, rank: int):
     return install
 
 
+def log_rows(method: nn.Module, folder: str, rank: int) -> None:
+    """Append each training batch's row ids to ``<folder>/rank<rank>.jsonl`` (validation is not logged)."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"rank{rank}.jsonl")
+    epoch = {"now": -1}
+    on_epoch_start = method.on_epoch_start
+
+    def count_epoch(e: int, progress: float) -> None:
+        epoch["now"] = e
+        on_epoch_start(e, progress)  # type: ignore[operator]  # torch: Module.__getattr__
+
+    def record(_module: nn.Module, args: Any) -> None:
+        batch = args[0] if args else None
+        if isinstance(batch, dict) and "index" in batch:
+            with open(path, "a") as f:
+                f.write(json.dumps({"epoch": epoch["now"], "rows": batch["index"].tolist()}) + "\n")
+
+    method.on_epoch_start = count_epoch  # type: ignore[method-assign, assignment]
+    method.register_forward_pre_hook(record)
+
+
 def fire(fault: dict[str, Any], epoch: int, step: int, rank: int) -> None:
     if os.path.exists(fault["marker"]):
         return
     open(fault["marker"], "w").close()
+    if fault.get("how") == "pause":
+        deadline = time.monotonic() + 120
+        while not os.path.exists(fault["marker"] + ".go") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return
     if fault.get("how") == "kill":
         os.kill(os.getpid(), 9)
     raise RuntimeError(f"injected fault at epoch {epoch}, step {step}, rank {rank}")
