@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+import torch
 from conftest import synthetic_pipeline
 
 from kdray.core.checkpoint import open_artifact
@@ -97,6 +98,30 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, ray_local):
     result = fit(job, root)  # the same RunConfig(name, storage_path): Ray finds the run and resumes
     assert [h["epoch"] for h in result.history] == [1, 2, 3]
     assert [h["resumed"] for h in result.history] == [0, 1, 1], "epoch 1 was kept, not trained again"
+
+
+def test_an_interrupted_in_process_run_resumes_from_its_checkpoint_in_storage(tmp_path):
+    """``workers: 0`` checkpoints to storage like Ray Train does: a rerun resumes, a half-written one is skipped."""
+    spec = parse_pipeline(synthetic_pipeline(tmp_path, workers=0, epochs=3))
+    root = Storage(spec.storage.uri)
+    key = plan(spec)["teacher"]
+    ctx = StageContext(spec, spec.stages[0], key, root.child(f"synth/teacher/{key}"), root, {}, quiet)
+    job = ctx.job(fault={"epoch": 2, "step": 1, "rank": 0, "marker": str(tmp_path / "fired"), "how": "raise"})
+    with pytest.raises(Exception, match="injected fault"):
+        fit(job, root)
+    run_dir = f"_ray/{job.run_name}/in_process"
+    assert [p.rsplit("/", 1)[-1] for p in root.list(run_dir)] == ["checkpoint_000001", "checkpoint_000002"]
+    # a checkpoint whose upload stopped half-way (no COMPLETE marker) is never resumed from
+    root.write_bytes(f"{run_dir}/checkpoint_000003/method.safetensors", b"half")
+    result = fit(job, root)
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    assert [h["resumed"] for h in result.history] == [0, 0, 1], "epochs 1 and 2 were kept, not trained again"
+    assert result.run_path and result.run_path.endswith(run_dir)
+    fresh = fit(ctx.job(), Storage(f"file://{tmp_path / 'fresh'}"))
+    assert fresh.model_state.keys() == result.model_state.keys()
+    assert all(torch.equal(fresh.model_state[k], result.model_state[k]) for k in fresh.model_state), (
+        "resuming gives the weights of an uninterrupted run"
+    )
 
 
 def test_worker_errors_surface_as_user_errors(tmp_path):

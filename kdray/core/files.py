@@ -7,7 +7,8 @@ Two dataset kinds join ``DATASETS``:
   ``image_size``, by default the first image's). Without ``train``/``test`` folders a seeded
   ``test_fraction`` of the rows is held out as the test split.
 * ``parquet``: shards under any storage URI (a folder, ``file://`` or ``s3://``) holding the
-  encoded images (PNG bytes, column ``image``) and labels (column ``label``), plus a
+  encoded images (PNG bytes, column ``image``), labels (column ``label``) and row ids (column
+  ``id``, 0..N-1 across a split's shards: what streaming needs, see ``kdray.core.stream``), plus a
   ``dataset.json`` with the class names, counts, per-channel mean/std and a fingerprint.
 
 :func:`import_dataset` (``kdray data import SRC DEST``) converts an image folder, a folder of IDX
@@ -19,6 +20,7 @@ bad file is a :class:`DataError` naming it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -35,6 +37,7 @@ from PIL import Image, UnidentifiedImageError
 
 from kdray.core.data import DATASETS, FASHION_MNIST_FILES, Split, parse_idx
 from kdray.core.errors import DataError, KdrayError
+from kdray.core.meter import Meter, Task, log_meter
 from kdray.core.storage import Storage
 
 META = "dataset.json"
@@ -92,6 +95,7 @@ class Source:
     classes: list[str]
     rows: dict[str, Callable[[], Iterator[tuple[np.ndarray, int]]]] = field(default_factory=dict)
     description: str = ""
+    sizes: dict[str, int] = field(default_factory=dict)  # rows per split (the import's progress total)
 
 
 def _folder_files(store: Storage, rel: str = "") -> list[tuple[str, str]]:
@@ -159,7 +163,7 @@ def folder_source(src: str, image_size: int | None, channels: int | None, test_f
 
         return rows_of
 
-    return Source(classes, {s: reader(s) for s in SPLITS}, f"image folder {src}")
+    return Source(classes, {s: reader(s) for s in SPLITS}, f"image folder {src}", {s: len(rows[s]) for s in SPLITS})
 
 
 def idx_source(folder: Path, class_names: list[str] | None) -> Source:
@@ -214,7 +218,7 @@ def _array_source(arrays: dict[str, tuple[np.ndarray, np.ndarray]], classes: lis
         x, y = arrays[split]
         return lambda: ((x[i], int(y[i])) for i in range(len(y)))
 
-    return Source(classes, {s: reader(s) for s in SPLITS}, description)
+    return Source(classes, {s: reader(s) for s in SPLITS}, description, {s: len(arrays[s][1]) for s in SPLITS})
 
 
 def open_source(
@@ -245,10 +249,14 @@ def open_source(
 # --------------------------------------------------------------------------- import
 
 
-def write_shard(store: Storage, split: str, shards: list[str], images: list[bytes], labels: list[int]) -> None:
-    """Write the pending rows as the split's next shard; empty the row lists."""
+def write_shard(
+    store: Storage, split: str, shards: list[str], images: list[bytes], labels: list[int], first: int = 0
+) -> None:
+    """Write the pending rows as the split's next shard; empty the row lists. ``first`` is the first
+    row's id: the ``id`` column numbers a split's rows 0..N-1 across its shards (streaming needs it)."""
     rel = f"{split}/part-{len(shards):05d}.parquet"
-    table = pa.table({"image": pa.array(images, pa.binary()), "label": pa.array(labels, pa.int64())})
+    ids = pa.array(range(first, first + len(labels)), pa.int64())
+    table = pa.table({"id": ids, "image": pa.array(images, pa.binary()), "label": pa.array(labels, pa.int64())})
     buf = io.BytesIO()
     pq.write_table(table, buf)
     store.write_bytes(rel, buf.getvalue())
@@ -268,12 +276,24 @@ def import_dataset(
     seed: int = 0,
     class_names: list[str] | None = None,
     log: Log = print,
+    meter: Meter | None = None,
 ) -> dict[str, Any]:
-    """Write ``src`` as Parquet shards under ``dest`` (any storage URI); ``dataset.json`` last. Returns it."""
+    """Write ``src`` as Parquet shards under ``dest`` (any storage URI); ``dataset.json`` last. Returns it.
+
+    ``meter`` shows the images converted of the total, the shards written, the rate and the ETA
+    (``kdray.core.meter``; by default plain lines through ``log``)."""
     source = open_source(src, image_size, channels, test_fraction, seed, class_names)
     store = Storage(dest)
     if store.exists(META):
         raise DataError(f"{store.uri(META)} already exists", hint="Import into a new folder or prefix.")
+    with contextlib.closing((meter or log_meter(log))("data import", sum(source.sizes.values()), "images")) as task:
+        meta = _import_rows(source, store, shard_rows, log, task)
+    store.write_bytes(META, json.dumps(meta, indent=2).encode())  # last: a folder without it is unfinished
+    return meta
+
+
+def _import_rows(source: Source, store: Storage, shard_rows: int, log: Log, task: Task) -> dict[str, Any]:
+    """The shards of every split, written; returns the dataset.json to write (counts, mean/std, fingerprint)."""
     k = len(source.classes)
     digest = hashlib.sha256()  # the rows (labels and pixels), not the class names: same data, same fingerprint
     meta: dict[str, Any] = {"format": FORMAT, "version": 1, "classes": source.classes, "num_classes": k, "splits": {}}
@@ -281,6 +301,7 @@ def import_dataset(
     sums: np.ndarray | None = None
     squares: np.ndarray | None = None
     pixels = 0
+    done = written = 0  # images converted, shards of the finished splits
     for split in SPLITS:
         counts = [0] * k
         shards: list[str] = []
@@ -311,10 +332,14 @@ def import_dataset(
             labels.append(label)
             counts[label] += 1
             if len(images) >= shard_rows:
-                write_shard(store, split, shards, images, labels)
+                write_shard(store, split, shards, images, labels, first=sum(counts) - len(images))
+            done += 1
+            task.update(done, f"{written + len(shards)} shard(s) written")
         if images or not shards:
-            write_shard(store, split, shards, images, labels)
+            write_shard(store, split, shards, images, labels, first=sum(counts) - len(images))
         meta["splits"][split] = {"rows": sum(counts), "counts": counts, "shards": shards}
+        written += len(shards)
+        task.update(done, f"{written} shard(s) written")
         log(f"{split}: {sum(counts):,} images in {len(shards)} shard(s)")
     if shape is None or not pixels or sums is None or squares is None:
         raise DataError(f"{source.description} has no training images")
@@ -328,7 +353,6 @@ def import_dataset(
         fingerprint=digest.hexdigest()[:16],
         source=source.description,
     )
-    store.write_bytes(META, json.dumps(meta, indent=2).encode())  # last: a folder without it is unfinished
     return meta
 
 

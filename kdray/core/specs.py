@@ -202,6 +202,9 @@ class DataSpec(Spec):
     ``val_fraction`` (or ``val_size`` rows) of the training pool, seeded and stratified by class, is the
     validation split: carved out before ``limit`` and label withholding, watched every epoch and used for
     every choice (epoch, trial, source); the test split is read only by the final evaluation.
+
+    ``stream`` (``parquet`` only, ``run.workers >= 1``) streams the shards to the Ray Train workers with
+    Ray Data instead of loading them into memory: same rows, same labels (docs/data.md).
     """
 
     name: Annotated[str, AfterValidator(registered(DATASETS))] = "fashion_mnist"
@@ -217,6 +220,7 @@ class DataSpec(Spec):
     seed: int = 0
     shifts: list[ShiftSpec] = Field(default_factory=list)
     options: dict[str, Any] = Field(default_factory=dict)
+    stream: bool = False  # parquet only: Ray Data streams the shards to the Ray Train workers (docs/data.md)
 
     @field_validator("classes")
     @classmethod
@@ -238,7 +242,21 @@ class DataSpec(Spec):
         total = self.options.get("num_classes", DATASETS.meta(self.name).get("num_classes"))
         if self.classes is not None and isinstance(total, int) and max(self.classes) >= total:
             raise ValueError(f"classes: {self.name} has classes 0..{total - 1}, not {max(self.classes)}")
+        if self.stream and self.name != "parquet":
+            raise ValueError(
+                f"stream: true streams Parquet shards written by `kdray data import`, not the {self.name!r} dataset; "
+                "import it (kdray data import SRC DEST) and use name: parquet, path: DEST"
+            )
+        if self.stream and self.shifts:
+            raise ValueError("stream: true cannot apply shifts (a shift transforms the whole split in memory)")
         return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        out = handler(self)  # ``stream`` appears only when set, so existing stage keys stay as they were
+        if not out.get("stream"):
+            out.pop("stream", None)
+        return out
 
 
 class OptimSpec(Spec):

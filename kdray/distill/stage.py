@@ -166,6 +166,15 @@ def cache_decision(spec: DistillStage) -> tuple[bool, str]:
     online = [term.name for term in terms if term.teacher_layers or term.needs_embedding]
     if spec.teacher_cache == "off":
         return False, "teacher_cache: off"
+    if spec.data.stream:  # the cache is indexed by in-memory row ranges; a rank's streamed rows are not one
+        if spec.teacher_cache == "on" or spec.data_free is not None:
+            raise KdrayError(
+                f"stages.{spec.name}: data.stream: true cannot be combined with "
+                f"{'teacher_cache: on' if spec.teacher_cache == 'on' else 'data_free'}",
+                hint="Use teacher_cache: auto or off with streamed data (the teacher then runs online on each "
+                "streamed batch), or drop data.stream to load the data into memory.",
+            )
+        return False, "data.stream: the teacher runs online on each streamed batch (no cache for streamed data)"
     if spec.data_free is not None:
         if spec.teacher_cache == "on":
             raise KdrayError(
@@ -210,6 +219,7 @@ class DistillKind(StageKind):
     """Distil a teacher (a stage or an artifact URI) into ``model``."""
 
     spec = DistillStage
+    streams = True  # data.stream: Ray Data feeds the loop; the teacher then runs online (cache_decision)
 
     def run(self, ctx: StageContext) -> Artifact:
         teacher = ctx.parents[ctx.stage.teacher]

@@ -14,11 +14,12 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -26,9 +27,10 @@ import torch.nn as nn
 from kdray.core.checkpoint import bytes_to_state
 from kdray.core.errors import KdrayError, StorageError
 from kdray.core.specs import RunSpec
-from kdray.core.stage import FitResult, Job
+from kdray.core.stage import FitResult, Job, kind_of
 from kdray.core.storage import Storage
-from kdray.engine import diagnostics, progress
+from kdray.engine import diagnostics, progress, reaper
+from kdray.engine.datasets import stream_cpus, stream_datasets, streams
 from kdray.engine.loop import train
 from kdray.engine.raylogs import quiet_ray_logs
 from kdray.engine.raypolicy import find_user_error, trainer_class
@@ -130,11 +132,14 @@ def catch_signals() -> Iterator[None]:
 
 def shutdown_ray() -> None:
     """Stop the Ray this process started or joined (a no-op without one)."""
+    global _watcher
     if "ray" in sys.modules:
         import ray
 
         if ray.is_initialized():
             ray.shutdown()
+    reaper.stop(_watcher)  # it ends what the shutdown left behind, if anything
+    _watcher = None
 
 
 @contextlib.contextmanager
@@ -169,6 +174,7 @@ def embedded_cluster_env() -> Iterator[None]:
                 os.environ[k] = v
 
 
+_watcher: subprocess.Popen[bytes] | None = None  # kdray.engine.reaper, while this process runs a cluster
 _ray_lock = threading.Lock()  # stages of one pipeline may start at once, from several threads
 
 
@@ -179,6 +185,7 @@ def ensure_ray(run: RunSpec) -> None:
 
 
 def _ensure_ray(run: RunSpec) -> None:
+    global _watcher
     for k, v in RAY_ENV.items():
         os.environ.setdefault(k, v)
     import ray
@@ -192,6 +199,7 @@ def _ensure_ray(run: RunSpec) -> None:
     else:
         address = None if os.environ.get("RAY_ADDRESS") else "local"  # a parent's cluster, else a new one
         with embedded_cluster_env():
+            gcs = os.environ["RAY_ADDRESS"]
             ray.init(
                 address=address,
                 num_cpus=os.cpu_count(),
@@ -200,6 +208,9 @@ def _ensure_ray(run: RunSpec) -> None:
                 object_store_memory=256 * 1024**2,
                 logging_level=logging.WARNING,
             )
+        if address == "local":  # this process started the cluster: none of it may outlive it, even a kill -9
+            node: Any = ray._private.worker._global_node  # no public API names the session
+            _watcher = reaper.watch(node.session_name, gcs)
     if _catching and threading.current_thread() is threading.main_thread():
         _install_handlers()  # ray.init replaced the SIGTERM handler
 
@@ -210,15 +221,17 @@ def fit(job: Job, storage: Storage) -> FitResult:
     With ``run.workers >= 1`` the loop runs as a Ray Train ``TorchTrainer`` of that many workers,
     which checkpoints to ``<storage>/_ray/<run name>`` and resumes from there if an earlier attempt
     of the same run left a checkpoint. ``run.workers == 0`` runs the same loop in this process
-    without Ray (fastest for small jobs, tests and sweep trials; it keeps no checkpoint to resume).
+    without Ray (fastest for small jobs, tests and sweep trials); it checkpoints to
+    ``<storage>/_ray/<run name>/in_process`` and resumes from there the same way.
     """
     t0 = time.perf_counter()
     fault = diagnostics.fault_for(job)  # read here: Ray's worker processes do not see this environment
     if fault:
         job = job.replace(extras={**job.extras, "fault": fault})
+    streams(job, kind_of(job.spec))  # data.stream: refused here (naming the field) where it cannot apply
     threads = torch.get_num_threads()  # the loop sets its own thread count
     try:
-        folder, run_path = _fit_here(job) if job.run.workers == 0 else _fit_on_ray(job, storage)
+        folder, run_path = _fit_here(job, storage) if job.run.workers == 0 else _fit_on_ray(job, storage)
     finally:
         torch.set_num_threads(threads)
     with open(os.path.join(folder, "method.safetensors"), "rb") as f:
@@ -231,16 +244,41 @@ def fit(job: Job, storage: Storage) -> FitResult:
     return FitResult(model_state, history, run_path, time.perf_counter() - t0)
 
 
-def _fit_here(job: Job) -> tuple[str, None]:
-    """The loop in this process; returns the last checkpoint folder."""
+_epoch_listeners: list[Callable[[dict[str, Any]], None]] = []
+
+
+@contextlib.contextmanager
+def on_epoch(listener: Callable[[dict[str, Any]], None]) -> Iterator[None]:
+    """While the block runs, ``listener(metrics)`` sees every epoch of a loop run in this process
+    (``workers: 0``), after the epoch's checkpoint is saved: how a sweep trial reports each epoch to
+    Ray Tune, whose scheduler (ASHA) may then stop the trial."""
+    _epoch_listeners.append(listener)
+    try:
+        yield
+    finally:
+        _epoch_listeners.remove(listener)
+
+
+IN_PROCESS = "in_process"  # the in-process loop's checkpoints, beside Ray Train's in the run folder
+COMPLETE = "COMPLETE"  # written last: a checkpoint folder without it is half-written and never read
+
+
+def _fit_here(job: Job, storage: Storage) -> tuple[str, str]:
+    """The loop in this process, checkpointing every epoch to storage as a Ray Train run does, and
+    resuming from the newest complete checkpoint; returns a local copy of the last one and the run folder."""
+    run_dir = f"_ray/{job.run_name}/{IN_PROCESS}"
     last: list[str] = []  # the newest checkpoint folder; older ones are removed
 
     def report(metrics: dict[str, Any], folder: str | None) -> None:
         if folder is None:
             return
+        _upload_checkpoint(storage, f"{run_dir}/checkpoint_{int(metrics['epoch']):06d}", folder)
+        _prune_checkpoints(storage, run_dir, job.run.keep_checkpoints)
         if last:
             shutil.rmtree(last.pop(), ignore_errors=True)
         last.append(folder)
+        for listener in list(_epoch_listeners):  # e.g. a sweep trial reporting the epoch to Ray Tune
+            listener(metrics)
 
     device = torch.device("cpu")
     if job.run.use_gpu:
@@ -250,23 +288,69 @@ def _fit_here(job: Job) -> tuple[str, None]:
                 hint="Set run.use_gpu: false, or run on a machine with a GPU.",
             )
         device = torch.device("cuda")
+    resume_from = _download_latest(storage, run_dir)
     shown = progress.local_progress(f"{job.pipeline}/{job.spec.name}")
     try:
-        train(job, device=device, report=report, instrument=diagnostics.instrument(job, 0), progress=shown)
+        train(
+            job,
+            device=device,
+            resume_from=resume_from,
+            report=report,
+            instrument=diagnostics.instrument(job, 0),
+            progress=shown,
+        )
     finally:
         shown.close()
-    return last[0], None
+    return last[0], storage.uri(run_dir)
+
+
+def _checkpoints(storage: Storage, run_dir: str) -> list[str]:
+    """The complete checkpoint folders of an in-process run, oldest first."""
+    names = [p.rsplit("/", 1)[-1] for p in storage.list(run_dir)]
+    return [n for n in sorted(names) if n.startswith("checkpoint_") and storage.exists(f"{run_dir}/{n}/{COMPLETE}")]
+
+
+def _upload_checkpoint(storage: Storage, rel: str, folder: str) -> None:
+    for name in sorted(os.listdir(folder)):
+        storage.upload_file(os.path.join(folder, name), f"{rel}/{name}")
+    storage.write_bytes(f"{rel}/{COMPLETE}", b"")
+
+
+def _prune_checkpoints(storage: Storage, run_dir: str, keep: int) -> None:
+    for name in _checkpoints(storage, run_dir)[:-keep]:
+        storage.delete_dir(f"{run_dir}/{name}")
+
+
+def _download_latest(storage: Storage, run_dir: str) -> str | None:
+    """A local copy of the newest complete checkpoint of this run, or None for a fresh start."""
+    found = _checkpoints(storage, run_dir)
+    if not found:
+        return None
+    rel, local = f"{run_dir}/{found[-1]}", tempfile.mkdtemp(prefix="kdray-resume-")
+    for path in storage.list(rel):
+        name = path.rsplit("/", 1)[-1]
+        if name != COMPLETE:
+            storage.download(f"{rel}/{name}", os.path.join(local, name))
+    return local
 
 
 def _fit_on_ray(job: Job, storage: Storage) -> tuple[str, str]:
     """The loop as a TorchTrainer; returns a local copy of the final checkpoint and the run folder."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 
     TorchTrainer = trainer_class()  # raises a user error raised in a worker at once (no retry)
     run = job.run
     quiet_ray_logs()
     ensure_ray(run)
     storage_path, filesystem = storage.ray_storage()
+    cpus, ray_datasets = run.cpus_per_worker, dict[str, Any]()
+    if streams(job, kind_of(job.spec)):  # Ray Data reads and decodes the shards; each worker iterates its share
+        ray_datasets, facts = stream_datasets(job, kind_of(job.spec))
+        job = job.replace(extras={**job.extras, "stream": facts})
+        cpus, note = stream_cpus(run.workers, run.cpus_per_worker, ray.cluster_resources().get("CPU", 0.0))
+        if note:
+            print(f"[{job.pipeline}/{job.spec.name}] {note}", flush=True)
     shown = contextlib.ExitStack()  # the workers' progress, shown here (or by a parent process's hub)
     hub = progress.existing_hub() or shown.enter_context(progress.hub())
     trainer = TorchTrainer(
@@ -275,8 +359,10 @@ def _fit_on_ray(job: Job, storage: Storage) -> tuple[str, str]:
         scaling_config=ScalingConfig(
             num_workers=run.workers,
             use_gpu=run.use_gpu,
-            resources_per_worker={"CPU": run.cpus_per_worker, **({"GPU": 1} if run.use_gpu else {})},
+            resources_per_worker={"CPU": cpus, **({"GPU": 1} if run.use_gpu else {})},
         ),
+        datasets=ray_datasets or None,
+        dataset_config=DataConfig(datasets_to_split="all"),  # disjoint shares, n // workers rows each
         run_config=RunConfig(
             name=job.run_name,
             storage_path=storage_path,

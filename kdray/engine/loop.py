@@ -17,18 +17,18 @@ import pickle  # only for its error type: torch.load(weights_only=True) raises U
 import shutil
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from kdray.core import data as kdata
 from kdray.core.checkpoint import bytes_to_state, state_to_bytes
 from kdray.core.errors import KdrayError
 from kdray.core.specs import OptimSpec
-from kdray.core.stage import Job, Shard, kind_of
+from kdray.core.stage import Job, kind_of
 from kdray.engine import kinds  # noqa: F401  (the stage kinds this loop can run, also in a Ray worker process)
+from kdray.engine.datasets import batch_source, batches, shard  # noqa: F401  (bench scripts import these two here)
 from kdray.engine.progress import Progress
 
 Report = Callable[[dict[str, Any], "str | None"], None]
@@ -55,19 +55,6 @@ def build_optimizer(spec: OptimSpec, groups: list[dict[str, Any]], steps: int):
     return opt, sched
 
 
-def shard(n: int, rank: int, world: int) -> range:
-    """Rank ``rank``'s contiguous slice of ``n`` examples; every rank gets ``n // world``."""
-    per = n // world
-    return range(rank * per, (rank + 1) * per)
-
-
-def batches(indices: torch.Tensor, batch_size: int, epoch: int, seed: int):
-    """The shard's indices in a seeded random order, in full batches (the last partial batch too)."""
-    order = indices[torch.randperm(len(indices), generator=torch.Generator().manual_seed(seed * 1000 + epoch))]
-    for i in range(0, len(order), batch_size):
-        yield order[i : i + batch_size]
-
-
 def autocast(device: torch.device, enabled: bool):
     if device.type == "cuda" and enabled:
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -77,14 +64,14 @@ def autocast(device: torch.device, enabled: bool):
 
 @torch.no_grad()
 def evaluate_model(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch_size: int = 1024
+    model: nn.Module, val_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device
 ) -> tuple[float, float, int]:
-    """(summed loss, correct, count) over labelled rows of ``x``; the caller all-reduces across ranks."""
+    """(summed loss, correct, count) over the labelled rows of (x, y) batches; the caller all-reduces across ranks."""
     was_training = model.training
     model.eval()
     loss = correct = count = 0.0
-    for i in range(0, len(y), batch_size):
-        xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
+    for xb, yb in val_batches:
+        xb, yb = xb.to(device), yb.to(device)
         logits = model(xb).float()
         keep = yb >= 0
         loss += float(nn.functional.cross_entropy(logits[keep], yb[keep], reduction="sum")) if keep.any() else 0.0
@@ -173,15 +160,14 @@ def train(
     torch.set_num_threads(max(1, int(run.cpus_per_worker)))
     torch.manual_seed(run.seed)  # same initial weights on every rank
 
-    # 1. Data: this rank's shard of the training set, the validation split (never the test split).
-    train_set, val = kind.data(job)
-    x_train, x_val = kdata.normalize(train_set.x, train_set), kdata.normalize(val.x, val)
-    mine = torch.tensor(list(shard(len(train_set), rank, world)))
+    # 1. Data: this rank's batches of the training set and its share of the validation split (never
+    # the test split), from memory or, with data.stream, from Ray Data (kdray.engine.datasets).
     per_rank_batch = max(1, spec.optim.batch_size // world)
-    steps_per_epoch = math.ceil(len(mine) / per_rank_batch)
+    data = batch_source(job, kind, rank, world, per_rank_batch)
+    steps_per_epoch = data.steps_per_epoch
 
     # 2. Model and method (the method holds the trainable model, plus frozen helpers such as a teacher).
-    method = kind.method(job, Shard(train_set, x_train, mine, rank, world))
+    method = kind.method(job, data.shard)
     method.to_device(device)
     instrument(method)
     opt, sched = build_optimizer(spec.optim, method.param_groups(), spec.optim.epochs * steps_per_epoch)
@@ -204,10 +190,11 @@ def train(
         net.train()
         method.on_epoch_start(epoch, epoch / spec.optim.epochs)
         t0, seen, loss_sum, correct, labelled = time.perf_counter(), 0, 0.0, 0.0, 0
-        for step, idx in enumerate(batches(mine, per_rank_batch, epoch, run.seed)):
+        for step, rows in enumerate(data.epoch(epoch)):
+            idx = rows["index"]
             batch = {
-                "x": x_train[idx].to(device, non_blocking=True),
-                "y": train_set.y[idx].to(device),
+                "x": rows["x"].to(device, non_blocking=True),
+                "y": rows["y"].to(device),
                 "index": idx,
                 "progress": (epoch + step / steps_per_epoch) / spec.optim.epochs,
             }
@@ -239,10 +226,7 @@ def train(
         train_seconds = time.perf_counter() - t0
 
         # 5. Metrics, summed over ranks by name: train loss/accuracy, and the validation split's loss/accuracy.
-        part = shard(len(val), rank, world)
-        v_loss, v_correct, v_count = evaluate_model(
-            method.model, x_val[part.start : part.stop], val.y[part.start : part.stop], device
-        )
+        v_loss, v_correct, v_count = evaluate_model(method.model, data.validation(), device)
         scores = method.epoch_scores(device)  # e.g. unsupervised validators for model selection
         sums = all_reduce(
             {

@@ -13,6 +13,7 @@ import logging
 def quiet_ray_logs() -> None:
     """Keep Ray Train's per-report INFO lines (and a state-API warning without a dashboard) out of the log."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # streamed data: each epoch's execution plan at INFO
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
     try:  # this one logs every report at INFO under a logger named by its file path
         from ray.train.v2._internal.execution import context

@@ -25,8 +25,9 @@ def find_user_error(e: BaseException) -> KdrayError | None:
         if not isinstance(err, BaseException) or id(err) in seen:
             continue
         seen.add(id(err))
-        if isinstance(err, KdrayError):
-            return err
+        if isinstance(err, KdrayError):  # a RayTaskError made an instance of its cause: the original is .cause
+            inner = getattr(err, "cause", None)
+            return inner if isinstance(inner, KdrayError) else err
         stack += [err.__cause__, err.__context__, getattr(err, "cause", None)]
         stack.append(getattr(err, "controller_failure", None))
         failures = getattr(err, "worker_failures", None)

@@ -43,6 +43,7 @@ class TrainKind(StageKind):
 
     spec = TrainStage
     uses_unlabelled = False  # cross-entropy: rows whose label is withheld are not iterated
+    streams = True  # data.stream: Ray Data feeds the loop
 
     def run(self, ctx: StageContext) -> Artifact:
         job = ctx.job()

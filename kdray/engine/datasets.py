@@ -1,0 +1,219 @@
+"""Where the training loop's batches come from: in-memory tensors (the default) or a Ray Data shard.
+
+The loop asks a :class:`BatchSource` for four things: the ``Shard`` its method is built from, the
+steps of an epoch, the epoch's batches (``x`` normalised, ``y``, ``index``: row ids), and the
+validation batches. :func:`batch_source` picks one:
+
+* :class:`MemoryBatches`: the stage kind's ``data(job)`` splits, loaded into memory; each rank takes
+  a contiguous ``n // world`` rows and shuffles them every epoch with a seeded permutation.
+* :class:`StreamedBatches` (``data.stream: true``, Ray Train workers only): this rank's share of the
+  ``train`` and ``val`` Ray Data datasets that :func:`stream_datasets` built on the driver and
+  ``fit`` handed to the ``TorchTrainer`` (``ray.train.get_dataset_shard``). Ray Train splits each
+  with ``streaming_split(world, equal=True)``, so the ranks get disjoint rows, ``n // world`` each,
+  as in memory; the rows and labels come from the same selection (:mod:`kdray.core.stream`).
+
+:func:`stream_datasets` and :func:`stream_cpus` are the driver's side: the Ray Data pipeline
+(``read_parquet`` of the shards, then ``map_batches`` that keeps the part's rows, sets their
+labels and decodes the PNG bytes with Pillow, on CPU), and the CPU left to Ray Data beside the
+training workers (with none left, Ray Data never runs and ``fit`` hangs silently).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Iterator, Protocol
+
+import torch
+
+from kdray.core import data as kdata
+from kdray.core import stream
+from kdray.core.errors import KdrayError
+from kdray.core.stage import Job, Shard, StageKind, labelled_only
+from kdray.engine.raypolicy import find_user_error
+
+DATA_CPUS = 1.0  # what streaming leaves to Ray Data beside the training workers
+DATA_TASK_CPUS = 0.5  # what one read or decode task asks for: two run at once in DATA_CPUS, or one beside a
+# training worker that took part of a node's CPUs
+DECODE_BATCH = 1024  # rows per map_batches call
+
+
+class BatchSource(Protocol):
+    shard: Shard  # what the stage kind's method is built from
+    steps_per_epoch: int
+
+    def epoch(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        """This rank's training batches for ``epoch``: ``x`` (normalised), ``y`` (-1: withheld), ``index``."""
+        ...
+
+    def validation(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's share of the validation split, as (x normalised, y) batches."""
+        ...
+
+
+def shard(n: int, rank: int, world: int) -> range:
+    """Rank ``rank``'s contiguous slice of ``n`` examples; every rank gets ``n // world``."""
+    per = n // world
+    return range(rank * per, (rank + 1) * per)
+
+
+def batches(indices: torch.Tensor, batch_size: int, epoch: int, seed: int):
+    """The shard's indices in a seeded random order, in full batches (the last partial batch too)."""
+    order = indices[torch.randperm(len(indices), generator=torch.Generator().manual_seed(seed * 1000 + epoch))]
+    for i in range(0, len(order), batch_size):
+        yield order[i : i + batch_size]
+
+
+def batch_source(job: Job, kind: StageKind, rank: int, world: int, batch_size: int) -> BatchSource:
+    """Ray Data's shard for a streamed dataset, else the kind's splits in memory."""
+    if getattr(getattr(job.spec, "data", None), "stream", False):
+        return StreamedBatches(job, rank, world, batch_size)
+    return MemoryBatches(job, kind, rank, world, batch_size)
+
+
+class MemoryBatches:
+    """The kind's (training, validation) splits as tensors; this rank's contiguous slice of each."""
+
+    def __init__(self, job: Job, kind: StageKind, rank: int, world: int, batch_size: int):
+        train_set, self.val = kind.data(job)
+        self.x, self.x_val = kdata.normalize(train_set.x, train_set), kdata.normalize(self.val.x, self.val)
+        self.y, self.rows = train_set.y, torch.tensor(list(shard(len(train_set), rank, world)))
+        self.rank, self.world, self.batch_size, self.seed = rank, world, batch_size, job.run.seed
+        self.shard = Shard(train_set, self.x, self.rows, rank, world)
+        self.steps_per_epoch = math.ceil(len(self.rows) / batch_size)
+
+    def epoch(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        for idx in batches(self.rows, self.batch_size, epoch, self.seed):
+            yield {"x": self.x[idx], "y": self.y[idx], "index": idx}
+
+    def validation(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        part = shard(len(self.val), self.rank, self.world)
+        for i in range(part.start, part.stop, 1024):
+            j = min(i + 1024, part.stop)
+            yield self.x_val[i:j], self.val.y[i:j]
+
+
+class StreamedBatches:
+    """This Ray Train worker's share of the ``train`` and ``val`` Ray Data datasets."""
+
+    def __init__(self, job: Job, rank: int, world: int, batch_size: int):
+        facts = job.extras.get("stream")
+        if not facts:
+            raise KdrayError(
+                f"stage {job.spec.name!r}: data.stream: true needs Ray Train workers (run.workers >= 1)",
+                hint="Set run.workers to 1 or more, or drop data.stream to load the data into memory.",
+            )
+        self.batch_size = batch_size
+        self.steps_per_epoch = math.ceil((facts["train_rows"] // world) / batch_size)
+        sample = stream.example_split(facts)  # a few decoded rows: enough for a method to size itself
+        x = kdata.normalize(sample.x, sample)
+        self.shard = Shard(sample, x, torch.arange(len(x)), rank, world)
+
+    def epoch(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        import ray.train
+
+        rows = ray.train.get_dataset_shard("train").iter_torch_batches(
+            batch_size=self.batch_size,
+            device="cpu",  # the loop moves a batch to its device, as for in-memory batches
+        )  # shuffled by the pipeline: the shards' order per epoch, the rows within each decoded batch
+        for b in user_errors(rows):
+            yield {"x": b["x"], "y": b["y"], "index": b["index"]}
+
+    def validation(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        import ray.train
+
+        for b in user_errors(ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=1024, device="cpu")):
+            yield b["x"], b["y"]
+
+
+def user_errors(batches: Iterable[Any]) -> Iterator[Any]:
+    """``batches``, raising a KdrayError from a Ray Data task (a corrupt image) as itself: Ray Data wraps
+    it in a UserCodeException whose cause would not survive the trip to the driver."""
+    try:
+        yield from batches
+    except Exception as e:
+        err = find_user_error(e)
+        if err is None:
+            raise
+        raise err from None
+
+
+# --------------------------------------------------------------------------- the driver's side
+
+
+def streams(job: Job, kind: StageKind) -> bool:
+    """Whether ``job`` streams its data; refuses what streaming cannot do, naming the field."""
+    data = getattr(job.spec, "data", None)
+    if not getattr(data, "stream", False):
+        return False
+    where = f"stages.{job.spec.name}.data.stream"
+    if not type(kind).streams:
+        raise KdrayError(
+            f"{where}: a {job.spec.kind} stage cannot stream its data (it needs its rows in memory)",
+            hint="Drop data.stream for this stage; train and distill stages can stream.",
+        )
+    if job.run.workers < 1:
+        raise KdrayError(
+            f"{where}: true needs Ray Train workers, but run.workers is 0 (the loop in this process reads memory)",
+            hint="Set run.workers to 1 or more, or drop data.stream to load the data into memory.",
+        )
+    return True
+
+
+def stream_datasets(job: Job, kind: StageKind) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The ``train`` and ``val`` Ray Data datasets of a streamed stage, and the facts its workers need."""
+    import ray.data
+    from ray.data import FileShuffleConfig
+
+    plan = stream.plan(job.spec.data)
+    train = plan.train if kind.uses_unlabelled else labelled_only(plan.train, job)
+    meta, store = plan.meta, plan.store
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # the loop shows progress; Ray Data's bars would interleave
+    context.raise_original_map_exception = True  # a DataError from decode_batch, not a UserCodeException
+
+    def dataset(part: kdata.Split) -> Any:
+        rows = ray.data.read_parquet(
+            [store.path(rel) for rel in plan.shards],
+            filesystem=store.fs,
+            columns=["id", "image"],
+            include_paths=True,
+            shuffle=FileShuffleConfig(seed=job.run.seed, reseed_after_execution=True),  # a new order each epoch
+            num_cpus=DATA_TASK_CPUS,
+        )
+        return rows.map_batches(
+            stream.decode_batch,  # type: ignore[arg-type]  # keyword-only options come through fn_kwargs
+            batch_format="numpy",
+            batch_size=DECODE_BATCH,
+            num_cpus=DATA_TASK_CPUS,
+            fn_kwargs={
+                "lookup": plan.lookup(part),
+                "channels": meta["channels"],
+                "size": meta["image_size"],
+                "mean": list(meta["mean"]),
+                "std": list(meta["std"]),
+                "prefix": "s3://" if store.scheme == "s3" else "",
+                "seed": job.run.seed,
+            },
+        )
+
+    facts = {**plan.facts(), "train_rows": len(train)}
+    return {"train": dataset(train), "val": dataset(plan.val)}, facts
+
+
+def stream_cpus(workers: int, cpus_per_worker: float, cluster_cpus: float) -> tuple[float, str | None]:
+    """CPU per training worker that leaves ``DATA_CPUS`` to Ray Data, and a note when it had to shrink."""
+    room = cluster_cpus - DATA_CPUS
+    if room <= 0:
+        raise KdrayError(
+            f"data.stream: the Ray cluster has {cluster_cpus:g} CPU; streaming needs {DATA_CPUS:g} for Ray Data "
+            "beside the training workers",
+            hint="Give the cluster more CPUs, or drop data.stream to load the data into memory.",
+        )
+    if workers * cpus_per_worker <= room:
+        return cpus_per_worker, None
+    per = room / workers
+    return per, (
+        f"data.stream: each of the {workers} training workers reserves {per:g} CPU instead of "
+        f"run.cpus_per_worker={cpus_per_worker:g}, leaving {DATA_CPUS:g} of the cluster's {cluster_cpus:g} "
+        "to Ray Data (with none, Ray Data never runs and training hangs)"
+    )
