@@ -3,9 +3,11 @@
     python flows/sweep.py examples/fmnist_cnn_to_mlp_hinton.yaml examples/sweeps/fmnist_students.yaml
 
 The sweep spec (``kdray.engine.sweep.SweepSpec``) names the stage, its search space, ``num_samples``,
-the validation metric that ranks the trials and how many run at once. The trials run as Ray Tune
-trials (``kdray.engine.sweep.run_sweep``); finished trials are cached artifacts, so a rerun of the
-flow (a nightly schedule, a retry) resumes. ``prefect.yaml`` holds a deployment of this flow.
+the validation metric that ranks the trials, how many run at once, an optional scheduler (ASHA) and
+an optional ``choose`` rule. The trials run as Ray Tune trials (``kdray.engine.sweep.run_sweep``);
+finished trials are cached artifacts, so a rerun of the flow (a nightly schedule, a retry) resumes.
+The chosen student's URI is published as a Prefect link artifact beside the report.
+``prefect.yaml`` holds deployments of this flow.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import sys
 from typing import Any, Optional
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from flows.tasks import load_spec, spec_from_json
 from kdray.engine import sweep as ksweep
@@ -24,16 +26,9 @@ from kdray.engine import sweep as ksweep
 def run_sweep(spec: dict[str, Any], sweep: dict[str, Any], stage: str) -> dict[str, Any]:
     """Run every trial (finished ones are cached) and return the ranked report as JSON."""
     sw = ksweep.parse_sweep(sweep)
-    report = ksweep.run_sweep(
-        spec_from_json(spec),
-        stage,
-        ksweep.sample_settings(sw),
-        max_concurrent=sw.max_concurrent,
-        metric=sw.metric,
-        mode=sw.mode,
-        log=get_run_logger().info,
+    return ksweep.run_sweep(
+        spec_from_json(spec), stage, ksweep.sample_settings(sw), **sw.options(), log=get_run_logger().info
     )
-    return report
 
 
 @flow(name="kdray-sweep", persist_result=True, result_serializer="json")
@@ -48,7 +43,21 @@ def sweep_flow(spec_uri: str, sweep_uri: str, overrides: Optional[list[str]] = N
         key=key,
         description=f"kdray sweep of stage {sweep.stage!r}: {len(report['trials'])} trials by {report['metric']}",
     )
-    return {"uri": report["uri"], "key": key, "best": report["trials"][0] if report["trials"] else None}
+    chosen = report.get("chosen") or {}
+    if chosen.get("uri"):  # the student a later pipeline references (teacher:, model.weights:)
+        create_link_artifact(
+            link=chosen["uri"],
+            link_text=f"{chosen['trial']} ({chosen['model']})",
+            key=f"{key}-chosen",
+            description=f"kdray sweep of stage {sweep.stage!r}: the chosen student ({chosen['rule']})",
+        )
+    return {
+        "uri": report["uri"],
+        "key": key,
+        "best": report["trials"][0] if report["trials"] else None,
+        "chosen": chosen or None,
+        "stopped": report.get("stopped", 0),
+    }
 
 
 def cli() -> None:

@@ -23,6 +23,7 @@ from kdray.core.metrics import latency_ms, metrics_for, predict
 from kdray.core.models import count_parameters
 from kdray.core.specs import DataSpec, StageBase
 from kdray.core.stage import StageContext, StageKind, stage_kind
+from kdray.evaluate.exported import onnx_scores
 from kdray.evaluate.html import plot_comparison, render_html
 
 
@@ -35,6 +36,8 @@ class EvaluateStage(StageBase):
     batch_size: int = Field(512, ge=1)
     latency_batch: int = Field(128, ge=1)
     latency_batches: int = Field(10, ge=1)
+    # also evaluate each model's export (made by `kdray export`) beside it; absent from the key when empty
+    exported: list[Literal["onnx"]] = Field(default_factory=list, exclude_if=lambda v: not v)
 
     def references(self) -> list[tuple[str, str]]:
         return [(f"models[{i}]", m) for i, m in enumerate(self.models)]
@@ -72,6 +75,17 @@ def evaluate_stage(ctx: Any) -> tuple[dict[str, Any], dict[str, bytes]]:
             "latency_batch": min(ctx.stage.latency_batch, len(x)),
             "selection": selection_note(art.manifest),
         }
+        if "onnx" in ctx.stage.exported:
+            stage = ctx.stage
+            row |= onnx_scores(
+                art,
+                x,
+                test.y,
+                logits,
+                batch_size=stage.batch_size,
+                latency_batch=stage.latency_batch,
+                latency_batches=stage.latency_batches,
+            )
         rows.append(row)
         ctx.log(f"[{ctx.stage.name}] {ref}: top-1 {row['top1']:.4f}, {row['parameters']:,} parameters")
     add_relations(rows, ctx, logits_by_stage)
@@ -166,6 +180,10 @@ def markdown(report: dict[str, Any]) -> str:
         ("compression_params", "{:.2f}x"),
         ("speedup", "{:.1f}x"),
         ("gain_over_scratch", "{:+.4f}"),
+        ("onnx_top1", "{:.4f}"),
+        ("onnx_agreement", "{:.4f}"),
+        ("onnx_max_abs_diff", "{:.2e}"),
+        ("onnx_latency_ms", "{:.2f}"),
     ]
     cols += [c for c in extra if any(c[0] in r for r in report["models"])]
     lines = [

@@ -1,0 +1,97 @@
+"""An exported model evaluated beside its PyTorch original: the evaluate stage's ``exported: [onnx]``.
+
+``kdray export ARTIFACT --format onnx`` writes ``exports/onnx/<weights sha256[:16]>/model.onnx`` and
+records it in the artifact's ``exports.json`` (file, sha256, the weights it was exported from). The
+evaluate stage reads that file back (checked against its sha256 and against the artifact's current
+weights), runs it in onnxruntime on the same normalised test inputs as the PyTorch model, and reports
+its accuracy, its agreement with PyTorch's predictions, the largest logit difference and its latency.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdray.core.checkpoint import Artifact, sha256
+from kdray.core.errors import CheckpointMismatch, KdrayError
+from kdray.core.metrics import metrics_for
+
+EXPORTS = "exports.json"  # the record kdray export writes beside the artifact's manifest
+
+
+def onnx_record(art: Artifact) -> tuple[dict[str, Any], bytes]:
+    """The artifact's ONNX export record and the file's bytes (checked); a clear error when there is none."""
+    home = art.home or art.store
+    hint = f"Export it first: kdray export {art.uri} --format onnx"
+    try:
+        doc = json.loads(home.read_bytes(EXPORTS)) if home.exists(EXPORTS) else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise KdrayError(f"{home.uri(EXPORTS)} is not valid JSON", hint=f"Delete it. {hint}") from None
+    record = (doc.get("exports") or {}).get("onnx") if isinstance(doc, dict) else None
+    if not isinstance(record, dict):
+        raise KdrayError(f"evaluate exported: [onnx]: {art.uri} has no ONNX export", hint=hint)
+    if record.get("weights_sha256") != art.weights_sha256:
+        raise KdrayError(
+            f"evaluate exported: [onnx]: the ONNX export of {art.uri} was made from other weights "
+            f"({str(record.get('weights_sha256'))[:12]}, the artifact holds {str(art.weights_sha256)[:12]})",
+            hint=hint,
+        )
+    data = home.read_bytes(record["file"])
+    if sha256(data) != record.get("sha256"):
+        raise CheckpointMismatch(
+            f"{home.uri(record['file'])} does not match its export record (sha256 {sha256(data)[:12]})",
+            hint=hint,
+        )
+    return record, data
+
+
+def onnx_scores(
+    art: Artifact,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    torch_logits: torch.Tensor,
+    *,
+    batch_size: int,
+    latency_batch: int,
+    latency_batches: int,
+) -> dict[str, Any]:
+    """The ONNX export's figures on the test inputs ``x`` (normalised), beside PyTorch's ``torch_logits``."""
+    record, data = onnx_record(art)
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise KdrayError(
+            "evaluate exported: [onnx] needs onnxruntime", hint="Install it: pip install 'kdray[export]'."
+        ) from None
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+
+    def run(xb: torch.Tensor) -> np.ndarray:
+        return session.run(None, {name: xb.float().numpy()})[0]
+
+    logits = torch.from_numpy(np.concatenate([run(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]))
+    scores = metrics_for(logits, y)
+    xb = x[:latency_batch]
+    for _ in range(2):  # warm-up, as for the PyTorch latency
+        run(xb)
+    times = []
+    for _ in range(latency_batches):
+        t0 = time.perf_counter()
+        run(xb)
+        times.append((time.perf_counter() - t0) * 1000)
+    return {
+        "onnx_top1": scores["top1"],
+        "onnx_loss": scores["loss"],
+        "onnx_agreement": float((logits.argmax(1) == torch_logits.argmax(1)).float().mean()),
+        "onnx_max_abs_diff": float((logits - torch_logits).abs().max()),
+        "onnx_latency_ms": statistics.median(times),
+        "onnx_uri": record.get("uri"),
+    }
