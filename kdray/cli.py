@@ -32,6 +32,7 @@ import threading
 from typing import Any, Iterator, Optional
 
 import typer
+import typer.rich_utils
 from rich.console import Console
 from rich.table import Table
 
@@ -58,6 +59,11 @@ from kdray.engine.submit import render_command, submit_command
 from kdray.engine.sweep import load_sweep, parse_grid, run_sweep, sample_settings
 from kdray.transfer.mapping import MATCH_STRATEGIES
 from kdray.transfer.scoring import score_layers, score_sources
+
+# typer draws help and usage errors with rich, forced to a terminal's codes under GITHUB_ACTIONS or
+# PY_COLORS even into a file or pipe; kdray follows rich's own rule instead: codes only on a terminal, or
+# with FORCE_COLOR; never colours with NO_COLOR (rich reads it).
+typer.rich_utils.FORCE_TERMINAL = True if os.environ.get("FORCE_COLOR") else None
 
 app = typer.Typer(
     add_completion=False,
@@ -311,10 +317,10 @@ def sweep(
 
     p = load_pipeline(spec, overrides or [])
     trials: Any
+    options: dict[str, Any] = {"max_concurrent": max_concurrent, "metric": metric, "mode": mode}
     if space:
         sw = load_sweep(space)
-        stage, trials = stage or sw.stage, sample_settings(sw)
-        metric, mode, max_concurrent = sw.metric, sw.mode, sw.max_concurrent
+        stage, trials, options = stage or sw.stage, sample_settings(sw), sw.options()  # with scheduler, choose
     elif stage and grid:
         trials = parse_grid(grid)
     else:
@@ -322,16 +328,10 @@ def sweep(
             "kdray sweep needs --stage and --grid key=v1,v2, or --sweep SWEEP.yaml",
             hint="e.g. kdray sweep SPEC --stage student --grid optim.lr=0.001,0.003",
         )
-    report = run_sweep(
-        p,
-        stage,
-        trials,
-        max_concurrent=max_concurrent,
-        metric=metric,
-        mode=mode,
-        log=lambda m: typer.echo(m, err=True),
-    )
+    report = run_sweep(p, stage, trials, **options, log=lambda m: typer.echo(m, err=True))
     typer.echo(f"sweep report: {report['uri']}")
+    if (report.get("chosen") or {}).get("uri"):
+        typer.echo(f"chosen student: {report['chosen']['uri']}")
 
 
 @app.command("export")
@@ -376,6 +376,7 @@ def data_import(
         seed=seed,
         class_names=class_names.split(",") if class_names else None,
         log=lambda m: typer.echo(m, err=True),
+        meter=progress.meter(lambda m: typer.echo(m, err=True)),  # a live bar on a terminal, else plain lines
     )
     typer.echo(
         f"{dest}: {meta['num_classes']} classes, {meta['channels']}x{meta['image_size']}x{meta['image_size']}, "

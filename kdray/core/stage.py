@@ -29,6 +29,7 @@ import torch
 
 from kdray.core import data as kdata
 from kdray.core.checkpoint import Artifact, write_artifact
+from kdray.core.meter import Meter, log_meter
 from kdray.core.method import Method
 from kdray.core.models import count_parameters
 from kdray.core.registry import Registry
@@ -125,6 +126,11 @@ class StageContext:
     parents: dict[str, Artifact] = field(default_factory=dict)  # reference -> finished artifact
     log: Log = print
     fit: Callable[[Job, Storage], FitResult] | None = None  # the engine's training loop runner
+    meter: Meter | None = None  # how driver-side work shows its progress (None: plain lines through log)
+
+    def tasks(self) -> Meter:
+        """The meter for driver-side work (a teacher cache...): the engine's, or plain lines through ``log``."""
+        return self.meter or log_meter(self.log)
 
     @property
     def run(self) -> RunSpec:
@@ -224,6 +230,9 @@ class StageKind:
     # False: the method's losses cannot use a row whose label is withheld (cross-entropy), so the
     # loop trains on the labelled rows only instead of iterating rows that contribute nothing.
     uses_unlabelled: ClassVar[bool] = True
+    # True: ``data.stream`` may feed this kind's loop from Ray Data (its ``data`` is the default one and
+    # its ``method`` needs no more of the ``Shard`` than a few example rows: see kdray.engine.datasets).
+    streams: ClassVar[bool] = False
 
     @classmethod
     def kind(cls) -> str:

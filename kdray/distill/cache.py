@@ -9,6 +9,7 @@ or a changed selection gets a new cache and a stale one is never used.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from typing import Any
@@ -19,6 +20,7 @@ import torch.nn as nn
 from kdray.core import data as kdata
 from kdray.core.checkpoint import Artifact, bytes_to_state, sha256, state_to_bytes
 from kdray.core.errors import KdrayError
+from kdray.core.meter import Task, log_meter
 from kdray.core.specs import spec_hash
 from kdray.core.stage import StageContext
 from kdray.core.storage import Storage
@@ -62,16 +64,29 @@ def chunk_name(start: int) -> str:
 
 
 def build_cache(
-    store: Storage, teacher: nn.Module, x: torch.Tensor, meta: dict[str, Any], batch_size: int = 1024, log=print
+    store: Storage,
+    teacher: nn.Module,
+    x: torch.Tensor,
+    meta: dict[str, Any],
+    batch_size: int = 1024,
+    log=print,
+    task: Task | None = None,
 ) -> dict[str, Any]:
-    """Run the teacher once over ``x`` and write its logits in chunks, then ``meta.json`` last."""
+    """Run the teacher once over ``x`` and write its logits in chunks, then ``meta.json`` last.
+
+    ``task`` counts the rows done, batch by batch (``kdray.core.meter``; by default plain lines through ``log``)."""
     teacher.eval()
     t0 = time.perf_counter()
-    chunks = {}
-    with torch.no_grad():
+    chunks: dict[str, str] = {}  # chunk file name -> sha256
+    task = task or log_meter(log)("teacher cache", len(x), "rows")
+    with torch.no_grad(), contextlib.closing(task):
         for start in range(0, len(x), CHUNK_ROWS):
             rows = x[start : start + CHUNK_ROWS]
-            logits = torch.cat([teacher(rows[i : i + batch_size]).float() for i in range(0, len(rows), batch_size)])
+            parts = []
+            for i in range(0, len(rows), batch_size):
+                parts.append(teacher(rows[i : i + batch_size]).float())
+                task.update(start + min(i + batch_size, len(rows)), f"{len(chunks)} chunk(s) written")
+            logits = torch.cat(parts)
             if not bool(torch.isfinite(logits).all()):
                 raise KdrayError(
                     f"the teacher's outputs for rows {start:,}-{start + len(rows):,} are NaN or infinite: "
@@ -81,7 +96,7 @@ def build_cache(
             data = state_to_bytes({"logits": logits})
             store.write_bytes(chunk_name(start), data)
             chunks[chunk_name(start)] = sha256(data)
-            log(f"  teacher cache: {min(start + CHUNK_ROWS, len(x)):,}/{len(x):,} rows")
+            task.update(start + len(rows), f"{len(chunks)} chunk(s) written")
     meta = {
         **meta,
         "rows": len(x),
@@ -146,6 +161,7 @@ def ensure_cache(ctx: StageContext, teacher: Artifact) -> str:
     if meta is not None:
         ctx.log(f"[{ctx.stage.name}] teacher cache at {store.uri()} does not match; rebuilding it")
     ctx.log(f"[{ctx.stage.name}] building teacher cache at {store.uri()}")
+    title = f"[{ctx.pipeline.name}/{ctx.stage.name}] teacher cache"
     build_cache(
         store,
         teacher.build_model(),
@@ -157,5 +173,6 @@ def ensure_cache(ctx: StageContext, teacher: Artifact) -> str:
             "num_classes": train.num_classes,
         },
         log=ctx.log,
+        task=ctx.tasks()(title, len(train), "rows"),
     )
     return store.uri()

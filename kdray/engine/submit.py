@@ -6,6 +6,7 @@ from typing import Any
 
 from kdray.core.errors import KdrayError
 from kdray.core.stage import kind_of
+from kdray.engine import progress
 from kdray.engine.launchers import LAUNCHERS, Log, spec_to_json
 from kdray.engine.launchers.kuberay import job_request, require_object_storage
 from kdray.engine.pipeline import plan, run_pipeline
@@ -34,9 +35,14 @@ def submit_command(
     force: bool = False,
     log: Log = print,
 ) -> list[Any]:
-    """``kdray submit``: run the pipeline with every stage on ``launcher``; returns the ``StageOutcome``s."""
+    """``kdray submit``: run the pipeline with every stage on ``launcher``; returns the ``StageOutcome``s.
+
+    While a job runs, each change of its state is logged with the time since submission; on a terminal a
+    spinner line per job shows its state and elapsed time (one display for all: independent stages are
+    followed at the same time)."""
     spec = with_launcher(load_pipeline(spec_path, list(overrides)), launcher)
-    return run_pipeline(spec, force=force, only=only or None, log=log)
+    with progress.display():
+        return run_pipeline(spec, force=force, only=only or None, log=log)
 
 
 def render_command(spec_path: str, overrides: list[str] | tuple[str, ...] = (), stage: str | None = None) -> str:

@@ -11,6 +11,7 @@ from kdray.core.checkpoint import Artifact, read_artifact
 from kdray.core.errors import KdrayError, SpecError
 from kdray.core.stage import kind_of
 from kdray.core.storage import Storage
+from kdray.engine import progress
 from kdray.engine.launchers import (
     LAUNCHERS,
     WORKER_COMMAND,
@@ -113,12 +114,16 @@ class KubeRayLauncher:
         name = client.submit(req)
         log(f"[{spec.name}] RayJob {name} in namespace {req.namespace}: {WORKER_COMMAND} {uri}")
 
+        # each change of state logged with the time since submission; a spinner line on a terminal
+        watch = progress.StateWatch(f"[{spec.name}] RayJob {name}", log)
+
         def on_status(s: dict) -> None:
             state = s["jobDeploymentStatus"] or "Pending"
-            log(f"[{spec.name}] RayJob {name}: {state}" + (f" (job {s['jobStatus']})" if s["jobStatus"] else ""))
+            watch.state(state + (f" (job {s['jobStatus']})" if s["jobStatus"] else ""))
 
         try:
-            client.wait(name, poll_s=self.poll_s, on_status=on_status)
+            with watch:
+                client.wait(name, poll_s=self.poll_s, on_status=on_status)
         except KeyboardInterrupt:
             try:
                 client.delete(name)

@@ -14,6 +14,7 @@ from typing import Any
 
 from kdray.core.checkpoint import Artifact, read_artifact
 from kdray.core.errors import KdrayError
+from kdray.engine import progress
 from kdray.engine.launchers import (
     ANSI,
     FORWARDED_ENV,
@@ -121,7 +122,7 @@ class RayJobLauncher:
         try:
             if status not in (JobStatus.PENDING, JobStatus.RUNNING):
                 log(f"[{spec.name}] submitted Ray job {job} to {url}: {WORKER_COMMAND} {stage_uri}")
-            self._follow(client, str(job), log)
+            self._follow(client, str(job), log, f"[{spec.name}] Ray job {job}")
         except KeyboardInterrupt:
             try:
                 client.stop_job(job)
@@ -204,33 +205,38 @@ class RayJobLauncher:
                 hint="Read the message above; the dashboard's dashboard.log has the details.",
             ) from None
 
-    def _follow(self, client: Any, job: str, log: Log) -> None:
-        """Stream the job's new log lines and poll its status until it ends; Ctrl-C stops it."""
+    def _follow(self, client: Any, job: str, log: Log, title: str | None = None) -> None:
+        """Stream the job's new log lines and poll its status until it ends; Ctrl-C stops it. Each state
+        change is logged with the time since the wait began (a spinner line on a terminal)."""
         shown, errors = 0, 0
-        while True:
-            try:
-                status = client.get_job_status(job)  # before the log: a final status means a final log
-                text = ANSI.sub("", redact(client.get_job_logs(job)))
-                errors = 0
-            except (RuntimeError, OSError) as e:
-                errors += 1
-                if errors >= self.max_api_errors:
-                    raise KdrayError(
-                        f"lost contact with the Ray job API while following job {job}: {redact(str(e))}",
-                        hint="The job keeps running on the cluster; run the same command again to attach to it.",
-                    ) from None
+        with progress.StateWatch(title or f"Ray job {job}", log) as watch:
+            while True:
+                try:
+                    status = client.get_job_status(job)  # before the log: a final status means a final log
+                    text = ANSI.sub("", redact(client.get_job_logs(job)))
+                    errors = 0
+                    if not status.is_terminal():  # a final state is shown after the final log lines
+                        watch.state(status.value)
+                except (RuntimeError, OSError) as e:
+                    errors += 1
+                    if errors >= self.max_api_errors:
+                        raise KdrayError(
+                            f"lost contact with the Ray job API while following job {job}: {redact(str(e))}",
+                            hint="The job keeps running on the cluster; run the same command again to attach to it.",
+                        ) from None
+                    time.sleep(self.poll_s)
+                    continue
+                # Only complete lines, unless the job is over; a log that shrank was rotated: start over.
+                end = len(text) if status.is_terminal() else text.rfind("\n") + 1
+                if end < shown:
+                    shown = 0
+                for line in text[shown:end].splitlines():
+                    log(line)
+                shown = max(shown, end)
+                if status.is_terminal():
+                    watch.state(status.value)
+                    break
                 time.sleep(self.poll_s)
-                continue
-            # Only complete lines, unless the job is over; a log that shrank was rotated: start over.
-            end = len(text) if status.is_terminal() else text.rfind("\n") + 1
-            if end < shown:
-                shown = 0
-            for line in text[shown:end].splitlines():
-                log(line)
-            shown = max(shown, end)
-            if status.is_terminal():
-                break
-            time.sleep(self.poll_s)
         if status.value == "SUCCEEDED":
             return
         info = client.get_job_info(job)
