@@ -27,6 +27,7 @@ from kdray.core.stage import StageContext
 from kdray.core.storage import Storage
 from kdray.engine.driver import ensure_ray, fit
 from kdray.engine.loop import batches, build_optimizer
+from kdray.engine.reaper import session_pids
 from kdray.engine.spec import parse_pipeline
 
 
@@ -54,6 +55,41 @@ def plain_loop(spec, threads: int, seed: int) -> list[float]:
     return rates
 
 
+def cpu_seconds(pids: list[int]) -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) used so far by each process, with a short name (Linux ``/proc``)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        words = [a.decode(errors="replace").rsplit("/", 1)[-1] for a in argv if a][:3]
+        out[pid] = (" ".join(words)[:60], (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def ray_cpu_during(fn):
+    """Run ``fn()``; return its result and the CPU seconds each process of this Ray cluster used meanwhile."""
+    import ray
+
+    node = ray._private.worker._global_node
+    session, address = (
+        node.session_name,
+        "127.0.0.1:" + node.address.rsplit(":", 1)[1],
+    )  # as embedded_cluster_env sets it
+    before = cpu_seconds(session_pids(session, set(), address))
+    result = fn()
+    after = cpu_seconds(session_pids(session, set(), address))
+    used: dict[str, float] = {}
+    for pid, (name, secs) in after.items():
+        used[name] = used.get(name, 0.0) + secs - before.get(pid, (name, 0.0))[1]
+    return result, dict(sorted(used.items(), key=lambda kv: -kv[1]))
+
+
 def kdray_fit(spec, root: Storage, name: str) -> dict:
     ctx = StageContext(spec, spec.stages[0], name, root.child(name), root, {}, lambda m: None)
     job = ctx.job()
@@ -77,6 +113,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=12000)
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=1, help="1: a Ray Train worker; 0: kdray's loop in this process")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
@@ -85,7 +122,7 @@ def main() -> None:
     doc = {
         "name": "bench",
         "storage": {"uri": f"file://{tmp}"},
-        "run": {"workers": 1, "cpus_per_worker": args.threads, "max_failures": 0},
+        "run": {"workers": args.workers, "cpus_per_worker": args.threads, "max_failures": 0},
         "stages": [
             {
                 "name": "fit",
@@ -104,7 +141,7 @@ def main() -> None:
     plain, kd, startups, teardowns = [], [], [], []
     for r in range(args.rounds):
         plain += plain_loop(spec.stages[0], args.threads, seed=r)[1:]
-        out = kdray_fit(spec, Storage(f"file://{tmp}"), f"round{r}")
+        out, ray_cpu = ray_cpu_during(lambda r=r: kdray_fit(spec, Storage(f"file://{tmp}"), f"round{r}"))
         kd += out["rates"][1:]
         startups.append(out["startup_s"])
         teardowns.append(out["teardown_and_eval_s"])
@@ -112,6 +149,11 @@ def main() -> None:
             f"round {r}: plain {statistics.median(plain[-(args.epochs - 1) :]):,.0f} samples/s, "
             f"kdray {statistics.median(out['rates'][1:]):,.0f} samples/s, fit start-up {out['startup_s']:.2f} s, "
             f"fit total {out['fit_s']:.1f} s",
+            flush=True,
+        )
+        print(
+            f"  CPU seconds of the Ray processes during that fit ({out['fit_s']:.0f} s): "
+            + ", ".join(f"{k} {v:.1f}" for k, v in ray_cpu.items() if v >= 0.05),
             flush=True,
         )
     figures = {
