@@ -37,8 +37,11 @@ def test_grid_parsing_and_expansion(tmp_path):
 
 
 @pytest.mark.slow
-def test_sweep_runs_trials_shares_the_teacher_cache_and_resumes(tmp_path, ray_local):
-    spec = parse_pipeline(synthetic_pipeline(tmp_path, workers=1, extra_stages=[STUDENT]))
+def test_sweep_runs_trials_shares_the_teacher_cache_and_resumes(tmp_path, ray_local, monkeypatch):
+    doc = synthetic_pipeline(tmp_path, workers=1, extra_stages=[STUDENT])
+    doc["storage"]["uri"] = "file://./runs"  # relative, as in the examples: trials must find the teacher there too
+    monkeypatch.chdir(tmp_path)
+    spec = parse_pipeline(doc)
     logs = []
     report = run_sweep(
         spec,

@@ -42,6 +42,7 @@ RAY_ENV = {
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     "RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION": "0",
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # otherwise every worker line is printed twice
+    "RAY_CHDIR_TO_TRIAL_DIR": "0",  # sweep trials run where kdray was started: relative paths in a spec hold
 }
 
 

@@ -359,6 +359,9 @@ def run_sweep(
     check_metric(metric, mode)
 
     doc, trials = expand(spec, stage, grid)
+    # Tune starts each trial in a folder of its own: a relative storage folder (file://./runs) must
+    # name the same place there as here
+    doc["storage"]["uri"] = Storage(spec.storage.uri).uri()
     full = parse_pipeline(copy.deepcopy(doc))
     first = full.stage(trials[0]["trial"])
     run = full.run_for(first)
