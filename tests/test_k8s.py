@@ -261,10 +261,7 @@ def test_images_are_set_by_kustomize_everywhere(rendered, tmp_path):
     )
     docs = kustomize(overlay)
     kdray_images = [
-        c["image"]
-        for doc in docs
-        for _, s in pod_specs(doc)
-        for c in s.get("initContainers", []) + s["containers"]
+        c["image"] for doc in docs for _, s in pod_specs(doc) for c in s.get("initContainers", []) + s["containers"]
     ]
     # every container: the RayCluster/RayJob/Prefect ones and SeaweedFS's two (its init container too)
     assert len(kdray_images) == 10 and set(kdray_images) == {"registry.example.invalid/ml/kdray:v9"}
