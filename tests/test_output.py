@@ -40,16 +40,10 @@ def env() -> dict[str, str]:
     return e
 
 
-def test_a_run_in_a_terminal_shows_progress_inside_epochs(tmp_path):
+def in_terminal(args: list[str], cwd: Path, extra_env: dict[str, str] | None = None) -> str:
+    """Run ``args`` with stdin/stdout/stderr on a pseudo-terminal; its whole output (exit code checked)."""
     master, slave = pty.openpty()
-    proc = subprocess.Popen(
-        [*KDRAY, "run", str(spec_file(tmp_path)), "--max-concurrent", "1"],
-        stdin=slave,
-        stdout=slave,
-        stderr=slave,
-        env=env(),
-        cwd=tmp_path,
-    )
+    proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, env={**env(), **(extra_env or {})}, cwd=cwd)
     os.close(slave)
     chunks = []
     while True:
@@ -61,8 +55,13 @@ def test_a_run_in_a_terminal_shows_progress_inside_epochs(tmp_path):
             break
         chunks.append(data)
     os.close(master)
-    assert proc.wait(timeout=600) == 0
     raw = b"".join(chunks).decode(errors="replace")
+    assert proc.wait(timeout=600) == 0, ANSI.sub("", raw)[-3000:]
+    return raw
+
+
+def test_a_run_in_a_terminal_shows_progress_inside_epochs(tmp_path):
+    raw = in_terminal([*KDRAY, "run", str(spec_file(tmp_path)), "--max-concurrent", "1"], tmp_path)
     text = ANSI.sub("", raw)
     assert "\x1b[" in raw, "a terminal gets a live display"
     bars = re.findall(r"synth/teacher epoch (\d)/2 .*? (\d+)/(\d+) steps  loss (\S+)  (\S+) samples/s  ETA", text)

@@ -10,8 +10,6 @@ job's state display follows a Ray job API stand-in through a fixed sequence of s
 from __future__ import annotations
 
 import io
-import os
-import pty
 import re
 import subprocess
 from pathlib import Path
@@ -21,7 +19,7 @@ import numpy as np
 import pytest
 import yaml
 from conftest import synthetic_pipeline
-from test_output import ANSI, KDRAY, env
+from test_output import ANSI, KDRAY, env, in_terminal
 
 from kdray.core.errors import KdrayError
 from kdray.core.meter import LogTask, duration, log_meter, task_line
@@ -29,26 +27,6 @@ from kdray.engine import progress
 from kdray.engine.progress import ProgressHub, Renderer, StateWatch, replay
 
 SGR = re.compile(r"\x1b\[([0-9;]*)m")
-
-
-def in_terminal(args: list[str], cwd: Path, extra_env: dict[str, str] | None = None) -> str:
-    """Run ``args`` with stdin/stdout/stderr on a pseudo-terminal; its whole output (exit code checked)."""
-    master, slave = pty.openpty()
-    proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, env={**env(), **(extra_env or {})}, cwd=cwd)
-    os.close(slave)
-    chunks = []
-    while True:
-        try:
-            data = os.read(master, 65536)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not data:
-            break
-        chunks.append(data)
-    os.close(master)
-    raw = b"".join(chunks).decode(errors="replace")
-    assert proc.wait(timeout=600) == 0, ANSI.sub("", raw)[-3000:]
-    return raw
 
 
 def into_file(args: list[str], cwd: Path) -> str:

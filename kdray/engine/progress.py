@@ -146,13 +146,19 @@ class Renderer:
                 raise
         return self._bar
 
-    def update(self, title: str, epoch: int, epochs: int, done: int, total: int, loss: float, rate: float) -> None:
+    def _live_bar(self) -> RichProgress | None:
+        """The live bar, started on first use; None without a terminal or when another display holds it."""
         if not self.live:
-            return
+            return None
+        try:
+            return self._progress()
+        except LiveError:
+            return None
+
+    def update(self, title: str, epoch: int, epochs: int, done: int, total: int, loss: float, rate: float) -> None:
         with self._lock:
-            try:
-                bar = self._progress()
-            except LiveError:
+            bar = self._live_bar()
+            if bar is None:
                 return
             desc = f"{title} epoch {epoch + 1}/{epochs}"
             task = self._tasks.get(title)
@@ -215,12 +221,9 @@ class Renderer:
 
     def state(self, title: str, state: str) -> None:
         """A remote job's spinner line (live only: without a terminal the launcher logs each change)."""
-        if not self.live:
-            return
         with self._lock:
-            try:
-                bar = self._progress()
-            except LiveError:
+            bar = self._live_bar()
+            if bar is None:
                 return
             task = self._tasks.get(title)
             if task is None:
