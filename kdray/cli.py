@@ -363,12 +363,16 @@ def data_import(
     test_fraction: float = typer.Option(0.2, "--test-fraction", min=0.0, max=0.9, help="held out without test/"),
     seed: int = typer.Option(0, "--seed", help="seed of the held-out test rows"),
     class_names: Optional[str] = typer.Option(None, "--class-names", help="comma-separated, for IDX and .npz"),
+    as_: Optional[str] = typer.Option(
+        None, "--as", help="images or arrays (.npz only; default: images when it holds pixels, else arrays)"
+    ),
 ) -> None:
     """Convert SRC into Parquet shards with a dataset.json (classes, counts, mean/std, fingerprint) under DEST."""
 
     meta = import_dataset(
         src,
         dest,
+        as_=as_,
         image_size=image_size,
         channels=channels,
         shard_rows=shard_rows,
@@ -378,8 +382,10 @@ def data_import(
         log=lambda m: typer.echo(m, err=True),
         meter=progress.meter(lambda m: typer.echo(m, err=True)),  # a live bar on a terminal, else plain lines
     )
+    size = meta.get("image_size")  # array shards (--as arrays) record a dtype and shape instead
+    rows = f"{meta['dtype']} {meta['shape']}" if "dtype" in meta else f"{meta['channels']}x{size}x{size}"
     typer.echo(
-        f"{dest}: {meta['num_classes']} classes, {meta['channels']}x{meta['image_size']}x{meta['image_size']}, "
+        f"{dest}: {meta['num_classes']} classes, {rows}, "
         f"train {meta['splits']['train']['rows']:,} / test {meta['splits']['test']['rows']:,}, "
         f"fingerprint {meta['fingerprint']}; use data: {{name: parquet, path: {dest}}}"
     )

@@ -25,6 +25,8 @@ from kdray.core.errors import DataError
 from kdray.core.registry import Registry
 from kdray.core.shifts import compose, shift_hash
 from kdray.core.storage import Storage
+from kdray.core.transforms import TransformSpec, apply, has_random, output_size, split_random, stats
+from kdray.core.transforms import key as transforms_key
 
 DATASETS: Registry = Registry("dataset", group="kdray.datasets")
 
@@ -58,6 +60,9 @@ class Split:
     std: float | tuple[float, ...]
     fingerprint: str
     class_names: tuple[str, ...] = ()
+    # data.transforms still to apply to each training batch (the random ones and those after them;
+    # ``load(..., augment=True)``): the batch source applies them on CPU, per epoch, before normalising
+    augment: tuple[TransformSpec, ...] = ()
 
     def __len__(self) -> int:
         return len(self.y)
@@ -334,6 +339,8 @@ def withhold_labels(
 
 
 def normalize(x: torch.Tensor, split: Split) -> torch.Tensor:
+    if not x.is_floating_point():  # integer arrays (token ids: kdray.core.arrays) are inputs as they are
+        return x
     if isinstance(split.mean, (int, float)) and isinstance(split.std, (int, float)):
         return (x - split.mean) / split.std
     shape = (-1,) + (1,) * (x.dim() - 2)  # per channel: [C, 1, 1] against [N, C, H, W]
@@ -341,12 +348,14 @@ def normalize(x: torch.Tensor, split: Split) -> torch.Tensor:
     return (x - mean) / torch.as_tensor(split.std, dtype=x.dtype).view(shape)
 
 
-def load(spec: Any, split: str = "train") -> Split:
-    """Load ``spec.name``'s ``split`` (``train``, ``val`` or ``test``), apply the spec's domain shifts
-    and deterministic selection. ``val`` is carved from the dataset's training split (``select``).
+def load(spec: Any, split: str = "train", augment: bool = False) -> Split:
+    """Load ``spec.name``'s ``split`` (``train``, ``val`` or ``test``), apply the spec's domain shifts,
+    deterministic selection and ``transforms``. ``val`` is carved from the dataset's training split (``select``).
 
     Pixels stay in [0, 1]; ``normalize`` comes after. A shift is seeded by ``spec.seed`` and the
-    split, so train and test images of a shifted domain get independent noise.
+    split, so train and test images of a shifted domain get independent noise. The transforms give the
+    deterministic view of every split, unless ``augment`` (the training loop's ``train`` split): then
+    the steps from the first random one on are left in ``Split.augment`` for the batch source.
     """
     if split not in ("train", "val", "test"):
         raise DataError(f"unknown split {split!r}; use train, val or test")
@@ -359,7 +368,24 @@ def load(spec: Any, split: str = "train") -> Split:
         x, y = compose(spec.shifts, num_classes=raw.num_classes)(raw.x, raw.y, spec.seed * 2 + (split == "test"))
         tag = hashlib.sha256(f"{raw.fingerprint}|{shift_hash(spec.shifts)}".encode()).hexdigest()[:16]
         raw = replace(raw, x=x, y=y, fingerprint=tag)
-    return select(raw, spec, split)
+    return transform(select(raw, spec, split), getattr(spec, "transforms", []), augment and split == "train")
+
+
+def transform(split: Split, steps: list[TransformSpec], augment: bool = False) -> Split:
+    """``split`` with ``steps`` (data.transforms) applied: all of them in their deterministic view, or,
+    with ``augment`` and random steps, the ones before the first random step (the rest in ``augment``)."""
+    if not steps:
+        return split
+    if split.x.dim() != 4 or not split.x.is_floating_point():
+        raise DataError(
+            f"data.transforms apply to images (float pixels [N, C, H, W]), not to {split.x.dtype} arrays of shape "
+            f"{tuple(split.x.shape[1:])}",
+            hint="Drop data.transforms for this dataset.",
+        )
+    now, later = split_random(steps) if augment and has_random(steps) else (steps, [])
+    mean, std = stats(steps, split.mean, split.std, split.in_channels)
+    tag = hashlib.sha256(f"{split.fingerprint}|transforms|{transforms_key(steps)}".encode()).hexdigest()[:16]
+    return replace(split, x=apply(split.x, now), mean=mean, std=std, fingerprint=tag, augment=tuple(later))
 
 
 def describe(spec: Any) -> dict[str, Any]:
@@ -376,4 +402,6 @@ def describe(spec: Any) -> dict[str, Any]:
         meta["in_channels"] = spec.options["channels"]
     if spec.classes is not None:
         meta["num_classes"] = len(spec.classes)
+    if getattr(spec, "transforms", None) and "image_size" in meta:
+        meta["image_size"] = output_size(spec.transforms, meta["image_size"])
     return meta

@@ -15,7 +15,8 @@ Two dataset kinds join ``DATASETS``:
 files or an ``.npz`` (``x_train``/``y_train``/``x_test``/``y_test``, images ``[N, H, W]`` or
 ``[N, H, W, C]``) into such shards. Rows are ordered by file name, then class, so a folder whose
 files are numbered keeps its order. Both kinds load into memory (the in-memory fast path); every
-bad file is a :class:`DataError` naming it.
+bad file is a :class:`DataError` naming it. An ``.npz`` of arrays that are not images (token ids,
+features) becomes shards of raw arrays instead (``kdray.core.arrays``), read by the same ``parquet`` kind.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from kdray.core import arrays
 from kdray.core.data import DATASETS, FASHION_MNIST_FILES, Split, parse_idx
 from kdray.core.errors import DataError, KdrayError
 from kdray.core.meter import Meter, Task, log_meter
@@ -180,29 +182,24 @@ def idx_source(folder: Path, class_names: list[str] | None) -> Source:
     return _array_source(arrays, class_names or [str(i) for i in range(k)], f"IDX files in {folder}")
 
 
-def npz_source(path: Path, class_names: list[str] | None, test_fraction: float, seed: int) -> Source:
-    with np.load(path, allow_pickle=False) as z:
-        keys = set(z.files)
-        if {"x_train", "y_train", "x_test", "y_test"} <= keys:
-            arrays = {s: (z[f"x_{s}"], z[f"y_{s}"]) for s in SPLITS}
-        elif {"x", "y"} <= keys:
-            x, y = z["x"], z["y"]
-            order = np.random.default_rng(seed).permutation(len(y))
-            cut = int(round(test_fraction * len(y)))
-            test = np.sort(order[:cut])
-            train = np.sort(order[cut:])
-            arrays = {"train": (x[train], y[train]), "test": (x[test], y[test])}
-        else:
-            raise DataError(
-                f"{path} has arrays {sorted(keys)}; expected x_train, y_train, x_test, y_test (or x and y)",
-            )
-        names = [str(n) for n in z["class_names"]] if "class_names" in keys else None
+def npz_source(
+    path: Path,
+    class_names: list[str] | None,
+    test_fraction: float,
+    seed: int,
+    loaded: tuple[arrays.Splits, list[str] | None] | None = None,
+) -> Source:
+    splits, names = loaded or arrays.read_npz(path, test_fraction, seed)  # checks that x and y lengths match
     out = {}
-    for s, (x, y) in arrays.items():
+    for s, (x, y) in splits.items():
         if x.ndim == 3:
             x = x[..., None]
         if x.ndim != 4 or x.shape[-1] not in (1, 3):
-            raise DataError(f"{path}: x_{s} has shape {x.shape}; expected [N, H, W] or [N, H, W, C] with C 1 or 3")
+            raise DataError(
+                f"{path}: x_{s} has shape {x.shape}; expected [N, H, W] or [N, H, W, C] with C 1 or 3",
+                hint="To import arrays that are not images (token ids, features), drop --as images or give "
+                "--as arrays.",
+            )
         if x.dtype != np.uint8:
             if np.issubdtype(x.dtype, np.floating) and x.size and (x.min() < 0 or x.max() > 1):
                 raise DataError(f"{path}: x_{s} is {x.dtype} outside [0, 1]; store uint8 pixels or floats in [0, 1]")
@@ -228,13 +225,15 @@ def open_source(
     test_fraction: float = 0.2,
     seed: int = 0,
     class_names: list[str] | None = None,
+    loaded: tuple[arrays.Splits, list[str] | None] | None = None,
 ) -> Source:
-    """What ``kdray data import`` reads: an ``.npz``, a folder of IDX files, or an image folder."""
+    """What ``kdray data import`` reads: an ``.npz`` (``loaded``: its arrays, read already), a folder of
+    IDX files, or an image folder."""
     local = Path(src.removeprefix("file://"))
     if src.endswith(".npz"):
         if not local.is_file():
             raise DataError(f"{src} does not exist")
-        return npz_source(local, class_names, test_fraction, seed)
+        return npz_source(local, class_names, test_fraction, seed, loaded)
     if "://" not in src or src.startswith("file://"):
         if not local.is_dir():
             raise DataError(f"{src} is not a folder or an .npz file", hint="Give an image folder, IDX folder or .npz.")
@@ -269,6 +268,7 @@ def import_dataset(
     src: str,
     dest: str,
     *,
+    as_: str | None = None,
     image_size: int | None = None,
     channels: int | None = None,
     shard_rows: int = 10_000,
@@ -280,14 +280,32 @@ def import_dataset(
 ) -> dict[str, Any]:
     """Write ``src`` as Parquet shards under ``dest`` (any storage URI); ``dataset.json`` last. Returns it.
 
+    ``as_`` is ``images`` (PNG shards), ``arrays`` (raw array shards of an ``.npz``, ``kdray.core.arrays``)
+    or None: arrays when the ``.npz`` does not hold pixels (``arrays.holds_pixels``), else images.
     ``meter`` shows the images converted of the total, the shards written, the rate and the ETA
     (``kdray.core.meter``; by default plain lines through ``log``)."""
-    source = open_source(src, image_size, channels, test_fraction, seed, class_names)
+    if as_ not in (None, "images", "arrays"):
+        raise DataError(f"--as {as_!r}: give images or arrays (or leave it out to choose from the data)")
+    loaded = None
+    if src.endswith(".npz") and Path(src.removeprefix("file://")).is_file():
+        loaded = arrays.read_npz(Path(src.removeprefix("file://")), test_fraction, seed)
+    elif as_ == "arrays":
+        raise DataError(f"--as arrays reads an .npz file; {src} is not one", hint="Save the arrays with np.savez.")
+    if loaded is not None and (as_ == "arrays" or (as_ is None and not arrays.holds_pixels(loaded[0]))):
+        splits, names = loaded
+        source = Source(class_names or names or [], description=f"arrays in {src}")
+        source.sizes = {s: len(y) for s, (_, y) in splits.items()}
+    else:
+        splits, source = {}, open_source(src, image_size, channels, test_fraction, seed, class_names, loaded)
     store = Storage(dest)
     if store.exists(META):
         raise DataError(f"{store.uri(META)} already exists", hint="Import into a new folder or prefix.")
-    with contextlib.closing((meter or log_meter(log))("data import", sum(source.sizes.values()), "images")) as task:
-        meta = _import_rows(source, store, shard_rows, log, task)
+    unit = "rows" if splits else "images"
+    with contextlib.closing((meter or log_meter(log))("data import", sum(source.sizes.values()), unit)) as task:
+        if splits:
+            meta = arrays.write_shards(splits, source.classes or None, store, shard_rows, source.description, log, task)
+        else:
+            meta = _import_rows(source, store, shard_rows, log, task)
     store.write_bytes(META, json.dumps(meta, indent=2).encode())  # last: a folder without it is unfinished
     return meta
 
@@ -376,19 +394,24 @@ def read_meta(path: str | None) -> tuple[Storage, dict[str, Any]]:
         meta = json.loads(store.read_bytes(META))
     except json.JSONDecodeError as e:
         raise DataError(f"{store.uri(META)} is not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise DataError(f"{store.uri(META)} is not a kdray Parquet dataset description (format {FORMAT!r})")
+    if not isinstance(meta, dict) or meta.get("format") not in (FORMAT, arrays.FORMAT):
+        raise DataError(
+            f"{store.uri(META)} is not a kdray Parquet dataset description (format {FORMAT!r} or {arrays.FORMAT!r})"
+        )
     return store, meta
 
 
 def describe_parquet(path: str | None, **_options: Any) -> dict[str, Any]:
     _, meta = read_meta(path)
+    if arrays.is_arrays(meta):
+        return arrays.describe(meta)
     return {"num_classes": meta["num_classes"], "in_channels": meta["channels"], "image_size": meta["image_size"]}
 
 
 @DATASETS.register("parquet", describe=describe_parquet)
 def parquet(split: str, path: str | None = None) -> Split:
-    """Parquet shards of PNG images and labels with a dataset.json (``kdray data import``), from any storage URI."""
+    """Parquet shards of PNG images (or of arrays, ``kdray.core.arrays``) and labels with a dataset.json
+    (``kdray data import``), from any storage URI."""
     store, meta = read_meta(path)
     # A stage loads the training split twice (train and val are carved from it): decode it once per
     # version of the shards (their sizes and modification times are part of the key).
@@ -404,6 +427,8 @@ def parquet(split: str, path: str | None = None) -> Split:
 @functools.lru_cache(maxsize=2)
 def _decoded(uri: str, split: str, meta_json: str, stamp: tuple) -> Split:
     store, meta = Storage(uri), json.loads(meta_json)
+    if arrays.is_arrays(meta):  # raw arrays of the stored shape and dtype: nothing to decode
+        return arrays.read_split(store, meta, split, store.uri(META))
     k, c, size = meta["num_classes"], meta["channels"], meta["image_size"]
     xs, ys = [], []
     for rel in meta["splits"][split]["shards"]:

@@ -27,6 +27,7 @@ from kdray.core.errors import KdrayError
 from kdray.core.models import MODELS, import_target
 from kdray.core.registry import Entry, Registry, check_params, did_you_mean
 from kdray.core.shifts import ShiftSpec
+from kdray.core.transforms import TransformSpec, check_order
 
 DNS_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 
@@ -110,6 +111,7 @@ class RunSpec(Spec):
     keep_checkpoints: int = Field(2, ge=1)
     seed: int = 0
     amp: bool = True
+    channels_last: bool = True  # conv networks train in channels_last memory layout (faster; same results)
     address: str | None = None
 
 
@@ -205,6 +207,12 @@ class DataSpec(Spec):
 
     ``stream`` (``parquet`` only, ``run.workers >= 1``) streams the shards to the Ray Train workers with
     Ray Data instead of loading them into memory: same rows, same labels (docs/data.md).
+
+    ``transforms`` (``resize``, ``center_crop``, ``random_crop``, ``hflip``, ``normalize``; in order, on CPU
+    in the data pipeline: at load, in the batch source, or in Ray Data's decode step when streamed) set the
+    image size models are built for; the random ones augment the training batches only, seeded by (run
+    seed, epoch, row id), and validation and test data get the deterministic view (``kdray.core.transforms``,
+    docs/data.md).
     """
 
     name: Annotated[str, AfterValidator(registered(DATASETS))] = "fashion_mnist"
@@ -221,6 +229,7 @@ class DataSpec(Spec):
     shifts: list[ShiftSpec] = Field(default_factory=list)
     options: dict[str, Any] = Field(default_factory=dict)
     stream: bool = False  # parquet only: Ray Data streams the shards to the Ray Train workers (docs/data.md)
+    transforms: Annotated[list[TransformSpec], AfterValidator(check_order)] = Field(default_factory=list)
 
     @field_validator("classes")
     @classmethod
@@ -253,9 +262,10 @@ class DataSpec(Spec):
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: Any) -> dict[str, Any]:
-        out = handler(self)  # ``stream`` appears only when set, so existing stage keys stay as they were
-        if not out.get("stream"):
-            out.pop("stream", None)
+        out = handler(self)  # ``stream`` and ``transforms`` appear only when set, so existing stage keys stay
+        for key in ("stream", "transforms"):
+            if not out.get(key):
+                out.pop(key, None)
         return out
 
 

@@ -22,10 +22,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from kdray.core import arrays as array_shards
 from kdray.core import data as kdata
 from kdray.core.errors import DataError, KdrayError
 from kdray.core.files import META, decode, read_meta
 from kdray.core.storage import Storage
+from kdray.core.transforms import TransformSpec, apply, stats
 
 NOT_IN_SPLIT = -2  # lookup value of a row that the split does not hold (-1 is a withheld label)
 
@@ -51,17 +53,24 @@ class StreamPlan:
     def facts(self, examples: int = 4) -> dict[str, Any]:
         """What a worker needs to know (JSON): the rows of each part, how to normalise, and the PNG
         bytes of the first few training rows (``example_split``)."""
-        rel = self.shards[0]
+        rel, column = self.shards[0], array_shards.x_column(self.meta)  # array shards: raw bytes, not PNG
         with self.store.fs.open_input_file(self.store.path(rel)) as f:
-            first = pq.read_table(f, columns=["image"]).slice(0, examples).column("image").to_pylist()
+            first = pq.read_table(f, columns=[column]).slice(0, examples).column(column).to_pylist()
+        if array_shards.is_arrays(self.meta):
+            return {**self.facts_of(first), "layout": array_shards.layout(self.meta)}
+        return {
+            **self.facts_of(first),
+            "channels": self.meta["channels"],
+            "mean": list(self.meta["mean"]),
+            "std": list(self.meta["std"]),
+        }
+
+    def facts_of(self, first: list[bytes]) -> dict[str, Any]:
         return {
             "train_rows": len(self.train),
             "val_rows": len(self.val),
             "fingerprint": self.train.fingerprint,
             "num_classes": self.train.num_classes,
-            "channels": self.meta["channels"],
-            "mean": list(self.meta["mean"]),
-            "std": list(self.meta["std"]),
             "example": [base64.b64encode(b).decode() for b in first],
             "example_labels": [max(0, int(y)) for y in self.train.y[: len(first)]],
         }
@@ -125,8 +134,7 @@ def plan(spec: Any) -> StreamPlan:
         torch.arange(len(labels)),  # row ids stand in for the pixels: select() picks rows, never reads them
         torch.from_numpy(labels),
         meta["num_classes"],
-        tuple(meta["mean"]),
-        tuple(meta["std"]),
+        *array_shards.mean_std(meta),
         f"{meta['fingerprint']}-train",
         tuple(meta["classes"]),
     )
@@ -150,13 +158,23 @@ def decode_batch(
     std: list[float],
     prefix: str = "",
     seed: int = 0,
+    layout: dict[str, Any] | None = None,
+    transforms: list[dict[str, Any]] | None = None,
+    augment: bool = False,
+    epoch: int = 0,
 ) -> dict[str, np.ndarray]:
     """One streamed batch (columns ``id``, ``image``, ``path``) -> the part's rows, decoded and normalised.
 
     Returns ``x`` float32 ``[n, C, H, W]`` (zero mean, unit variance per channel), ``y`` (the plan's
     labels, -1 withheld) and ``index`` (the row ids), in a seeded random order (the read shuffles the
-    shards' order per epoch). A corrupt image is a DataError naming its shard.
+    shards' order per epoch). A corrupt image is a DataError naming its shard. ``transforms``
+    (data.transforms, :func:`transform_options`) run on the decoded pixels: with ``augment`` (the training
+    part) the random ones draw from (``seed``, ``epoch``, row id), else the deterministic view.
     """
+    if layout is not None:  # array shards (column ``array``): raw values, no image (kdray.core.arrays)
+        return array_shards.decode_batch(
+            batch, lookup=lookup, layout=layout, not_in_split=NOT_IN_SPLIT, prefix=prefix, seed=seed
+        )
     ids = np.asarray(batch["id"], dtype=np.int64)
     labels = lookup[ids]
     keep = np.flatnonzero(labels != NOT_IN_SPLIT)
@@ -172,14 +190,50 @@ def decode_batch(
     m = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
     s = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
     pixels = x.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
+    if transforms:  # data.transforms, on this CPU batch in the Ray Data task (kdray.core.transforms)
+        steps = [TransformSpec.model_validate(t) for t in transforms]
+        pixels = apply(torch.from_numpy(pixels), steps, train=augment, rows=ids[keep], seed=seed, epoch=epoch).numpy()
     return {"x": (pixels - m) / s, "y": labels[keep].astype(np.int64), "index": ids[keep]}
 
 
 def example_split(facts: dict[str, Any]) -> kdata.Split:
     """The plan's example rows decoded (pixels in [0, 1]): what a method sees before training (e.g. a
     distillation term sizing its projection), with no storage access in the worker."""
+    if facts.get("layout"):  # array shards: the example rows are raw bytes
+        return array_shards.example_split(facts, [base64.b64decode(b) for b in facts["example"]])
     c = facts["channels"]
     arrays = [decode(base64.b64decode(b), f"example row {i}", c) for i, b in enumerate(facts["example"])]
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
+    x = apply(x, [TransformSpec.model_validate(t) for t in facts.get("transforms", [])])  # the deterministic view
     y = torch.tensor(facts["example_labels"], dtype=torch.int64)
     return kdata.Split(x, y, facts["num_classes"], tuple(facts["mean"]), tuple(facts["std"]), facts["fingerprint"], ())
+
+
+def decode_options(meta: dict[str, Any]) -> dict[str, Any]:
+    """The keywords of :func:`decode_batch` that come from dataset.json (``layout`` for array shards)."""
+    if array_shards.is_arrays(meta):
+        return {"channels": 0, "size": 0, "mean": [], "std": [], "layout": array_shards.layout(meta)}
+    return {
+        "channels": meta["channels"],
+        "size": meta["image_size"],
+        "mean": list(meta["mean"]),
+        "std": list(meta["std"]),
+    }
+
+
+def transform_options(meta: dict[str, Any], steps: list[TransformSpec]) -> dict[str, Any]:
+    """The ``transforms``, ``mean`` and ``std`` that :func:`decode_batch` and the workers' facts take for
+    ``data.transforms`` (``normalize`` replaces dataset.json's mean/std); {} without transforms."""
+    if not steps:
+        return {}
+    if array_shards.is_arrays(meta):
+        raise DataError(
+            "data.transforms apply to images, not to array shards (dataset.json has no images)",
+            hint="Drop data.transforms for this dataset.",
+        )
+    mean, std = stats(steps, tuple(meta["mean"]), tuple(meta["std"]), meta["channels"])
+    return {
+        "transforms": [t.model_dump(mode="json") for t in steps],
+        "mean": list(mean) if isinstance(mean, tuple) else [mean],
+        "std": list(std) if isinstance(std, tuple) else [std],
+    }
