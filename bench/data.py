@@ -15,11 +15,17 @@
     ``mlp_32``. Figure: the worker process's peak RSS (sampled from /proc every 0.2 s, and the
     kernel's high-water mark VmHWM), 10x / 1x. RSS counts the object-store pages the worker maps
     (shared memory, bounded by the 256 MiB store); private memory (RssAnon) is reported too.
+(c) **Teacher cache**: the logits of a ``--teacher`` (seeded random weights) for Fashion-MNIST's
+    60,000 training rows (``--repeat`` times over) imported as Parquet shards, built by Ray Data batch inference (decoding
+    tasks and an actor pool, ``kdray.engine.inference``: what a streamed distill stage runs) and by a
+    plain loop (read each shard, decode, normalise, run the teacher on all CPUs, write the chunks),
+    alternating for ``--rounds``. Figure: rows/s, Ray Data / plain; and the largest logit difference.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -32,11 +38,17 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
-from kdray.core.files import import_dataset
+from kdray.core.checkpoint import bytes_to_state
+from kdray.core.files import decode, import_dataset
+from kdray.core.models import create_model
 from kdray.core.stage import StageContext
 from kdray.core.storage import Storage
+from kdray.core.stream import plan as stream_plan
+from kdray.distill.cache import ChunkWriter, chunk_name
 from kdray.engine.driver import ensure_ray, fit
+from kdray.engine.inference import stream_inference
 from kdray.engine.spec import parse_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
@@ -190,26 +202,105 @@ def memory(args: argparse.Namespace, tmp: str) -> dict:
     }
 
 
+def seeded_model(name: str, seed: int) -> torch.nn.Module:
+    """The benchmark's teacher: registry model ``name`` with seeded random weights (the same on both sides)."""
+    torch.manual_seed(seed)
+    return create_model(name, num_classes=10, in_channels=1, image_size=28)
+
+
+def plain_cache(folder: Path, build, store: Storage, threads: int) -> int:
+    """What a user would write: read each shard, decode its PNGs, normalise, run the teacher in batches
+    of 1024 on ``threads`` threads (channels_last, as kdray's actors), write the chunks."""
+    meta = json.loads((folder / "dataset.json").read_text())
+    torch.set_num_threads(threads)
+    model = build().eval().to(memory_format=torch.channels_last)
+    mean, std = float(meta["mean"][0]), float(meta["std"][0])
+    writer = ChunkWriter(store, meta["splits"]["train"]["rows"], Count())
+    with torch.no_grad():
+        for rel in meta["splits"]["train"]["shards"]:
+            table = pq.read_table(folder / rel, columns=["id", "image"])
+            ids = table.column("id").to_numpy()
+            pixels = np.stack([decode(b, rel, 1) for b in table.column("image").to_pylist()])
+            x = (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+            for i in range(0, len(x), 1024):
+                writer(ids[i : i + 1024], model(x[i : i + 1024]).numpy())
+    writer.finish({}, 0.0)
+    return writer.rows
+
+
+class Count:
+    def update(self, done: int, note: str = "") -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def teacher_cache(args: argparse.Namespace, tmp: str) -> dict:
+    """(c) The teacher cache of Fashion-MNIST's 60,000 training rows: Ray Data batch inference (an actor
+    pool beside decoding tasks, kdray.engine.inference) against a plain loop, alternating, in one run."""
+    folder = Path(tmp) / "fm-c"
+    import_dataset(FMNIST, str(folder), shard_rows=5000, class_names=[str(i) for i in range(10)], log=quiet)
+    if args.repeat > 1:  # the same shards --repeat times over, with new row ids: a larger dataset
+        folder = repeated(folder, Path(tmp) / f"fm-c-{args.repeat}x", args.repeat)
+    spec = parse_pipeline(stage_doc(tmp, {"name": "parquet", "path": str(folder), "stream": True}, "mlp_32", 1, 128))
+    root = Storage(spec.storage.uri)
+    job = StageContext(spec, spec.stages[0], "c", root.child("c"), root, {}, quiet).job()
+    build = functools.partial(seeded_model, args.teacher, 0)
+    rates: dict[str, list[float]] = {"plain": [], "ray_data": []}
+    for r in range(args.rounds):
+        for side in ("plain", "ray_data"):
+            store = Storage(f"file://{tmp}/cache-{side}-{r}")
+            t0 = time.perf_counter()
+            if side == "plain":
+                rows = plain_cache(folder, build, store, threads=os.cpu_count() or 1)
+            else:
+                writer = ChunkWriter(store, stream_plan(job.spec.data).rows, Count())
+                rows = stream_inference(job, build, writer)
+                writer.finish({}, 0.0)
+            rates[side].append(rows / (time.perf_counter() - t0))
+            print(f"(c) round {r}: {side} {rates[side][-1]:,.0f} rows/s ({rows:,} rows)", flush=True)
+    a, b = Storage(f"file://{tmp}/cache-plain-0"), Storage(f"file://{tmp}/cache-ray_data-0")
+    first = chunk_name(0)
+    diff = float(
+        (bytes_to_state(a.read_bytes(first), "a")["logits"] - bytes_to_state(b.read_bytes(first), "b")["logits"])
+        .abs()
+        .max()
+    )
+    ratios = [d / p for d, p in zip(rates["ray_data"], rates["plain"])]
+    print(
+        f"(c) Ray Data / plain: {', '.join(f'{x:.2f}' for x in ratios)}; max |logit difference| {diff:.2e}", flush=True
+    )
+    return {"teacher": args.teacher, "rows_per_s": rates, "ratio_ray_data_over_plain": ratios, "max_abs_diff": diff}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--limit", type=int, default=60000, help="(a) Fashion-MNIST training rows")
     ap.add_argument("--epochs", type=int, default=2, help="(a) epochs")
     ap.add_argument("--rows", type=int, default=20000, help="(b) rows of the 1x synthetic dataset")
-    ap.add_argument("--skip", choices=["a", "b"], help="leave one part out")
+    ap.add_argument("--teacher", default="cnn_large", help="(c) the teacher model (seeded random weights)")
+    ap.add_argument("--rounds", type=int, default=2, help="(c) rounds of plain and Ray Data, alternating")
+    ap.add_argument("--repeat", type=int, default=1, help="(c) Fashion-MNIST's shards this many times over")
+    ap.add_argument("--only", choices=["a", "b", "c"], action="append", help="run only these parts")
+    ap.add_argument("--skip", choices=["a", "b", "c"], action="append", default=[], help="leave parts out")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="kdray-bench-data-")
     server = None
-    if args.skip != "a":  # before Ray starts, so that its processes get the endpoint and keys
+    parts = [p for p in (args.only or ["a", "b", "c"]) if p not in args.skip]
+    if "a" in parts:  # before Ray starts, so that its processes get the endpoint and keys
         server = SeaweedS3(Path(tmp) / "seaweed", buckets=["bench"]).start()
         os.environ.update(server.env())
     ensure_ray(parse_pipeline(stage_doc(tmp, {"name": "synthetic"}, "mlp_32", 1, 32)).run)
     figures: dict = {"cpu_count": os.cpu_count(), "load_average_start": os.getloadavg()}
     try:
-        if args.skip != "a":
+        if "a" in parts:
             figures["throughput"] = throughput(args, tmp)
-        if args.skip != "b":
+        if "b" in parts:
             figures["memory"] = memory(args, tmp)
+        if "c" in parts:
+            figures["teacher_cache"] = teacher_cache(args, tmp)
     finally:
         if server is not None:
             server.stop()

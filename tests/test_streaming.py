@@ -26,7 +26,7 @@ from kdray.cli import app
 from kdray.core import data as kdata
 from kdray.core import stream
 from kdray.core.checkpoint import open_artifact
-from kdray.core.errors import DataError, KdrayError
+from kdray.core.errors import DataError
 from kdray.core.files import import_dataset
 from kdray.core.metrics import metrics_for, predict
 from kdray.core.specs import DataSpec
@@ -141,16 +141,7 @@ def test_what_streaming_cannot_do_is_refused_naming_the_field(shards, tmp_path):
     result = runner.invoke(app, ["run", str(spec_file)])
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert "stages.net.data.stream: true needs Ray Train workers, but run.workers is 0" in result.output
-
-    from kdray.distill.stage import DistillStage, cache_decision
-
-    distill = {"name": "kd", "kind": "distill", "teacher": "net", "model": {"name": "mlp_32"}, "data": data}
-    assert cache_decision(DistillStage.model_validate(distill)) == (
-        False,
-        "data.stream: the teacher runs online on each streamed batch (no cache for streamed data)",
-    )
-    with pytest.raises(KdrayError, match="data.stream: true cannot be combined with teacher_cache: on"):
-        cache_decision(DistillStage.model_validate({**distill, "teacher_cache": "on"}))
+    # a streamed distill stage's teacher cache: tests/test_stream_cache.py
 
 
 def test_a_label_outside_the_classes_names_the_shard(shards):

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from kdray.core.errors import KdrayError, SpecError
-from kdray.core.hooks import embedding_and_logits, unwrap
+from kdray.core.hooks import classifier_name, embedding_and_logits, resolve_modules, unwrap
 from kdray.core.registry import Entry, Registry, check_params
 
 ADAPT_METHODS: Registry = Registry("adapt method", group="kdray.adapt_methods")
@@ -274,6 +274,14 @@ def snd_score(
 # --------------------------------------------------------------------------------------------
 
 
+def classifier_of(model: nn.Module) -> nn.Module:
+    """The classifier: a kdray model's ``classifier``, or the layer a user's model was adopted with
+    (its ``classifier_name``: ``model.classifier`` or its last ``nn.Linear``)."""
+    inner = unwrap(model)
+    name = classifier_name(inner)
+    return resolve_modules(inner, [name])[name]
+
+
 class AdaptMethod(nn.Module):
     """Base class. Subclasses implement ``forward(batch, progress) -> {"loss": ..., parts...}``.
 
@@ -290,11 +298,12 @@ class AdaptMethod(nn.Module):
     def __init__(self, model: nn.Module, num_classes: int, weight: NonNegative = 1.0):
         super().__init__()
         inner = unwrap(model)
-        head = getattr(inner, "classifier", None)
+        head = classifier_of(inner)
         if not isinstance(head, nn.Linear) or not hasattr(inner, "embed"):
             raise KdrayError(
-                f"adapt method {self.name!r} needs a kdray model with .embed and a nn.Linear "
-                f".classifier, got {type(inner).__name__} with classifier {type(head).__name__}."
+                f"adapt method {self.name!r} needs a model with .embed and a nn.Linear classifier, got "
+                f"{type(inner).__name__} with classifier {type(head).__name__}.",
+                hint="Set model.classifier to the nn.Linear that maps the embedding to the class scores.",
             )
         if head.out_features != num_classes:
             raise KdrayError(
@@ -322,7 +331,7 @@ class AdaptMethod(nn.Module):
 
     @property
     def embed_dim(self) -> int:
-        return unwrap(self.model).classifier.in_features  # type: ignore[return-value, union-attr]  # torch: Module.__getattr__
+        return classifier_of(self.model).in_features  # type: ignore[return-value]  # checked nn.Linear in __init__
 
     def extra_parameters(self) -> list[nn.Parameter]:
         """Parameters outside the model that the optimiser must also update (e.g. a discriminator)."""
@@ -557,7 +566,7 @@ class SHOT(AdaptMethod):
     @classmethod
     def prepare_model(cls, model: nn.Module) -> nn.Module:
         """Freeze the classifier (the source hypothesis). Call before DDP wrapping."""
-        for p in unwrap(model).classifier.parameters():  # type: ignore[union-attr]  # torch: Module.__getattr__
+        for p in classifier_of(model).parameters():
             p.requires_grad_(False)
         return model
 

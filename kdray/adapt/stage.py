@@ -77,6 +77,14 @@ class AdaptStage(StageBase):
 
     @model_validator(mode="after")
     def _adapt(self) -> "AdaptStage":
+        for field in ("source_domain", "target_domain"):
+            if getattr(self, field).stream:
+                raise ValueError(
+                    f"{field}.stream: an adapt stage keeps both domains in memory (its method draws random "
+                    "target rows beside every source batch, and shot relabels all target rows each epoch), so "
+                    f"it cannot stream; drop {field}.stream (the Parquet shards are then loaded into memory, "
+                    "from a bucket too)"
+                )
         t = self.target_domain
         if t.labels_per_class is not None or t.label_fraction < 1.0 or t.drop_unlabelled:
             raise ValueError(
@@ -211,13 +219,13 @@ def check_source(ctx: StageContext, kwargs: dict[str, Any]) -> None:
         return
     record = ctx.parents[ctx.stage.source].manifest.get("model") or {}
     if (
-        record.get("name") != ctx.stage.model.name
+        record.get("name") != ctx.stage.model.label  # a registry name, or a user model's import path
         or record.get("kwargs", {}).get("num_classes") != kwargs["num_classes"]
     ):
         raise KdrayError(
             f"stages.{ctx.stage.name}.source: {ctx.stage.source!r} is {record.get('name')} with "
             f"{record.get('kwargs', {}).get('num_classes')} classes, but this stage adapts "
-            f"{ctx.stage.model.name} with {kwargs['num_classes']} classes",
+            f"{ctx.stage.model.label} with {kwargs['num_classes']} classes",
             hint="Adapt the same architecture on data with the same classes as the source model.",
         )
 
@@ -265,7 +273,7 @@ class AdaptKind(StageKind):
                 model,
                 open_artifact(job.extras["init_uri"]).state_dict(),
                 source=job.extras["init_uri"],
-                target=spec.model.name,
+                target=spec.model.label,
             )
         rank, world = shard.rank, shard.world
         target = kdata.load(spec.target_domain, "train")
@@ -274,7 +282,8 @@ class AdaptKind(StageKind):
         source_val = None
         if not ADAPT_METHODS.meta(spec.method.name)["source_free"]:
             val = kdata.load(spec.source_domain, "val")
-            part = slice(rank * min(per, VALIDATION_ROWS), (rank + 1) * min(per, VALIDATION_ROWS))
+            rows = min(len(val) // world, VALIDATION_ROWS)  # this rank's share of the SOURCE validation rows
+            part = slice(rank * rows, (rank + 1) * rows)
             source_val = (kdata.normalize(val.x, val)[part], val.y[part])
         return Adapt(
             model,

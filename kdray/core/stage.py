@@ -127,6 +127,8 @@ class StageContext:
     log: Log = print
     fit: Callable[[Job, Storage], FitResult] | None = None  # the engine's training loop runner
     meter: Meter | None = None  # how driver-side work shows its progress (None: plain lines through log)
+    infer: Callable[[Job, Callable[[], Any], Callable[[Any, Any], None]], int] | None = None  # the engine's
+    # batch inference over a streamed dataset (kdray.engine.inference.stream_inference)
 
     def tasks(self) -> Meter:
         """The meter for driver-side work (a teacher cache...): the engine's, or plain lines through ``log``."""
@@ -141,6 +143,13 @@ class StageContext:
         if self.fit is None:
             raise RuntimeError("this StageContext was made without a fit function")
         return self.fit(job, self.root)
+
+    def stream_inference(self, job: Job, build: Callable[[], Any], sink: Callable[[Any, Any], None]) -> int:
+        """Run ``build()``'s model over every training-shard row of ``job``'s streamed data (Ray Data batch
+        inference); ``sink(row_ids, outputs)`` gets each output batch here, in row-id order. Returns the rows."""
+        if self.infer is None:
+            raise RuntimeError("this StageContext was made without an inference function")
+        return self.infer(job, build, sink)
 
     def job(self, **extras: Any) -> Job:
         """The worker's view of this stage."""
@@ -242,6 +251,12 @@ class StageKind:
         """Driver side: produce and publish the stage's artifact (``ctx.train(job)``, ``ctx.publish``)."""
         raise NotImplementedError
 
+    def stream_columns(self, job: Job) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
+        """With ``data.stream``: a function that Ray Data runs on each decoded training batch (numpy columns
+        ``x``, ``y``, ``index``) to add columns the method reads (a distill stage's cached teacher logits);
+        None adds nothing. It runs in Ray Data tasks, so it must pickle."""
+        return None
+
     def method(self, job: Job, shard: Shard) -> Method:
         """Worker side: the ``Method`` the loop optimises (its ``model`` is what gets published)."""
         raise NotImplementedError(f"stage kind {self.kind()!r} does not train")
@@ -252,7 +267,7 @@ class StageKind:
         The second split is what the loop reports as ``val_*`` and what selection may read: it must
         never be a test split (the test split is read once, by the evaluation).
         """
-        train = kdata.load(job.spec.data, "train")
+        train = kdata.load(job.spec.data, "train", augment=True)  # random data.transforms: per training batch
         return (train if self.uses_unlabelled else labelled_only(train, job)), kdata.load(job.spec.data, "val")
 
 

@@ -10,14 +10,17 @@ or a changed selection gets a new cache and a stale one is never used.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import time
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 from kdray.core import data as kdata
+from kdray.core import stream
 from kdray.core.checkpoint import Artifact, bytes_to_state, sha256, state_to_bytes
 from kdray.core.errors import KdrayError
 from kdray.core.meter import Task, log_meter
@@ -176,3 +179,128 @@ def ensure_cache(ctx: StageContext, teacher: Artifact) -> str:
         task=ctx.tasks()(title, len(train), "rows"),
     )
     return store.uri()
+
+
+# --------------------------------------------------------------------------- streamed data (data.stream)
+# The cache of a streamed dataset covers every row of its training shards, indexed by row id (the ``id``
+# column), so that it does not depend on the selection; it is built by Ray Data batch inference
+# (``ctx.stream_inference``) and read back inside the training pipeline, batch by batch: each rank
+# receives the logits of the rows it streams, never the whole cache.
+
+
+def stream_cache_key(teacher: Artifact, spec: Any, meta: dict[str, Any]) -> str:
+    return spec_hash(
+        {
+            "format": CACHE_FORMAT,
+            "teacher": teacher.weights_sha256,
+            "data": f"{meta['fingerprint']}-train",
+            "transforms": [t.model_dump(mode="json") for t in getattr(spec, "transforms", [])],
+        }
+    )[:16]
+
+
+class ChunkWriter:
+    """Takes (row ids, logits) batches in row-id order and writes each chunk as soon as it is complete."""
+
+    def __init__(self, store: Storage, rows: int, task: Task):
+        self.store, self.rows, self.task = store, rows, task
+        self.parts: list[torch.Tensor] = []
+        self.held = self.next_id = 0
+        self.chunks: dict[str, str] = {}
+
+    def __call__(self, ids: Any, logits: Any) -> None:
+        if len(ids) and (int(ids[0]) != self.next_id or int(ids[-1]) != self.next_id + len(ids) - 1):
+            raise KdrayError(f"teacher cache at {self.store.uri()}: rows arrived out of order at row {self.next_id}")
+        out = torch.as_tensor(logits).float()
+        if not bool(torch.isfinite(out).all()):
+            raise KdrayError(
+                f"the teacher's outputs for rows {self.next_id:,}-{self.next_id + len(ids):,} are NaN or infinite: "
+                f"refusing to cache them at {self.store.uri()}",
+                hint="Check the teacher artifact (rerun its stage with --force) and the inputs.",
+            )
+        self.parts.append(out)
+        self.held += len(ids)
+        self.next_id += len(ids)
+        while self.held >= CHUNK_ROWS or (self.held and self.next_id == self.rows):
+            held = torch.cat(self.parts)
+            chunk, rest = held[:CHUNK_ROWS], held[CHUNK_ROWS:]
+            start = self.next_id - len(held)
+            data = state_to_bytes({"logits": chunk})
+            self.store.write_bytes(chunk_name(start), data)
+            self.chunks[chunk_name(start)] = sha256(data)
+            self.parts, self.held = ([rest] if len(rest) else []), len(rest)
+        self.task.update(self.next_id, f"{len(self.chunks)} chunk(s) written")
+
+    def finish(self, meta: dict[str, Any], seconds: float) -> dict[str, Any]:
+        if self.next_id != self.rows:
+            raise KdrayError(f"teacher cache at {self.store.uri()}: {self.next_id:,} of {self.rows:,} rows came back")
+        meta = {**meta, "rows": self.rows, "chunks": self.chunks, "chunk_rows": CHUNK_ROWS, "format": CACHE_FORMAT}
+        self.store.write_bytes("meta.json", json.dumps({**meta, "seconds": round(seconds, 3)}, indent=2).encode())
+        return meta
+
+
+def given(model: nn.Module) -> nn.Module:
+    """``model`` itself: what each Ray Data inference actor builds. The teacher is read from storage here,
+    on the driver, and shipped to the actors with its weights (they may not have the storage's settings)."""
+    return model
+
+
+def ensure_stream_cache(ctx: StageContext, teacher: Artifact) -> str:
+    """The URI of the cache of the teacher's logits for every training-shard row of a streamed dataset,
+    built by Ray Data batch inference if it is missing or does not match."""
+    spec = ctx.stage.data
+    plan = stream.plan(spec)
+    store = ctx.root.child(f"_cache/teacher/{stream_cache_key(teacher, spec, plan.meta)}")
+    fingerprint = f"{plan.meta['fingerprint']}-train"
+    meta = read_cache_meta(store)
+    if meta is not None and meta.get("rows") == plan.rows and meta.get("data_fingerprint") == fingerprint:
+        ctx.log(f"[{ctx.stage.name}] teacher cache hit: {store.uri()} ({meta['rows']:,} rows)")
+        return store.uri()
+    ctx.log(f"[{ctx.stage.name}] building teacher cache at {store.uri()} (Ray Data batch inference)")
+    t0 = time.perf_counter()
+    task = ctx.tasks()(f"[{ctx.pipeline.name}/{ctx.stage.name}] teacher cache", plan.rows, "rows")
+    writer = ChunkWriter(store, plan.rows, task)
+    with contextlib.closing(task):
+        ctx.stream_inference(ctx.job(), functools.partial(given, teacher.build_model()), writer)
+    writer.finish(
+        {
+            "teacher_uri": teacher.uri,
+            "teacher_sha256": teacher.weights_sha256,
+            "data_fingerprint": fingerprint,
+            "num_classes": plan.meta["num_classes"],
+        },
+        time.perf_counter() - t0,
+    )
+    return store.uri()
+
+
+_CHUNKS: dict[tuple[str, int], tuple[Any, int]] = {}  # a Ray Data task process keeps the chunks it read
+
+
+def cached_chunk(store: Storage, start: int) -> tuple[Any, int]:
+    """One checked chunk of a cache (numpy) and the cache's chunk size, read once per process."""
+    key = (store.uri(), start)
+    if key not in _CHUNKS:
+        meta = read_cache_meta(store)
+        if meta is None:
+            raise KdrayError(
+                f"teacher cache at {store.uri()} has no readable meta.json",
+                hint="Rerun the stage with --force: the cache is rebuilt from the teacher.",
+            )
+        while len(_CHUNKS) >= 4:
+            _CHUNKS.pop(next(iter(_CHUNKS)))
+        _CHUNKS[key] = (read_chunk(store, meta, start).numpy(), meta["chunk_rows"])
+    return _CHUNKS[key]
+
+
+def attach_logits(batch: dict[str, Any], *, store: Storage) -> dict[str, Any]:
+    """A streamed training batch with ``teacher_logits``: the cached rows of its row ids (``index``).
+    ``store`` travels with its filesystem, so the Ray Data task needs no storage settings of its own."""
+    ids = batch["index"]
+    first, chunk = cached_chunk(store, 0)
+    out = np.empty((len(ids), first.shape[1]), dtype=np.float32)
+    starts = (ids // chunk) * chunk
+    for start in np.unique(starts):
+        sel = starts == start
+        out[sel] = cached_chunk(store, int(start))[0][ids[sel] - start]
+    return {**batch, "teacher_logits": out}

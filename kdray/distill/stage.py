@@ -10,6 +10,7 @@ per worker, frozen, outside the module tree; with a cache the teacher does not r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from typing import Any, Literal
 
@@ -18,6 +19,7 @@ import torch.nn as nn
 from pydantic import Field, field_validator
 
 from kdray.core import data as kdata
+from kdray.core import transforms
 from kdray.core.checkpoint import Artifact, bytes_to_state, open_artifact, state_to_bytes
 from kdray.core.errors import KdrayError
 from kdray.core.hooks import Outputs, forward_with_features
@@ -26,7 +28,7 @@ from kdray.core.specs import DataSpec, ModelSpec, OptimSpec, Spec, StageBase, sp
 from kdray.core.stage import Job, Shard, StageContext, StageKind, stage_kind
 from kdray.core.storage import Storage
 from kdray.core.usermodels import build_model
-from kdray.distill.cache import ensure_cache, read_cache_rows
+from kdray.distill.cache import attach_logits, ensure_cache, ensure_stream_cache, read_cache_rows
 from kdray.distill.datafree import synthesize
 from kdray.distill.losses import LossTerm
 
@@ -103,6 +105,8 @@ class Distill(Method):
         return self
 
     def teacher_outputs(self, batch: dict[str, Any]) -> Outputs:
+        if "teacher_logits" in batch:  # streamed data with a cache: the pipeline attached them
+            return Outputs(logits=batch["teacher_logits"])
         if self.cached_logits is not None:
             return Outputs(logits=self.cached_logits[batch["index"].to(self.cached_logits.device) - self.cache_start])
         with torch.no_grad():
@@ -166,15 +170,11 @@ def cache_decision(spec: DistillStage) -> tuple[bool, str]:
     online = [term.name for term in terms if term.teacher_layers or term.needs_embedding]
     if spec.teacher_cache == "off":
         return False, "teacher_cache: off"
-    if spec.data.stream:  # the cache is indexed by in-memory row ranges; a rank's streamed rows are not one
-        if spec.teacher_cache == "on" or spec.data_free is not None:
-            raise KdrayError(
-                f"stages.{spec.name}: data.stream: true cannot be combined with "
-                f"{'teacher_cache: on' if spec.teacher_cache == 'on' else 'data_free'}",
-                hint="Use teacher_cache: auto or off with streamed data (the teacher then runs online on each "
-                "streamed batch), or drop data.stream to load the data into memory.",
-            )
-        return False, "data.stream: the teacher runs online on each streamed batch (no cache for streamed data)"
+    if spec.data.stream and spec.data_free is not None:
+        raise KdrayError(
+            f"stages.{spec.name}: data.stream: true cannot be combined with data_free (its inputs are synthesised)",
+            hint="Drop data.stream or data_free.",
+        )
     if spec.data_free is not None:
         if spec.teacher_cache == "on":
             raise KdrayError(
@@ -184,6 +184,20 @@ def cache_decision(spec: DistillStage) -> tuple[bool, str]:
         return False, "data_free: the inputs are synthesised, the teacher runs online"
     if not any(term.needs_teacher for term in terms):
         return False, "no loss term reads the teacher's outputs, so the teacher never runs"
+    augment = transforms.random_names(spec.data.transforms)
+    if augment:  # a cache holds the teacher's outputs for fixed inputs; augmented inputs change every epoch
+        if spec.teacher_cache == "on":
+            raise KdrayError(
+                f"stages.{spec.name}.teacher_cache: on is impossible with random augmentation: the cache holds the "
+                f"teacher's outputs for fixed inputs, but data.transforms ({', '.join(augment)}) changes the "
+                "training inputs every epoch",
+                hint=f"Use teacher_cache: auto or off (the teacher then runs online on each augmented batch), or "
+                f"remove {' and '.join(augment)} from stages.{spec.name}.data.transforms.",
+            )
+        return False, (
+            f"running the teacher online: data.transforms has random augmentation ({', '.join(augment)}), "
+            "so the inputs differ every epoch and cached outputs would not match them"
+        )
     if online:
         reason = f"loss terms {online} read teacher features or embeddings, which the cache does not hold"
         if spec.teacher_cache == "on":
@@ -192,7 +206,8 @@ def cache_decision(spec: DistillStage) -> tuple[bool, str]:
                 hint="Use teacher_cache: auto or off for this stage.",
             )
         return False, f"running the teacher online: {reason}"
-    return True, "inputs are deterministic (no random augmentation), so the teacher runs once"
+    how = " (Ray Data batch inference over the streamed shards)" if spec.data.stream else ""
+    return True, f"inputs are deterministic (no random augmentation), so the teacher runs once{how}"
 
 
 def check_teacher(ctx: StageContext, teacher: Artifact, student_kwargs: dict[str, Any]) -> None:
@@ -219,7 +234,7 @@ class DistillKind(StageKind):
     """Distil a teacher (a stage or an artifact URI) into ``model``."""
 
     spec = DistillStage
-    streams = True  # data.stream: Ray Data feeds the loop; the teacher then runs online (cache_decision)
+    streams = True  # data.stream: Ray Data feeds the loop; a cache is built by Ray Data batch inference
 
     def run(self, ctx: StageContext) -> Artifact:
         teacher = ctx.parents[ctx.stage.teacher]
@@ -228,7 +243,8 @@ class DistillKind(StageKind):
         use_cache, why = cache_decision(ctx.stage)
         ctx.log(f"[{ctx.stage.name}] teacher cache {'on' if use_cache else 'off'}: {why}")
         if use_cache:
-            job.extras["teacher_cache"] = ensure_cache(ctx, teacher)
+            build = ensure_stream_cache if ctx.stage.data.stream else ensure_cache
+            job.extras["teacher_cache"] = build(ctx, teacher)
         if ctx.stage.data_free is not None:
             job.extras["datafree_uri"] = ensure_datafree(ctx, teacher, job.extras["model_kwargs"])
         result = ctx.train(job)
@@ -237,6 +253,11 @@ class DistillKind(StageKind):
             result,
             extra={"teacher": {"uri": teacher.uri, "cache": job.extras.get("teacher_cache"), "cache_reason": why}},
         )
+
+    def stream_columns(self, job: Job) -> Any:
+        """With a cache of streamed data, each training batch gets its rows' ``teacher_logits`` in Ray Data."""
+        cache_uri = job.extras.get("teacher_cache")
+        return functools.partial(attach_logits, store=Storage(cache_uri)) if cache_uri else None
 
     def method(self, job: Job, shard: Shard) -> Distill:
         spec = job.spec
@@ -248,7 +269,7 @@ class DistillKind(StageKind):
         for _, _, term in terms:
             term.setup(student, teacher, example)  # type: ignore[operator]  # projections exist before the optimiser
         cached, start = None, 0
-        if cache_uri:
+        if cache_uri and not spec.data.stream:  # streamed: each batch brings its logits (stream_columns)
             start, stop = int(shard.rows[0]), int(shard.rows[-1]) + 1
             cached = read_cache_rows(
                 Storage(cache_uri),

@@ -25,8 +25,9 @@ from typing import Any, Iterable, Iterator, Protocol
 
 import torch
 
+from kdray.core import arrays as array_shards
 from kdray.core import data as kdata
-from kdray.core import stream
+from kdray.core import stream, transforms
 from kdray.core.errors import KdrayError
 from kdray.core.stage import Job, Shard, StageKind, labelled_only
 from kdray.engine.raypolicy import find_user_error
@@ -75,7 +76,9 @@ class MemoryBatches:
 
     def __init__(self, job: Job, kind: StageKind, rank: int, world: int, batch_size: int):
         train_set, self.val = kind.data(job)
-        self.x, self.x_val = kdata.normalize(train_set.x, train_set), kdata.normalize(self.val.x, self.val)
+        self.train, self.augment = train_set, train_set.augment  # data.transforms left for each batch (random)
+        view = transforms.apply(train_set.x, self.augment) if self.augment else train_set.x  # deterministic view
+        self.x, self.x_val = kdata.normalize(view, train_set), kdata.normalize(self.val.x, self.val)
         self.y, self.rows = train_set.y, torch.tensor(list(shard(len(train_set), rank, world)))
         self.rank, self.world, self.batch_size, self.seed = rank, world, batch_size, job.run.seed
         self.shard = Shard(train_set, self.x, self.rows, rank, world)
@@ -83,7 +86,11 @@ class MemoryBatches:
 
     def epoch(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
         for idx in batches(self.rows, self.batch_size, epoch, self.seed):
-            yield {"x": self.x[idx], "y": self.y[idx], "index": idx}
+            if self.augment:  # on this CPU batch, before the loop moves it: seeded by (run seed, epoch, row id)
+                x = transforms.apply(self.train.x[idx], self.augment, train=True, rows=idx, seed=self.seed, epoch=epoch)
+                yield {"x": kdata.normalize(x, self.train), "y": self.y[idx], "index": idx}
+            else:
+                yield {"x": self.x[idx], "y": self.y[idx], "index": idx}
 
     def validation(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         part = shard(len(self.val), self.rank, self.world)
@@ -115,8 +122,7 @@ class StreamedBatches:
             batch_size=self.batch_size,
             device="cpu",  # the loop moves a batch to its device, as for in-memory batches
         )  # shuffled by the pipeline: the shards' order per epoch, the rows within each decoded batch
-        for b in user_errors(rows):
-            yield {"x": b["x"], "y": b["y"], "index": b["index"]}
+        yield from user_errors(rows)  # x, y, index, and what the kind's stream_columns added
 
     def validation(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         import ray.train
@@ -149,7 +155,7 @@ def streams(job: Job, kind: StageKind) -> bool:
     if not type(kind).streams:
         raise KdrayError(
             f"{where}: a {job.spec.kind} stage cannot stream its data (it needs its rows in memory)",
-            hint="Drop data.stream for this stage; train and distill stages can stream.",
+            hint="Drop data.stream for this stage; train, distill and transfer stages can stream (docs/data.md).",
         )
     if job.run.workers < 1:
         raise KdrayError(
@@ -169,35 +175,51 @@ def stream_datasets(job: Job, kind: StageKind) -> tuple[dict[str, Any], dict[str
     meta, store = plan.meta, plan.store
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the loop shows progress; Ray Data's bars would interleave
+    context.use_datasource_v2 = False
     context.raise_original_map_exception = True  # a DataError from decode_batch, not a UserCodeException
+    view = stream.transform_options(meta, job.spec.data.transforms)  # data.transforms: run in decode_batch
 
-    def dataset(part: kdata.Split) -> Any:
+    def dataset(part: kdata.Split, augment: bool = False) -> Any:
         rows = ray.data.read_parquet(
             [store.path(rel) for rel in plan.shards],
             filesystem=store.fs,
-            columns=["id", "image"],
+            columns=["id", array_shards.x_column(meta)],  # "image" (PNG bytes) or "array" (raw bytes)
             include_paths=True,
             shuffle=FileShuffleConfig(seed=job.run.seed, reseed_after_execution=True),  # a new order each epoch
             num_cpus=DATA_TASK_CPUS,
+            override_num_blocks=len(plan.shards),
         )
         return rows.map_batches(
-            stream.decode_batch,  # type: ignore[arg-type]  # keyword-only options come through fn_kwargs
+            decode_epoch if view else stream.decode_batch,  # type: ignore[arg-type]  # options through fn_kwargs
             batch_format="numpy",
             batch_size=DECODE_BATCH,
             num_cpus=DATA_TASK_CPUS,
             fn_kwargs={
                 "lookup": plan.lookup(part),
-                "channels": meta["channels"],
-                "size": meta["image_size"],
-                "mean": list(meta["mean"]),
-                "std": list(meta["std"]),
+                **stream.decode_options(meta),  # channels, size, mean, std; layout for array shards
                 "prefix": "s3://" if store.scheme == "s3" else "",
                 "seed": job.run.seed,
+                **view,  # transforms, and their mean/std
+                **({"augment": augment} if view else {}),
             },
         )
 
-    facts = {**plan.facts(), "train_rows": len(train)}
-    return {"train": dataset(train), "val": dataset(plan.val)}, facts
+    facts = {**plan.facts(), "train_rows": len(train), **view}
+    train_rows = dataset(train, augment=True)
+    columns = kind.stream_columns(job)  # e.g. a distill stage's cached teacher logits, per batch
+    if columns is not None:
+        train_rows = train_rows.map_batches(columns, batch_format="numpy", num_cpus=DATA_TASK_CPUS)
+    return {"train": train_rows, "val": dataset(plan.val)}, facts
+
+
+def decode_epoch(batch: dict[str, Any], **options: Any) -> dict[str, Any]:
+    """``stream.decode_batch`` told the epoch, for seeded augmentation: the count of the dataset's finished
+    executions (one per epoch), which Ray Data keeps in the task's DataContext and reads for its own
+    reseeded randomness (``FileShuffleConfig(reseed_after_execution=True)``)."""
+    import ray.data
+
+    epoch = int(getattr(ray.data.DataContext.get_current(), "_execution_idx", 0))
+    return stream.decode_batch(batch, epoch=epoch, **options)
 
 
 def stream_cpus(workers: int, cpus_per_worker: float, cluster_cpus: float) -> tuple[float, str | None]:

@@ -3,25 +3,66 @@
 ``score_sources`` runs each candidate source model over the target training data (labelled rows,
 at most ``limit``) and computes LogME on its pre-classifier embedding and LEEP on its softmax;
 ``score_layers`` computes LogME on every feature layer of one source (pooled to ``[N, C]``). Both
-are cheap forward passes, so a sweep can pick its source before training anything.
+are cheap forward passes, so a sweep can pick its source before training anything. For a streamed
+dataset (``data.stream: true``) the scored rows are the same ones, read from the shards one at a time
+(:func:`streamed_target`), so scoring never holds more than one shard and the scored rows.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 
 from kdray.core import data as kdata
+from kdray.core import stream
 from kdray.core.checkpoint import Artifact
-from kdray.core.errors import KdrayError
-from kdray.core.hooks import capture
+from kdray.core.errors import DataError, KdrayError
+from kdray.core.files import FORMAT, decode
+from kdray.core.hooks import capture, embedding_and_logits
 from kdray.transfer.transferability import leep, logme
 
 
+def streamed_target(data_spec: Any, limit: int) -> kdata.Split | None:
+    """The first ``limit`` labelled rows of a streamed dataset's training part (the rows, labels and
+    order the in-memory path scores), decoded from only the shards that hold them, one at a time.
+
+    None for shards of PNG images with ``data.transforms`` or for shards of arrays: those are
+    scored as in memory (the whole training split is loaded on the driver) until this reads them too."""
+    if getattr(data_spec, "transforms", None):
+        return None
+    plan = stream.plan(data_spec)
+    if plan.meta.get("format") != FORMAT:
+        return None
+    ids = plan.train.x[plan.train.y >= 0][:limit]
+    slot = {int(i): j for j, i in enumerate(ids.tolist())}  # row id -> position in the scored rows
+    c, size = plan.meta["channels"], plan.meta["image_size"]
+    x = torch.zeros(len(ids), c, size, size)
+    first = 0
+    for rel in plan.shards:
+        with plan.store.fs.open_input_file(plan.store.path(rel)) as f:
+            shard = pq.ParquetFile(f)
+            n = shard.metadata.num_rows
+            if any(first <= i < first + n for i in slot):
+                table = shard.read(columns=["id", "image"])
+                for row_id, data in zip(table.column("id").to_pylist(), table.column("image").to_pylist()):
+                    if row_id in slot:
+                        where = f"{plan.store.uri(rel)} row id {row_id}"
+                        arr = decode(data, where, c)
+                        if arr.shape != (size, size, c):
+                            raise DataError(f"{where}: image {arr.shape}, dataset.json says {(size, size, c)}")
+                        x[slot[row_id]] = torch.tensor(arr).permute(2, 0, 1).float().div_(255.0)
+        first += n
+    return replace(plan.train, x=x, y=plan.train.y[plan.train.y >= 0][:limit])
+
+
 def labelled_target(data_spec: Any, limit: int) -> tuple[torch.Tensor, np.ndarray, int]:
-    split = kdata.load(data_spec, "train")
+    split = streamed_target(data_spec, limit) if getattr(data_spec, "stream", False) else None
+    if split is None:
+        split = kdata.load(data_spec, "train")
     keep = (split.y >= 0).nonzero().flatten()[:limit]
     if len(keep) < 2 * split.num_classes:
         raise KdrayError(
@@ -37,9 +78,9 @@ def _run(model: torch.nn.Module, x: torch.Tensor, paths: list[str], batch_size: 
     logits, embeds = [], []
     feats: dict[str, list[torch.Tensor]] = {p: [] for p in paths}
     for i in range(0, len(x), batch_size):
-        with capture(model, paths, "source") as got:
-            e = model.embed(x[i : i + batch_size])  # type: ignore[operator]  # torch: Module.__getattr__
-            logits.append(model.classifier(e))  # type: ignore[operator]  # torch: Module.__getattr__
+        with capture(model, paths, "source") as got:  # a user's model has no .classifier: hook its head
+            e, z = embedding_and_logits(model, x[i : i + batch_size])
+        logits.append(z)
         embeds.append(e)
         for p in paths:
             f = got[p]

@@ -132,18 +132,19 @@ def with_new_head(ctx: StageContext, source: Artifact) -> Any:
     source_data = (source.manifest.get("spec") or {}).get("data") or {}
     target = ctx.stage.data.model_dump(mode="json")
     rules = ctx.stage.transfer.mapping
-    mentions_head = any(r.pairs and any(k.startswith("classifier") for k in r.pairs) for r in rules)
-    same_width = (
-        source.manifest["model"]["kwargs"].get("num_classes")
-        == model_kwargs(ctx.stage.model, ctx.stage.data)["num_classes"]
-    )
-    if not source_data or label_space(source_data) == label_space(target) or mentions_head or not same_width:
+    kwargs = model_kwargs(ctx.stage.model, ctx.stage.data)
+    same_width = source.manifest["model"]["kwargs"].get("num_classes") == kwargs["num_classes"]
+    if not source_data or label_space(source_data) == label_space(target) or not same_width:
         return ctx.stage  # (a head of another width is re-initialised by the mapping, with that reason)
+    # the target's head: "classifier" for a registry model, the adopted last nn.Linear for a user's model
+    name = getattr(build_model(ctx.stage.model, kwargs, weights=False), "classifier_name", "classifier")
+    if any(r.pairs and any(k.startswith(name) for k in r.pairs) for r in rules):
+        return ctx.stage  # the mapping decides the head itself
     ctx.log(
         f"[{ctx.stage.name}] source labels {label_space(source_data)} differ from target labels "
-        f"{label_space(target)}: the classifier head starts fresh (map classifier.* explicitly to change this)"
+        f"{label_space(target)}: the classifier head starts fresh (map {name}.* explicitly to change this)"
     )
-    head = MappingRule(match="explicit", pairs={"classifier.*": None}, op="reinit")
+    head = MappingRule(match="explicit", pairs={f"{name}.*": None}, op="reinit")
     transfer = ctx.stage.transfer.model_copy(update={"mapping": [head, *rules]})
     return ctx.stage.model_copy(update={"transfer": transfer})
 
@@ -154,6 +155,9 @@ class TransferKind(StageKind):
 
     spec = TransferStage
     uses_unlabelled = False  # cross-entropy: rows whose label is withheld are not iterated
+    # data.stream: Ray Data feeds the loop (the method reads only the batch; source: auto scores the
+    # candidates on the first rows of the training part, read shard by shard: scoring.streamed_target)
+    streams = True
 
     def run(self, ctx: StageContext) -> Artifact:
         source, ranking = choose_source(ctx)
@@ -165,7 +169,7 @@ class TransferKind(StageKind):
             ctx.stage.transfer,
             source.state_dict(),
             source.manifest["model"]["name"],
-            ctx.stage.model.name,
+            ctx.stage.model.label,  # a registry name, or a user model's import path
         )
         ctx.log(
             f"[{ctx.stage.name}] transfer from {source.manifest['model']['name']} ({source.uri}):\n"
@@ -193,6 +197,6 @@ class TransferKind(StageKind):
             job.spec.transfer,
             source.state_dict(),
             source.manifest["model"]["name"],
-            job.spec.model.name,
+            job.spec.model.label,
             job.spec.label_smoothing,
         )

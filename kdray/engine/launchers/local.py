@@ -7,6 +7,7 @@ from kdray.core.stage import StageContext, kind_of, run_name
 from kdray.core.storage import Storage
 from kdray.engine import progress
 from kdray.engine.driver import fit
+from kdray.engine.inference import stream_inference
 from kdray.engine.launchers import LAUNCHERS, Log, stage_store
 from kdray.engine.spec import PipelineSpec
 
@@ -30,5 +31,7 @@ class LocalLauncher:
         if force:  # start over: Ray would otherwise resume the finished run from its last checkpoint
             root.delete_dir(f"_ray/{run_name(spec.name, stage_name, key)}")
         store = stage_store(spec, stage_name, key)
-        ctx = StageContext(spec, stage, key, store, root, parents, log, fit, meter=progress.meter(log))
+        ctx = StageContext(
+            spec, stage, key, store, root, parents, log, fit, meter=progress.meter(log), infer=stream_inference
+        )
         return kind_of(stage).run(ctx)

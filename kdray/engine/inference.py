@@ -1,0 +1,125 @@
+"""Batch inference over a streamed dataset with Ray Data: how a streamed distill stage's teacher cache is built.
+
+``stream_inference(job, build, sink)`` runs a model over every row of the training shards of the
+job's ``data.stream`` dataset and hands each output batch (row ids, outputs) to ``sink`` on the
+driver, which writes them (``kdray.distill.cache``: the cache's chunks, keyed as for in-memory data).
+The pipeline is Ray Data's batch inference pattern: ``read_parquet`` of the shards, ``map_batches``
+tasks that decode and normalise the rows on CPU (as the training pipeline does, without its
+shuffling), then ``map_batches`` over an **actor pool** that holds the model once per actor: one
+actor per GPU when the run has GPUs, else actors of ``ACTOR_CPUS`` CPU each (one torch thread)
+beside the decoding tasks. Batches come back in shard order (``preserve_order``), so the sink sees
+row ids rise and can write each chunk as soon as it is complete: the driver holds a chunk or two,
+never the dataset.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from kdray.core import arrays, stream
+from kdray.core.stage import Job
+from kdray.engine.datasets import DATA_TASK_CPUS, DECODE_BATCH, user_errors
+from kdray.engine.driver import ensure_ray
+
+ACTOR_CPUS = 0.75  # one inference actor's CPU reservation (two fit beside a decoding task on 2 CPUs)
+INFER_BATCH = 1024
+
+
+class BatchOutputs:
+    """A Ray Data actor: the model, built once, run on each batch of decoded rows."""
+
+    def __init__(self, build: Callable[[], nn.Module], device: str, threads: int):
+        torch.set_num_threads(threads)
+        self.device = torch.device(device)
+        self.model = build().eval().to(self.device)
+        if any(isinstance(m, nn.Conv2d) for m in self.model.modules()):
+            self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch stub
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            x = torch.from_numpy(np.ascontiguousarray(batch["x"])).to(self.device)
+            out = self.model(x).float().cpu().numpy()
+        return {"index": batch["index"], "outputs": out}
+
+
+def actor_pool(use_gpu: bool, cluster: dict[str, float]) -> tuple[int, float, float]:
+    """(actors, CPUs and GPUs of each): one per GPU, else as many ``ACTOR_CPUS`` actors as fit beside a decoding task."""
+    if use_gpu and cluster.get("GPU", 0) >= 1:
+        return int(cluster["GPU"]), 1.0, 1.0
+    cpus = cluster.get("CPU", 1.0)
+    return max(1, math.floor((cpus - DATA_TASK_CPUS) / ACTOR_CPUS)), ACTOR_CPUS, 0.0
+
+
+def stream_inference(
+    job: Job,
+    build: Callable[[], nn.Module],
+    sink: Callable[[np.ndarray, np.ndarray], None],
+) -> int:
+    """Run ``build()``'s model over every training-shard row of ``job``'s streamed data; ``sink(ids, outputs)``
+    gets each output batch on the driver, in row-id order across shards. Returns the rows done."""
+    import ray
+    import ray.data
+
+    ensure_ray(job.run)
+    plan = stream.plan(job.spec.data)
+    actors, actor_cpus, actor_gpus = actor_pool(job.run.use_gpu, ray.cluster_resources())
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.use_datasource_v2 = False  # one read task (and block) per shard, so decoding streams shard by shard
+    context.raise_original_map_exception = True
+    ordered = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True  # shards in order: the sink writes each chunk once complete
+    try:
+        done = 0
+        for batch in user_errors(pipeline(job, plan, build, actors, actor_cpus, actor_gpus)):
+            order = np.argsort(batch["index"], kind="stable")  # decoding permutes the rows of each batch
+            sink(batch["index"][order], batch["outputs"][order])
+            done += len(order)
+        return done
+    finally:
+        context.execution_options.preserve_order = ordered  # later datasets (training) need no order
+
+
+def pipeline(
+    job: Job, plan: stream.StreamPlan, build: Callable[[], nn.Module], actors: int, cpus: float, gpus: float
+) -> Iterable[dict[str, np.ndarray]]:
+    """Read, decode, run the model in an actor pool: the output batches (``index``, ``outputs``)."""
+    import ray.data
+
+    store, meta = plan.store, plan.meta
+    rows = ray.data.read_parquet(
+        [store.path(rel) for rel in plan.shards],
+        filesystem=store.fs,
+        columns=["id", arrays.x_column(meta)],
+        include_paths=True,
+        num_cpus=DATA_TASK_CPUS,
+        override_num_blocks=len(plan.shards),
+    )
+    decoded = rows.map_batches(
+        stream.decode_batch,  # type: ignore[arg-type]  # keyword-only options come through fn_kwargs
+        batch_format="numpy",
+        batch_size=DECODE_BATCH,
+        num_cpus=DATA_TASK_CPUS,
+        fn_kwargs={
+            "lookup": np.zeros(plan.rows, dtype=np.int16),  # every row of the shards (label unused)
+            **stream.decode_options(meta),
+            **stream.transform_options(meta, job.spec.data.transforms),  # their deterministic view (augment off)
+            "prefix": "s3://" if store.scheme == "s3" else "",
+            "seed": job.run.seed,
+        },
+    )
+    outputs = decoded.map_batches(
+        BatchOutputs,  # type: ignore[arg-type]  # a callable class: Ray Data runs it in an actor pool
+        fn_constructor_kwargs={"build": build, "device": "cuda" if gpus else "cpu", "threads": max(1, round(cpus))},
+        batch_format="numpy",
+        batch_size=INFER_BATCH,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=cpus,
+        num_gpus=gpus or None,
+    )
+    return outputs.iter_batches(batch_format="numpy", batch_size=None)
