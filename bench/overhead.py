@@ -31,13 +31,16 @@ from kdray.engine.reaper import session_pids
 from kdray.engine.spec import parse_pipeline
 
 
-def plain_loop(spec, threads: int, seed: int) -> list[float]:
-    """The same recipe written as a plain PyTorch loop: samples/s of each epoch's training steps."""
+def plain_loop(spec, threads: int, seed: int, channels_last: bool = True) -> list[float]:
+    """The same recipe written as a plain PyTorch loop: samples/s of each epoch's training steps (in the
+    channels_last layout that kdray's loop uses for convolutional models by default, ``run.channels_last``)."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     train = kdata.load(spec.data, "train")
     x, y = kdata.normalize(train.x, train), train.y
     model = create_model(spec.model.name, num_classes=10, in_channels=1, image_size=28)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch: the stub lacks it
     steps = math.ceil(len(y) / spec.optim.batch_size)
     opt, sched = build_optimizer(spec.optim, [{"params": list(model.parameters())}], steps * spec.optim.epochs)
     rates = []
@@ -115,6 +118,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workers", type=int, default=1, help="1: a Ray Train worker; 0: kdray's loop in this process")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument(
+        "--contiguous", action="store_true", help="both loops in the default layout (run.channels_last off)"
+    )
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
 
@@ -122,7 +128,12 @@ def main() -> None:
     doc = {
         "name": "bench",
         "storage": {"uri": f"file://{tmp}"},
-        "run": {"workers": args.workers, "cpus_per_worker": args.threads, "max_failures": 0},
+        "run": {
+            "workers": args.workers,
+            "cpus_per_worker": args.threads,
+            "max_failures": 0,
+            "channels_last": not args.contiguous,
+        },
         "stages": [
             {
                 "name": "fit",
@@ -140,7 +151,7 @@ def main() -> None:
 
     plain, kd, startups, teardowns = [], [], [], []
     for r in range(args.rounds):
-        plain += plain_loop(spec.stages[0], args.threads, seed=r)[1:]
+        plain += plain_loop(spec.stages[0], args.threads, seed=r, channels_last=not args.contiguous)[1:]
         out, ray_cpu = ray_cpu_during(lambda r=r: kdray_fit(spec, Storage(f"file://{tmp}"), f"round{r}"))
         kd += out["rates"][1:]
         startups.append(out["startup_s"])
@@ -161,6 +172,7 @@ def main() -> None:
         "examples": args.limit,
         "epochs": args.epochs,
         "threads": args.threads,
+        "channels_last": not args.contiguous,
         "plain_samples_per_s": statistics.median(plain),
         "kdray_samples_per_s": statistics.median(kd),
         "ratio_kdray_over_plain": statistics.median(kd) / statistics.median(plain),

@@ -36,6 +36,10 @@ class Method(nn.Module):
         self._frozen[name] = frozen(module)
         return module
 
+    def networks(self) -> dict[str, nn.Module]:
+        """The trainable ``model`` and the frozen helpers, by name."""
+        return {"model": self.model, **self._frozen}
+
     def to_device(self, device: torch.device) -> "Method":
         self.to(device)
         for m in self._frozen.values():

@@ -43,6 +43,9 @@ RAY_ENV = {
     "RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION": "0",
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # otherwise every worker line is printed twice
     "RAY_CHDIR_TO_TRIAL_DIR": "0",  # sweep trials run where kdray was started: relative paths in a spec hold
+    # Ray starts its workers at nice 15, below everything else on the node; here they do the training, and at
+    # nice 15 any other process (even the driver's progress output) takes the CPU from them (docs/benchmarks.md)
+    "RAY_worker_niceness": "0",
 }
 
 
