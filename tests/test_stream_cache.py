@@ -22,7 +22,7 @@ from kdray.core.errors import KdrayError
 from kdray.core.files import import_dataset
 from kdray.core.specs import DataSpec
 from kdray.core.storage import Storage
-from kdray.distill.cache import _CHUNKS, ChunkWriter, attach_logits
+from kdray.distill.cache import _CHUNKS, _METAS, ChunkWriter, attach_logits
 from kdray.distill.stage import DistillStage, cache_decision
 from kdray.engine.pipeline import run_pipeline
 from kdray.engine.spec import parse_pipeline
@@ -46,12 +46,13 @@ def test_the_chunk_writer_writes_complete_chunks_in_row_order_and_attach_reads_t
     writer = ChunkWriter(store, rows, Count())  # type: ignore[arg-type]
     for start in range(0, rows, 40):  # batches that straddle chunk boundaries
         writer(np.arange(start, min(start + 40, rows)), logits[start : start + 40].numpy())
-    meta = writer.finish({"data_fingerprint": "fp"}, 1.0)
+    meta = writer.finish({"data_fingerprint": "fp", "num_classes": 5}, 1.0)
     assert sorted(meta["chunks"]) == ["logits-000000000.safetensors", "logits-000000064.safetensors",
                                       "logits-000000128.safetensors"]  # fmt: skip
     assert json.loads(store.read_bytes("meta.json"))["rows"] == rows
     ids = np.array([149, 3, 64, 63, 100, 0])
     _CHUNKS.clear()
+    _METAS.clear()
     out = attach_logits({"index": ids, "x": np.zeros((6, 1))}, store=store)
     assert np.array_equal(out["teacher_logits"], logits[ids].numpy())
 
@@ -105,6 +106,7 @@ def test_a_streamed_distill_stage_builds_its_cache_with_ray_data_and_trains_from
     meta = json.loads(store.read_bytes("meta.json"))
     assert meta["rows"] == 300
     _CHUNKS.clear()
+    _METAS.clear()
     logits = attach_logits({"index": np.arange(300)}, store=store)["teacher_logits"]
     raw = kdata.DATASETS.get("parquet")("train", path=str(tmp_path / "ds"))
     teacher = open_artifact(outcomes["teacher"].uri).build_model().eval()

@@ -274,22 +274,30 @@ def ensure_stream_cache(ctx: StageContext, teacher: Artifact) -> str:
     return store.uri()
 
 
-_CHUNKS: dict[tuple[str, int], tuple[Any, int]] = {}  # a Ray Data task process keeps the chunks it read
+_METAS: dict[str, dict[str, Any]] = {}  # a Ray Data task process keeps what it read: each cache's meta.json,
+_CHUNKS: dict[tuple[str, int], Any] = {}  # and its last few chunks
 
 
-def cached_chunk(store: Storage, start: int) -> tuple[Any, int]:
-    """One checked chunk of a cache (numpy) and the cache's chunk size, read once per process."""
-    key = (store.uri(), start)
-    if key not in _CHUNKS:
+def cached_meta(store: Storage) -> dict[str, Any]:
+    """A cache's ``meta.json``, read once per process."""
+    if store.uri() not in _METAS:
         meta = read_cache_meta(store)
         if meta is None:
             raise KdrayError(
                 f"teacher cache at {store.uri()} has no readable meta.json",
                 hint="Rerun the stage with --force: the cache is rebuilt from the teacher.",
             )
+        _METAS[store.uri()] = meta
+    return _METAS[store.uri()]
+
+
+def cached_chunk(store: Storage, start: int) -> Any:
+    """One checked chunk of a cache (numpy), read once per process (the last four are kept)."""
+    key = (store.uri(), start)
+    if key not in _CHUNKS:
         while len(_CHUNKS) >= 4:
             _CHUNKS.pop(next(iter(_CHUNKS)))
-        _CHUNKS[key] = (read_chunk(store, meta, start).numpy(), meta["chunk_rows"])
+        _CHUNKS[key] = read_chunk(store, cached_meta(store), start).numpy()
     return _CHUNKS[key]
 
 
@@ -297,10 +305,10 @@ def attach_logits(batch: dict[str, Any], *, store: Storage) -> dict[str, Any]:
     """A streamed training batch with ``teacher_logits``: the cached rows of its row ids (``index``).
     ``store`` travels with its filesystem, so the Ray Data task needs no storage settings of its own."""
     ids = batch["index"]
-    first, chunk = cached_chunk(store, 0)
-    out = np.empty((len(ids), first.shape[1]), dtype=np.float32)
-    starts = (ids // chunk) * chunk
+    meta = cached_meta(store)
+    starts = (ids // meta["chunk_rows"]) * meta["chunk_rows"]
+    out = np.empty((len(ids), meta["num_classes"]), dtype=np.float32)
     for start in np.unique(starts):
         sel = starts == start
-        out[sel] = cached_chunk(store, int(start))[0][ids[sel] - start]
+        out[sel] = cached_chunk(store, int(start))[ids[sel] - start]
     return {**batch, "teacher_logits": out}

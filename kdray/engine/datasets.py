@@ -165,51 +165,65 @@ def streams(job: Job, kind: StageKind) -> bool:
     return True
 
 
-def stream_datasets(job: Job, kind: StageKind) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The ``train`` and ``val`` Ray Data datasets of a streamed stage, and the facts its workers need."""
+def data_context() -> Any:
+    """Ray Data's context as streaming sets it: no progress bars (the loop shows progress), one read task
+    and block per shard (Ray 2.60's Parquet V2 reader packs small shards into one task, so an epoch was
+    read, then decoded, then trained), and a DataError from decode_batch raised as itself."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.use_datasource_v2 = False
+    context.raise_original_map_exception = True
+    return context
+
+
+def decoded(
+    job: Job, plan: stream.StreamPlan, lookup: Any, view: dict[str, Any], *, augment: bool = False, shuffle: bool = True
+) -> Any:
+    """The rows of ``plan``'s shards that ``lookup`` keeps, decoded and normalised in Ray Data tasks (with
+    ``view``'s transforms), shard by shard; the shards' order reshuffled each execution unless not ``shuffle``."""
     import ray.data
     from ray.data import FileShuffleConfig
 
+    store, meta = plan.store, plan.meta
+    rows = ray.data.read_parquet(
+        [store.path(rel) for rel in plan.shards],
+        filesystem=store.fs,
+        columns=["id", array_shards.x_column(meta)],  # "image" (PNG bytes) or "array" (raw bytes)
+        include_paths=True,
+        shuffle=FileShuffleConfig(seed=job.run.seed, reseed_after_execution=True) if shuffle else None,
+        num_cpus=DATA_TASK_CPUS,
+        override_num_blocks=len(plan.shards),
+    )
+    return rows.map_batches(
+        decode_epoch if view else stream.decode_batch,  # type: ignore[arg-type]  # options through fn_kwargs
+        batch_format="numpy",
+        batch_size=DECODE_BATCH,
+        num_cpus=DATA_TASK_CPUS,
+        fn_kwargs={
+            "lookup": lookup,
+            **stream.decode_options(meta),  # channels, size, mean, std; layout for array shards
+            "prefix": "s3://" if store.scheme == "s3" else "",
+            "seed": job.run.seed,
+            **view,  # transforms, and their mean/std
+            **({"augment": augment} if view else {}),
+        },
+    )
+
+
+def stream_datasets(job: Job, kind: StageKind) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The ``train`` and ``val`` Ray Data datasets of a streamed stage, and the facts its workers need."""
     plan = stream.plan(job.spec.data)
     train = plan.train if kind.uses_unlabelled else labelled_only(plan.train, job)
-    meta, store = plan.meta, plan.store
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # the loop shows progress; Ray Data's bars would interleave
-    context.use_datasource_v2 = False
-    context.raise_original_map_exception = True  # a DataError from decode_batch, not a UserCodeException
-    view = stream.transform_options(meta, job.spec.data.transforms)  # data.transforms: run in decode_batch
-
-    def dataset(part: kdata.Split, augment: bool = False) -> Any:
-        rows = ray.data.read_parquet(
-            [store.path(rel) for rel in plan.shards],
-            filesystem=store.fs,
-            columns=["id", array_shards.x_column(meta)],  # "image" (PNG bytes) or "array" (raw bytes)
-            include_paths=True,
-            shuffle=FileShuffleConfig(seed=job.run.seed, reseed_after_execution=True),  # a new order each epoch
-            num_cpus=DATA_TASK_CPUS,
-            override_num_blocks=len(plan.shards),
-        )
-        return rows.map_batches(
-            decode_epoch if view else stream.decode_batch,  # type: ignore[arg-type]  # options through fn_kwargs
-            batch_format="numpy",
-            batch_size=DECODE_BATCH,
-            num_cpus=DATA_TASK_CPUS,
-            fn_kwargs={
-                "lookup": plan.lookup(part),
-                **stream.decode_options(meta),  # channels, size, mean, std; layout for array shards
-                "prefix": "s3://" if store.scheme == "s3" else "",
-                "seed": job.run.seed,
-                **view,  # transforms, and their mean/std
-                **({"augment": augment} if view else {}),
-            },
-        )
-
+    data_context()
+    view = stream.transform_options(plan.meta, job.spec.data.transforms)  # data.transforms: run in decode_batch
     facts = {**plan.facts(), "train_rows": len(train), **view}
-    train_rows = dataset(train, augment=True)
+    train_rows = decoded(job, plan, plan.lookup(train), view, augment=True)
     columns = kind.stream_columns(job)  # e.g. a distill stage's cached teacher logits, per batch
     if columns is not None:
         train_rows = train_rows.map_batches(columns, batch_format="numpy", num_cpus=DATA_TASK_CPUS)
-    return {"train": train_rows, "val": dataset(plan.val)}, facts
+    return {"train": train_rows, "val": decoded(job, plan, plan.lookup(plan.val), view)}, facts
 
 
 def decode_epoch(batch: dict[str, Any], **options: Any) -> dict[str, Any]:

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from kdray.core import arrays, stream
+from kdray.core import stream
 from kdray.core.stage import Job
-from kdray.engine.datasets import DATA_TASK_CPUS, DECODE_BATCH, user_errors
+from kdray.engine.datasets import DATA_TASK_CPUS, data_context, decoded, user_errors
 from kdray.engine.driver import ensure_ray
 
 ACTOR_CPUS = 0.75  # one inference actor's CPU reservation (two fit beside a decoding task on 2 CPUs)
@@ -68,10 +68,7 @@ def stream_inference(
     ensure_ray(job.run)
     plan = stream.plan(job.spec.data)
     actors, actor_cpus, actor_gpus = actor_pool(job.run.use_gpu, ray.cluster_resources())
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    context.use_datasource_v2 = False  # one read task (and block) per shard, so decoding streams shard by shard
-    context.raise_original_map_exception = True
+    context = data_context()
     ordered = context.execution_options.preserve_order
     context.execution_options.preserve_order = True  # shards in order: the sink writes each chunk once complete
     try:
@@ -91,29 +88,9 @@ def pipeline(
     """Read, decode, run the model in an actor pool: the output batches (``index``, ``outputs``)."""
     import ray.data
 
-    store, meta = plan.store, plan.meta
-    rows = ray.data.read_parquet(
-        [store.path(rel) for rel in plan.shards],
-        filesystem=store.fs,
-        columns=["id", arrays.x_column(meta)],
-        include_paths=True,
-        num_cpus=DATA_TASK_CPUS,
-        override_num_blocks=len(plan.shards),
-    )
-    decoded = rows.map_batches(
-        stream.decode_batch,  # type: ignore[arg-type]  # keyword-only options come through fn_kwargs
-        batch_format="numpy",
-        batch_size=DECODE_BATCH,
-        num_cpus=DATA_TASK_CPUS,
-        fn_kwargs={
-            "lookup": np.zeros(plan.rows, dtype=np.int16),  # every row of the shards (label unused)
-            **stream.decode_options(meta),
-            **stream.transform_options(meta, job.spec.data.transforms),  # their deterministic view (augment off)
-            "prefix": "s3://" if store.scheme == "s3" else "",
-            "seed": job.run.seed,
-        },
-    )
-    outputs = decoded.map_batches(
+    every = np.zeros(plan.rows, dtype=np.int16)  # every row of the shards (label unused), in shard order
+    view = stream.transform_options(plan.meta, job.spec.data.transforms)  # their deterministic view
+    outputs = decoded(job, plan, every, view, shuffle=False).map_batches(
         BatchOutputs,  # type: ignore[arg-type]  # a callable class: Ray Data runs it in an actor pool
         fn_constructor_kwargs={"build": build, "device": "cuda" if gpus else "cpu", "threads": max(1, round(cpus))},
         batch_format="numpy",
