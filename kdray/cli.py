@@ -46,6 +46,7 @@ from kdray.core.registry import Registry, did_you_mean
 from kdray.core.shifts import SHIFTS
 from kdray.core.stage import STAGE_KINDS
 from kdray.core.storage import Storage
+from kdray.core.usercode import from_user_code
 from kdray.distill.losses import LOSSES
 from kdray.engine import progress
 from kdray.engine.concurrency import needs_ray
@@ -54,6 +55,7 @@ from kdray.engine.export import export_artifact, summary
 from kdray.engine.inspect import inspect_model, stage_model_and_batch
 from kdray.engine.inspect import render as render_modules
 from kdray.engine.pipeline import parent_artifacts, plan, run_pipeline
+from kdray.engine.preflight import preflight
 from kdray.engine.spec import json_schema, load_pipeline
 from kdray.engine.submit import render_command, submit_command
 from kdray.engine.sweep import load_sweep, parse_grid, run_sweep, sample_settings
@@ -86,13 +88,19 @@ def _options(
     """kdray: knowledge distillation, transfer and domain adaptation on Ray."""
 
 
+DEBUG = False  # --debug (anywhere on the command line): a user error's full traceback too
+
+
 def fail(err: KdrayError) -> None:
+    if DEBUG and err.details:
+        typer.echo(err.details.rstrip(), err=True)
     typer.echo(f"error: {err}", err=True)
     raise typer.Exit(err.exit_code)
 
 
 def guarded(fn):
-    """Turn a KdrayError into its message and exit code 2; let real bugs keep their traceback."""
+    """Turn a KdrayError, or an exception raised in the user's own code, into one paragraph and exit
+    code 2; let real bugs keep their traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -100,6 +108,11 @@ def guarded(fn):
             return fn(*args, **kwargs)
         except KdrayError as e:
             fail(e)
+        except Exception as e:
+            err = from_user_code(e)
+            if err is None:
+                raise
+            fail(err)
 
     return wrapper
 
@@ -113,6 +126,7 @@ def validate(
     """Check a pipeline spec (fields, registry names, stage references) without running it."""
 
     p = load_pipeline(spec, overrides or [])
+    preflight(p, spec)
     typer.echo(
         f"{spec}: OK — pipeline {p.name!r}, {len(p.stages)} stages: "
         + ", ".join(f"{s.name} ({s.kind})" for s in p.stages)
@@ -504,6 +518,10 @@ def plain_help(command: Any) -> None:
 
 
 def main() -> None:
+    global DEBUG
+    if "--debug" in sys.argv[1:]:
+        sys.argv.remove("--debug")
+        DEBUG = True
     try:
         command = typer.main.get_command(app)
         plain_help(command)

@@ -1,7 +1,12 @@
 """Shared fixtures: one real local Ray for the session, temporary storage, data availability.
 
-Environment settings keep Ray and Prefect quiet and fast on a 2-core machine and make them write
-only under temporary folders (no $HOME/.ray, no $HOME/.prefect).
+The suite runs Ray as users do: nothing here changes Ray's settings (token authentication stays on,
+as Ray's default; kdray itself sets what it sets for every user, ``kdray.engine.driver.RAY_ENV``). A
+test that needs a special setting sets it for itself and says why.
+
+Prefect's only: its home (database, settings) in a temporary folder, so tests never read or write a
+user's ``~/.prefect``; no analytics; the ephemeral server's start-up bounded as ``kdray-flow`` bounds
+it for users (``flows/pipeline.py``).
 """
 
 from __future__ import annotations
@@ -14,12 +19,6 @@ import pytest
 
 _TMP = tempfile.mkdtemp(prefix="kdray-tests-")
 for key, value in {
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-    "RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION": "0",
-    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     "PREFECT_HOME": os.path.join(_TMP, "prefect"),
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",

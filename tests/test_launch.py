@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -328,6 +329,9 @@ def _stop_tree(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
     proc.wait(timeout=10)
 
 
+CLUSTER: dict[str, str] = {}  # what ray_cluster started: its GCS address (for run.address)
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     """``ray start --head --block`` on free loopback ports with its own short temp dir.
@@ -344,7 +348,6 @@ def ray_cluster():
     gcs, dash, client_port, agent_http, agent_grpc, runtime_env, metrics, node_mgr, obj_mgr = free_ports(9)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     env.update(
-        RAY_AUTH_MODE="disabled",
         RAY_USAGE_STATS_ENABLED="0",
         PATH=f"{bin_dir}:{env.get('PATH', '')}",
         RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.25",
@@ -390,6 +393,9 @@ def ray_cluster():
         "--temp-dir",
         temp,
     ]
+    # Ray's defaults, as a user following Ray's docs has them: a token (`ray get-auth-token --generate`),
+    # so `ray start` turns token authentication on; nothing in the environment says so.
+    subprocess.run([str(bin_dir / "ray"), "get-auth-token", "--generate"], env=env, capture_output=True, check=True)
     log_path = Path(temp) / "ray-start.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
@@ -407,14 +413,17 @@ def ray_cluster():
             if proc.poll() is not None:
                 raise RuntimeError(f"ray start exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
             try:
-                with urllib.request.urlopen(f"{url}/api/jobs/", timeout=5) as r:
+                with urllib.request.urlopen(f"{url}/api/version", timeout=5) as r:
                     if r.status == 200:
                         break
+            except urllib.error.HTTPError:  # 401: the dashboard answers, and wants the token
+                break
             except OSError:
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError(f"Ray's job API at {url} did not answer in 180 s:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.5)
+        CLUSTER["gcs"] = f"127.0.0.1:{gcs}"
         yield url
     finally:
         _stop_tree(proc)

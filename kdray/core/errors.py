@@ -12,6 +12,7 @@ class KdrayError(Exception):
     """A problem the user can fix. The message names the field or path and how to fix it."""
 
     exit_code = 2
+    details = ""  # a traceback behind the message (user code, a Ray worker): logged to a file, shown with --debug
 
     def __init__(self, message: str, *, where: str | None = None, hint: str | None = None):
         self.where = where

@@ -81,6 +81,7 @@ def build_cache(
     teacher.eval()
     t0 = time.perf_counter()
     chunks: dict[str, str] = {}  # chunk file name -> sha256
+    width = None  # the teacher's real output width (its head may be wider than the data's classes)
     task = task or log_meter(log)("teacher cache", len(x), "rows")
     with torch.no_grad(), contextlib.closing(task):
         for start in range(0, len(x), CHUNK_ROWS):
@@ -96,12 +97,14 @@ def build_cache(
                     f"refusing to cache them at {store.uri()}",
                     hint="Check the teacher artifact (rerun its stage with --force) and the inputs.",
                 )
+            width = int(logits.shape[1])
             data = state_to_bytes({"logits": logits})
             store.write_bytes(chunk_name(start), data)
             chunks[chunk_name(start)] = sha256(data)
             task.update(start + len(rows), f"{len(chunks)} chunk(s) written")
     meta = {
         **meta,
+        **({"num_classes": width} if width is not None else {}),
         "rows": len(x),
         "chunks": chunks,
         "chunk_rows": CHUNK_ROWS,
@@ -139,15 +142,16 @@ def read_chunk(store: Storage, meta: dict[str, Any], c0: int) -> torch.Tensor:
     logits = None
     if sha256(data) == meta["chunks"].get(name):
         logits = bytes_to_state(data, store.uri(name)).get("logits")
-    if (
-        logits is None
-        or logits.ndim != 2
-        or len(logits) != rows
-        or logits.shape[1] != (meta.get("num_classes") or logits.shape[1])
-    ):
+    if logits is None or logits.ndim != 2 or len(logits) != rows:
         raise KdrayError(
-            f"teacher cache chunk {store.uri(name)} is corrupt (its sha256 or shape does not match meta.json)",
-            hint=f"Delete {store.uri()} and rerun the stage with --force: the cache is rebuilt from the teacher.",
+            f"teacher cache chunk {store.uri(name)} is corrupt (its sha256 or row count does not match meta.json)",
+            hint=f"Delete {store.uri()} and rerun the stage: the cache is rebuilt from the teacher.",
+        )
+    if logits.shape[1] != (meta.get("num_classes") or logits.shape[1]):
+        raise KdrayError(
+            f"teacher cache chunk {store.uri(name)} holds {logits.shape[1]} outputs per row but its meta.json "
+            f"says {meta.get('num_classes')}: it was written by another kdray version",
+            hint=f"Delete {store.uri()} and rerun the stage: the cache is rebuilt from the teacher.",
         )
     return logits
 
@@ -207,6 +211,7 @@ class ChunkWriter:
         self.parts: list[torch.Tensor] = []
         self.held = self.next_id = 0
         self.chunks: dict[str, str] = {}
+        self.width: int | None = None
 
     def __call__(self, ids: Any, logits: Any) -> None:
         if len(ids) and (int(ids[0]) != self.next_id or int(ids[-1]) != self.next_id + len(ids) - 1):
@@ -218,6 +223,7 @@ class ChunkWriter:
                 f"refusing to cache them at {self.store.uri()}",
                 hint="Check the teacher artifact (rerun its stage with --force) and the inputs.",
             )
+        self.width = int(out.shape[1]) if out.ndim == 2 else None  # the teacher's real output width
         self.parts.append(out)
         self.held += len(ids)
         self.next_id += len(ids)
@@ -234,6 +240,8 @@ class ChunkWriter:
     def finish(self, meta: dict[str, Any], seconds: float) -> dict[str, Any]:
         if self.next_id != self.rows:
             raise KdrayError(f"teacher cache at {self.store.uri()}: {self.next_id:,} of {self.rows:,} rows came back")
+        if self.width is not None:
+            meta = {**meta, "num_classes": self.width}
         meta = {**meta, "rows": self.rows, "chunks": self.chunks, "chunk_rows": CHUNK_ROWS, "format": CACHE_FORMAT}
         self.store.write_bytes("meta.json", json.dumps({**meta, "seconds": round(seconds, 3)}, indent=2).encode())
         return meta

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator
 
 from kdray.core.errors import KdrayError
 from kdray.core.stage import kind_of
-from kdray.engine.driver import ensure_ray
+from kdray.engine.driver import ensure_ray, ray_child_env
 from kdray.engine.launchers import ANSI, WORKER_COMMAND, launcher_for, log_tail, write_stage_file
 from kdray.engine.spec import PipelineSpec
 
@@ -157,10 +157,10 @@ def run_in_child(spec: PipelineSpec, name: str, key: str, *, force: bool, log: L
     """
     stage = spec.stage(name)
     uri = write_stage_file(spec, name, key, force=force)
+    address = ray_address_for(spec, stage)  # first: starting the cluster sets what the child must inherit
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    address = ray_address_for(spec, stage)
     if address:
-        env["RAY_ADDRESS"] = address
+        env.update(ray_child_env(), RAY_ADDRESS=address)
     proc = subprocess.Popen(
         [sys.executable, "-m", "kdray.worker", uri],
         stdout=subprocess.PIPE,

@@ -7,10 +7,12 @@ same ``RunConfig(name, storage_path)`` resumes the run where it stopped.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import logging
 import os
+import queue
 import shutil
 import signal
 import socket
@@ -19,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from typing import Any, Callable, Iterator
 
 import torch
@@ -29,9 +32,11 @@ from kdray.core.errors import KdrayError, StorageError
 from kdray.core.specs import RunSpec
 from kdray.core.stage import FitResult, Job, kind_of
 from kdray.core.storage import Storage
+from kdray.core.usercode import from_user_code
 from kdray.engine import diagnostics, progress, reaper
 from kdray.engine.datasets import stream_cpus, stream_datasets, streams
 from kdray.engine.loop import train
+from kdray.engine.rayauth import token_auth_if_token_available
 from kdray.engine.raylogs import quiet_ray_logs
 from kdray.engine.raypolicy import find_user_error, trainer_class
 
@@ -73,17 +78,33 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         return ray.train.torch.prepare_model(method, move_to_device=False)
 
     diagnostics.record_placement(job, rank)
-    train(
-        job,
-        rank=rank,
-        world=ctx.get_world_size(),
-        device=device,
-        resume_from=resume_from,
-        report=report,
-        wrap=wrap,
-        instrument=diagnostics.instrument(job, rank),
-        progress=progress.worker_progress(config.get("progress_hub"), rank, f"{job.pipeline}/{job.spec.name}"),
-    )
+    with user_code_errors(job):
+        train(
+            job,
+            rank=rank,
+            world=ctx.get_world_size(),
+            device=device,
+            resume_from=resume_from,
+            report=report,
+            wrap=wrap,
+            instrument=diagnostics.instrument(job, rank),
+            progress=progress.worker_progress(config.get("progress_hub"), rank, f"{job.pipeline}/{job.spec.name}"),
+        )
+
+
+@contextlib.contextmanager
+def user_code_errors(job: Job) -> Iterator[None]:
+    """An exception raised in the user's own code (a ``model.import`` network) leaves the block as a
+    ``UserCodeError``: one paragraph, exit code 2, no retry by Ray; its traceback travels in ``details``."""
+    try:
+        yield
+    except Exception as e:
+        model = getattr(job.spec, "model", None)
+        field = f"stages.{job.spec.name}.model.import" if getattr(model, "import_", None) else None
+        err = from_user_code(e, stage=job.spec.name, field=field)
+        if err is None:
+            raise
+        raise err from None
 
 
 class Interrupted(BaseException):
@@ -157,7 +178,6 @@ def embedded_cluster_env() -> Iterator[None]:
       fail when another Ray instance runs there. Set only while the cluster starts, so its processes
       inherit it and this process keeps its own environment.
     """
-    logging.getLogger("ray._private.worker").setLevel(logging.WARNING)  # "Connecting to ...", "Connected ..."
     if os.environ.get("RAY_ADDRESS"):  # joining a parent's cluster: it already set all this
         yield
         return
@@ -182,10 +202,67 @@ _watcher: subprocess.Popen[bytes] | None = None  # kdray.engine.reaper, while th
 _ray_lock = threading.Lock()  # stages of one pipeline may start at once, from several threads
 
 
+class _NotMainThreadNotice(logging.Filter):
+    """Drops Ray's notice that ``ray.init`` ran outside the main thread: kdray starts Ray on its own
+    thread on purpose (``_RayHost``) and installs its own signal handlers (``catch_signals``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "SIGTERM handler is not set" not in record.getMessage()
+
+
+class _RayHost:
+    """The one thread that starts (or joins) Ray for this process; it lives as long as the process.
+
+    Ray starts an embedded cluster's GCS server and raylet with ``prctl(PR_SET_PDEATHSIG, SIGKILL)``,
+    and Linux sends that signal when the *thread* that started them ends, not the process. Started from
+    a stage's thread, or from a Prefect task's worker thread, the cluster was killed the moment that
+    thread finished, under every stage still running or yet to come (their driver then aborted in Ray's
+    C++ client: "Failed to connect to GCS within 60 seconds"). So ``ray.init`` always runs here, on a
+    daemon thread that never returns: the cluster shares the fate of the process, as Ray intends (and
+    ``kdray.engine.reaper`` ends it if the process is killed).
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.Queue[tuple[Callable[[], None], concurrent.futures.Future[None]]] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def call(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the host thread and wait for it (its exception is raised here)."""
+        if threading.current_thread() is self._thread:
+            fn()
+            return
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._serve, name="kdray-ray-host", daemon=True)
+                self._thread.start()
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._jobs.put((fn, done))
+        done.result()
+
+    def _serve(self) -> None:
+        while True:
+            fn, done = self._jobs.get()
+            try:
+                fn()
+            except BaseException as e:  # handed to the caller, which raises it in its own thread
+                done.set_exception(e)
+            else:
+                done.set_result(None)
+
+
+_ray_host = _RayHost()
+
+
 def ensure_ray(run: RunSpec) -> None:
-    """Start embedded Ray (or connect to ``run.address``) once per process, with laptop-friendly settings."""
+    """Start embedded Ray (or connect to ``run.address``) once per process, with laptop-friendly settings.
+
+    Safe from any thread: the cluster is started on the process's Ray host thread (see ``_RayHost``).
+    """
     with _ray_lock:
-        _ensure_ray(run)
+        if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+            return
+        _ray_host.call(lambda: _ensure_ray(run))
 
 
 def _ensure_ray(run: RunSpec) -> None:
@@ -196,10 +273,13 @@ def _ensure_ray(run: RunSpec) -> None:
 
     if ray.is_initialized():
         return
+    ray_worker_log = logging.getLogger("ray._private.worker")
+    ray_worker_log.setLevel(logging.WARNING)  # "Using address ...", "Connecting to ...", "Connected ..."
+    ray_worker_log.addFilter(_NotMainThreadNotice())
     # a light module: the hook runs in every Ray worker process, Ray Train's controller included
     runtime_env = {"worker_process_setup_hook": "kdray.engine.raylogs.quiet_ray_logs"}
     if run.address:
-        ray.init(address=run.address, runtime_env=runtime_env)
+        _join_cluster(run.address, runtime_env)
     else:
         address = None if os.environ.get("RAY_ADDRESS") else "local"  # a parent's cluster, else a new one
         with embedded_cluster_env():
@@ -211,12 +291,40 @@ def _ensure_ray(run: RunSpec) -> None:
                 runtime_env=runtime_env,
                 object_store_memory=256 * 1024**2,
                 logging_level=logging.WARNING,
+                log_to_driver=False,  # workers' lines stay in Ray's log files (see docs/architecture.md, "Logs")
             )
         if address == "local":  # this process started the cluster: none of it may outlive it, even a kill -9
             node: Any = ray._private.worker._global_node  # no public API names the session
             _watcher = reaper.watch(node.session_name, gcs)
-    if _catching and threading.current_thread() is threading.main_thread():
-        _install_handlers()  # ray.init replaced the SIGTERM handler
+
+
+def _join_cluster(address: str, runtime_env: dict[str, Any]) -> None:
+    """Connect this process to the Ray cluster at ``address`` (``run.address``, or ``auto``)."""
+    import ray
+
+    token_auth_if_token_available()
+    try:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+    except (ConnectionError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise KdrayError(
+            f"run.address {address!r}: could not connect to the Ray cluster there ({first[:300]})",
+            hint="Check that the cluster is up (`ray status --address ADDRESS`) and reachable from this machine. "
+            "If it uses token authentication (Ray's default), give this process its token: "
+            "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN, or the token file RAY_AUTH_TOKEN_PATH "
+            "(default ~/.ray/auth_token).",
+        ) from None
+
+
+def ray_child_env() -> dict[str, str]:
+    """What a process joining this process's Ray cluster needs in its environment, beyond ``RAY_ADDRESS``:
+    the authentication mode Ray chose when it started (or joined) the cluster, since a process that
+    connects by address does not choose it (Ray's rule), and the settings in ``RAY_ENV``."""
+    env = {k: os.environ.get(k, v) for k, v in RAY_ENV.items()}
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode:
+        env["RAY_AUTH_MODE"] = mode
+    return env
 
 
 def fit(job: Job, storage: Storage) -> FitResult:
@@ -295,14 +403,15 @@ def _fit_here(job: Job, storage: Storage) -> tuple[str, str]:
     resume_from = _download_latest(storage, run_dir)
     shown = progress.local_progress(f"{job.pipeline}/{job.spec.name}")
     try:
-        train(
-            job,
-            device=device,
-            resume_from=resume_from,
-            report=report,
-            instrument=diagnostics.instrument(job, 0),
-            progress=shown,
-        )
+        with user_code_errors(job):
+            train(
+                job,
+                device=device,
+                resume_from=resume_from,
+                report=report,
+                instrument=diagnostics.instrument(job, 0),
+                progress=shown,
+            )
     finally:
         shown.close()
     return last[0], storage.uri(run_dir)
@@ -380,7 +489,7 @@ def _fit_on_ray(job: Job, storage: Storage) -> tuple[str, str]:
         with shown:
             result = trainer.fit()
     except Exception as e:  # Ray wraps worker errors; surface a user error as itself
-        cause = _user_error(e) or _storage_error(e, job, storage)
+        cause = _user_error(e) or _storage_error(e, job, storage, storage_path) or _worker_error(e, job)
         if cause is not None:
             raise cause from None
         raise
@@ -394,8 +503,8 @@ def _user_error(e: BaseException) -> KdrayError | None:
     return find_user_error(e)
 
 
-def _storage_error(e: BaseException, job: Job, storage: Storage) -> StorageError | None:
-    """An I/O failure of the run's storage inside Ray (an S3 outage while checkpointing) as a StorageError."""
+def _causes(e: BaseException) -> Iterator[BaseException]:
+    """``e`` and every exception inside Ray's wrappers (causes, contexts, ``cause``, worker and controller failures)."""
     seen: set[int] = set()
     stack: list[Any] = [e]
     while stack:
@@ -403,7 +512,53 @@ def _storage_error(e: BaseException, job: Job, storage: Storage) -> StorageError
         if not isinstance(err, BaseException) or id(err) in seen:
             continue
         seen.add(id(err))
-        if isinstance(err, OSError):  # pyarrow's S3 and local file errors
+        yield err
+        stack += [err.__cause__, err.__context__, getattr(err, "cause", None), getattr(err, "controller_failure", None)]
+        failures = getattr(err, "worker_failures", None)
+        if isinstance(failures, dict):
+            stack += list(failures.values())
+
+
+class WorkerError(KdrayError):
+    """A stage that failed inside a Ray worker, told by its real cause; ``details`` holds Ray's full report."""
+
+
+def _worker_error(e: BaseException, job: Job) -> WorkerError | None:
+    """A failure inside a Ray Train worker or a Ray Data task as one paragraph naming its innermost cause
+    (for example a corrupt Parquet page and the reader's message), with Ray's full report in ``details``."""
+    causes = [c for c in _causes(e) if c is not e]
+    if not causes:
+        return None
+    inner = causes[-1]
+    for c in causes:  # the original exception a RayTaskError carries, where there is one
+        original = getattr(c, "cause", None)
+        if isinstance(original, BaseException) and not type(original).__name__.startswith(("Ray", "WorkerGroup")):
+            inner = original
+    text = str(inner).strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    # a RayTaskError's text ends with the original exception's "Type: message" line
+    first = lines[-1].strip() if lines and "Traceback" in text else (lines[0].strip() if lines else "")
+    if not first:
+        first = type(inner).__name__
+    elif not first.startswith(type(inner).__name__) and "Error" not in first.split(":")[0]:
+        first = f"{type(inner).__name__}: {first}"
+    err = WorkerError(
+        f"stage {job.spec.name!r} failed in a Ray worker: {first[:500]}",
+        hint="The full traces are in the stage's log file named below.",
+    )
+    err.details = "".join(traceback.format_exception(type(e), e, e.__traceback__)) + "\n" + str(e)
+    return err
+
+
+def _storage_error(e: BaseException, job: Job, storage: Storage, run_root: str = "") -> StorageError | None:
+    """An I/O failure of the run's storage inside Ray (an S3 outage while checkpointing) as a StorageError.
+
+    Only an error that names the run's storage (or a connection that failed) counts: a data file that
+    cannot be read (a corrupt Parquet shard) is the data's problem, told by ``_worker_error``."""
+    for err in _causes(e):
+        text = str(err)
+        ours = (run_root and run_root in text) or "_ray" in text or isinstance(err, ConnectionError)
+        if isinstance(err, OSError) and ours:  # pyarrow's S3 and local file errors
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             return StorageError(
                 f"stage {job.spec.name!r}: Ray Train could not read or write the run's storage "
@@ -411,8 +566,4 @@ def _storage_error(e: BaseException, job: Job, storage: Storage) -> StorageError
                 hint=storage._hint() + " Then rerun: the stage resumes from its last checkpoint.",
                 transient=True,
             )
-        stack += [err.__cause__, err.__context__, getattr(err, "cause", None), getattr(err, "controller_failure", None)]
-        failures = getattr(err, "worker_failures", None)
-        if isinstance(failures, dict):
-            stack += list(failures.values())
     return None

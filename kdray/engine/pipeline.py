@@ -21,6 +21,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
@@ -28,8 +29,10 @@ from kdray.core.checkpoint import Artifact, open_artifact, read_artifact
 from kdray.core.errors import KdrayError
 from kdray.core.specs import is_artifact_uri, spec_hash
 from kdray.core.storage import Storage
+from kdray.core.usercode import from_user_code
 from kdray.engine import concurrency
 from kdray.engine.launchers import LAUNCHERS, artifact_store, kuberay, launcher_for, local, ray  # noqa: F401 (registers them)
+from kdray.engine.preflight import preflight
 from kdray.engine.spec import PipelineSpec
 
 KEY_LENGTH = 12
@@ -80,6 +83,7 @@ def run_pipeline(
     (True) or the named stages. Returns the outcomes in pipeline order."""
     for name in [*(only or []), *(force if isinstance(force, list) else [])]:
         spec.stage(name)  # `--only nosuch` is an error with a did-you-mean, not a run of nothing
+    preflight(spec)  # every file the spec names exists, S3 has credentials: before any stage starts
     root = Storage(spec.storage.uri)
     root.check_writable()
     keys = plan(spec)
@@ -142,9 +146,46 @@ def launch_stage(
     this process (``where="auto"``, unless another thread runs a stage here) or in a child process.
     """
     root = Storage(spec.storage.uri)
+    store = artifact_store(root, spec.name, name, keys[name])
+    try:
+        return _launch(spec, name, keys, root, store, force=force, log=log, where=where)
+    except KdrayError as e:
+        if e.details and "The full traceback is in" not in str(e):  # a user's code or a Ray worker failed
+            e.args = (f"{e} The full traceback is in {failure_log(store, e.details)}.",)
+        raise
+    except Exception as e:
+        err = from_user_code(e, stage=name)  # the user's code, run here (a teacher cache, an evaluation)
+        trace = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+        if err is not None:
+            raise KdrayError(f"{err} The full traceback is in {failure_log(store, trace)}.") from None
+        e.add_note(f"stage {name!r} failed; this traceback is also in {failure_log(store, trace)}")
+        raise
+
+
+def failure_log(store: Storage, text: str) -> str:
+    """Write a failed stage's full traceback beside its artifact (``logs/failure-<UTC time>.log``); its path."""
+    rel = f"logs/failure-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.log"
+    try:
+        store.write_bytes(rel, text.encode())
+    except Exception:  # the log is a courtesy: never hide the failure behind a second one
+        return "(the log could not be written)"
+    uri = store.uri(rel)
+    return uri[len("file://") :] if uri.startswith("file://") else uri
+
+
+def _launch(
+    spec: PipelineSpec,
+    name: str,
+    keys: dict[str, str],
+    root: Storage,
+    store: Storage,
+    *,
+    force: bool,
+    log: Callable[[str], None],
+    where: Literal["auto", "child"],
+) -> StageOutcome:
     stage = spec.stage(name)
     key = keys[name]
-    store = artifact_store(root, spec.name, name, key)
     t0 = time.perf_counter()
     parents = parent_artifacts(spec, stage, keys, root)  # a missing parent fails here, before any launch
     launcher = launcher_for(spec, stage)

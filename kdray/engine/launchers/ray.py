@@ -27,6 +27,7 @@ from kdray.engine.launchers import (
     stage_store,
     write_stage_file,
 )
+from kdray.engine.rayauth import token_auth_if_token_available
 from kdray.engine.spec import PipelineSpec
 
 
@@ -143,6 +144,7 @@ class RayJobLauncher:
             raise KdrayError(
                 f"the ray launcher needs Ray's job API, which is not installed ({e})", hint="pip install 'ray[default]'"
             ) from None
+        token_auth_if_token_available()  # a cluster with Ray's default token authentication answers 401 without it
         # Ray's client lets $RAY_ADDRESS override its argument; the spec's address must win.
         with _ENV_LOCK:
             saved = {k: os.environ.pop(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if k in os.environ}
