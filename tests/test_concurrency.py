@@ -49,7 +49,8 @@ def two_roots(tmp_path: Path, *, epochs: int = 3, bad: str | None = None) -> dic
     }
     after = {"name": "after", "kind": "evaluate", "models": ["scratch"]}
     doc["stages"] += [scratch, student, after]
-    if bad:  # the teacher's (and so its student's) data does not exist: it fails when it loads it
+    if bad:  # the teacher's (and so its student's) folder holds no data: it fails when it loads it
+        (tmp_path / "missing").mkdir(exist_ok=True)  # it exists (preflight passes), but is empty
         for s in doc["stages"]:
             if s["name"] in (bad, "student"):
                 s["data"] = {"name": "fashion_mnist", "path": str(tmp_path / "missing")}
