@@ -69,7 +69,13 @@ def assert_one_paragraph(done: subprocess.CompletedProcess) -> str:
 @pytest.mark.parametrize("workers", [0, pytest.param(1, marks=pytest.mark.slow)])
 def test_a_user_model_that_does_not_fit_the_images_is_one_paragraph_naming_file_line_and_shape(tmp_path, workers):
     (tmp_path / "nets.py").write_text(BAD_NET)
-    stage = {"name": "teacher", "kind": "train", "model": {"import": "nets.py:Net"}, "data": DATA, "optim": {"epochs": 1}}
+    stage = {
+        "name": "teacher",
+        "kind": "train",
+        "model": {"import": "nets.py:Net"},
+        "data": DATA,
+        "optim": {"epochs": 1},
+    }
     spec = write_spec(tmp_path, [stage], run={"workers": workers, "cpus_per_worker": 1})
     error = assert_one_paragraph(kdray(["run", str(spec)], cwd=tmp_path))
     assert "stage 'teacher'" in error and "model.import" in error
@@ -124,7 +130,12 @@ def test_validate_names_missing_files_and_s3_without_credentials(tmp_path):
     error = assert_one_paragraph(kdray(["validate", str(write_spec(tmp_path, [stage]))], cwd=tmp_path))
     assert "stages.teacher.data.path" in error and "no/such/folder" in error
 
-    stage = {"name": "teacher", "kind": "train", "model": {"name": "mlp_64", "weights": "nope.safetensors"}, "data": DATA}
+    stage = {
+        "name": "teacher",
+        "kind": "train",
+        "model": {"name": "mlp_64", "weights": "nope.safetensors"},
+        "data": DATA,
+    }
     error = assert_one_paragraph(kdray(["validate", str(write_spec(tmp_path, [stage]))], cwd=tmp_path))
     assert "stages.teacher.model.weights" in error and "nope.safetensors" in error
 
