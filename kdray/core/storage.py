@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import errno
 import os
 import re
 import sys
@@ -146,6 +147,13 @@ class Storage:
     # ------------------------------------------------------------------ I/O
 
     def _wrap(self, action: str, rel: str, err: Exception) -> StorageError:
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return StorageError(
+                f"could not {action} {self.uri(rel)}: the disk is full (No space left on device)",
+                hint=f"Free space on the disk that holds {self.root_uri} (or set storage.uri to a folder on another "
+                "disk), then rerun: a stage resumes from its last checkpoint.",
+                transient=True,  # space may come back; nothing half-written was left
+            )
         return StorageError(
             f"could not {action} {self.uri(rel)}: {err}", hint=self._hint(), transient=self.scheme == "s3"
         )  # a network error may pass; a retry is cheap
