@@ -257,6 +257,46 @@ class Storage:
             dirs.sort()
         return sorted(found)
 
+    def stamps(self, rels: builtins.list[str]) -> dict[str, str]:
+        """How each file looks now, cheaply (no content read): ``etag:<ETag>`` of an S3 object,
+        ``<size>:<mtime_ns>`` of a local file; ``missing`` when it does not exist."""
+        if self.scheme == "s3":
+            return self._etags(rels)
+        try:
+            infos = self.fs.get_file_info([self.path(r) for r in rels])
+        except OSError as e:
+            raise self._wrap("reach", rels[0] if rels else "", e) from None
+        return {
+            r: "missing" if i.type == pafs.FileType.NotFound else f"{i.size}:{i.mtime_ns}" for r, i in zip(rels, infos)
+        }
+
+    def _etags(self, rels: builtins.list[str]) -> dict[str, str]:
+        """ETags of S3 objects (pyarrow's FileInfo has none): one bounded HEAD request per object, by boto3."""
+        import boto3
+        import botocore.config
+        import botocore.exceptions
+
+        config = botocore.config.Config(connect_timeout=5, read_timeout=20, retries={"max_attempts": 3})
+        client = boto3.client(
+            "s3",
+            endpoint_url=s3_endpoint(),
+            region_name=os.environ.get("AWS_REGION", os.environ.get("AWS_DEFAULT_REGION", "us-east-1")),
+            config=config,
+        )
+        out = {}
+        for rel in rels:
+            bucket, _, key = self.path(rel).partition("/")
+            try:
+                out[rel] = "etag:" + client.head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
+            except botocore.exceptions.ClientError as e:
+                if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    out[rel] = "missing"
+                    continue
+                raise self._wrap("reach", rel, OSError(str(e))) from None
+            except botocore.exceptions.BotoCoreError as e:
+                raise self._wrap("reach", rel, OSError(str(e))) from None
+        return out
+
     def delete_dir(self, rel: str) -> None:
         try:
             self.fs.delete_dir_contents(self.path(rel), missing_dir_ok=True)

@@ -45,9 +45,14 @@ class EvaluateStage(StageBase):
 
 def data_spec_for(ctx: Any) -> Any:
     """The stage's own data spec, or else the first evaluated model's training data (same selection)."""
-    if ctx.stage.data is not None:
-        return ctx.stage.data
-    first = ctx.parents[ctx.stage.models[0]]
+    return evaluated_data(ctx.stage, ctx.parents)
+
+
+def evaluated_data(stage: EvaluateStage, parents: dict[str, Artifact]) -> DataSpec:
+    """``data_spec_for`` from the stage spec and its parents' artifacts."""
+    if stage.data is not None:
+        return stage.data
+    first = parents[stage.models[0]]
     spec = first.manifest["spec"]
     # the task the published model is for: a share stage's task B, an adapt stage's target domain
     return DataSpec.model_validate(spec.get("data_b") or spec.get("target_domain") or spec.get("data") or {})
@@ -234,6 +239,11 @@ class EvaluateKind(StageKind):
 
     spec = EvaluateStage
     trains = False
+
+    def datasets(self, stage: Any, parents: dict[str, Artifact]) -> dict[str, DataSpec]:
+        if stage.data is None and stage.models[0] not in parents:
+            return {}  # the evaluated model is gone: nothing to compare (it reruns when it is published again)
+        return {"data": evaluated_data(stage, parents)}
 
     def run(self, ctx: StageContext) -> Artifact:
         t0 = time.perf_counter()
