@@ -117,6 +117,7 @@ class PipelineSpec(Spec):
         evaluated on fails here, where the data can be described, not with an IndexError later."""
         heads: dict[str, int] = {}  # stage -> the width of the head it publishes
         trained: dict[str, Any] = {}  # stage -> the data its published model is for
+        stage: Any  # kinds with `model` and `data`, or `models`
         for i, stage in enumerate(self.stages):
             try:
                 if stage.kind in HEAD_KINDS:
