@@ -272,14 +272,18 @@ class Storage:
 
     def _etags(self, rels: builtins.list[str]) -> dict[str, str]:
         """ETags of S3 objects (pyarrow's FileInfo has none): one bounded HEAD request per object, by boto3."""
-        import boto3
+        import boto3.session
         import botocore.config
         import botocore.exceptions
 
         config = botocore.config.Config(connect_timeout=5, read_timeout=20, retries={"max_attempts": 3})
-        client = boto3.client(
+        # a fresh session: the default one caches the credentials it resolved first, whatever the environment says now
+        client = boto3.session.Session().client(
             "s3",
             endpoint_url=s3_endpoint(),
+            aws_access_key_id=os.environ.get("AWS_ACCESS_KEY_ID") or None,
+            aws_secret_access_key=os.environ.get("AWS_SECRET_ACCESS_KEY") or None,
+            aws_session_token=os.environ.get("AWS_SESSION_TOKEN") or None,
             region_name=os.environ.get("AWS_REGION", os.environ.get("AWS_DEFAULT_REGION", "us-east-1")),
             config=config,
         )
