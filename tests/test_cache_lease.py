@@ -138,3 +138,12 @@ def test_a_live_holder_makes_a_waiter_give_up_after_the_bound(tmp_path, quick, m
         done.set()
         t.join(30)
     assert not store.exists(LEASE), "the holder released it"
+
+
+def test_an_interrupted_build_releases_its_lease(tmp_path, quick):
+    store = Storage(f"file://{tmp_path}/cache")
+    with pytest.raises(KeyboardInterrupt):
+        with Lease(store, "cache", log=lambda m: None).hold(ready=lambda: False) as mine:
+            assert mine and store.exists(LEASE)
+            raise KeyboardInterrupt  # Ctrl-C while building
+    assert not store.exists(LEASE), "the next run need not wait for it to expire"

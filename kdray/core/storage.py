@@ -271,7 +271,7 @@ class Storage:
         }
 
     def _etags(self, rels: builtins.list[str]) -> dict[str, str]:
-        """ETags of S3 objects (pyarrow's FileInfo has none): one bounded HEAD request per object, by boto3."""
+        """ETags of S3 objects (pyarrow's FileInfo has none), listed by boto3 with bounded requests."""
         import boto3.session
         import botocore.config
         import botocore.exceptions
@@ -287,19 +287,17 @@ class Storage:
             region_name=os.environ.get("AWS_REGION", os.environ.get("AWS_DEFAULT_REGION", "us-east-1")),
             config=config,
         )
-        out = {}
-        for rel in rels:
-            bucket, _, key = self.path(rel).partition("/")
-            try:
-                out[rel] = "etag:" + client.head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
-            except botocore.exceptions.ClientError as e:
-                if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                    out[rel] = "missing"
-                    continue
-                raise self._wrap("reach", rel, OSError(str(e))) from None
-            except botocore.exceptions.BotoCoreError as e:
-                raise self._wrap("reach", rel, OSError(str(e))) from None
-        return out
+        bucket, _, prefix = self.path().partition("/")
+        found: dict[str, str] = {}
+        try:  # one listing (1,000 objects a page) rather than a request per object
+            for page in client.get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=f"{prefix}/" if prefix else ""
+            ):
+                for obj in page.get("Contents", []):
+                    found[obj["Key"]] = "etag:" + obj["ETag"].strip('"')
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as e:
+            raise self._wrap("list", "", OSError(str(e))) from None
+        return {rel: found.get(self.path(rel).partition("/")[2], "missing") for rel in rels}
 
     def delete_dir(self, rel: str) -> None:
         try:
