@@ -177,13 +177,18 @@ def test_bad_files_are_named_with_exit_2(small_shards, tmp_path):
     table = pq.read_table(shard)
     images, labels = table.column("image").to_pylist(), table.column("label").to_pylist()
     _shard(shard, images[:3] + [b"\x89PNG not really"] + images[4:], labels)
+    run_fails(good, "part-00000.parquet does not match the sha256 that", "changed or cut short after the import")
+    meta = json.loads((small_shards / "dataset.json").read_text())  # an import from before shard hashes: rows checked
+    for split in meta["splits"].values():
+        split.pop("sha256")
+    (small_shards / "dataset.json").write_text(json.dumps(meta))
     run_fails(good, "part-00000.parquet row 3 is not a readable image")
 
     _shard(shard, images, labels[:5] + [7] + labels[6:])
     run_fails(good, "part-00000.parquet row 5: label 7 is outside the 2 classes")
 
     (tmp_path / "empty").mkdir()
-    run_fails({"name": "parquet", "path": str(tmp_path / "empty")}, "data.path: no dataset.json under")
+    run_fails({"name": "parquet", "path": str(tmp_path / "empty")}, "is not an imported dataset (no dataset.json")
     run_fails({"name": "parquet"}, "data.path is not set")
 
     for src, expected in [

@@ -21,7 +21,7 @@ import hashlib
 import io
 import zipfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -221,6 +221,7 @@ def write_shards(
     for s in SPLITS:
         x, y = splits[s][0], labels[s]
         shards: list[str] = []
+        hashes: list[str] = []
         for first in range(0, max(len(y), 1), shard_rows):
             chunk = np.ascontiguousarray(x[first : first + shard_rows], dtype=little)
             ys = y[first : first + shard_rows]
@@ -236,12 +237,13 @@ def write_shards(
             pq.write_table(table, buf)
             store.write_bytes(rel, buf.getvalue())
             shards.append(rel)
+            hashes.append(hashlib.sha256(buf.getvalue()).hexdigest())
             digest.update(ys.astype("<i8").tobytes() + chunk.tobytes())
             done += len(ys)
             task.update(done, f"{written + len(shards)} shard(s) written")
         written += len(shards)
         counts = np.bincount(y, minlength=k).tolist()
-        meta["splits"][s] = {"rows": len(y), "counts": counts, "shards": shards}
+        meta["splits"][s] = {"rows": len(y), "counts": counts, "shards": shards, "sha256": hashes}
         log(f"{s}: {len(y):,} arrays of {dtype.name} {list(shape)} in {len(shards)} shard(s)")
     values = [x for x, _ in splits.values() if x.size]
     if np.issubdtype(dtype, np.floating):
@@ -276,15 +278,31 @@ def rows_to_array(values: list[bytes] | np.ndarray, spec: dict[str, Any], where:
     return flat.reshape(len(values), *shape).astype(dtype.newbyteorder("="))  # a writable copy, native order
 
 
+def read_shards(store: Storage, meta: dict[str, Any], split: str, meta_uri: str) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of each shard of ``split``, checked against the sha256 dataset.json records (imports
+    since kdray recorded them): a shard changed or cut short after its import is refused, naming it."""
+    info = meta["splits"][split]
+    hashes = info.get("sha256") or []
+    for i, rel in enumerate(info["shards"]):
+        data = store.read_bytes(rel)
+        if i < len(hashes) and hashlib.sha256(data).hexdigest() != hashes[i]:
+            raise DataError(
+                f"{store.uri(rel)} does not match the sha256 that {meta_uri} records for it "
+                f"({len(data):,} bytes): it was changed or cut short after the import",
+                hint="Re-copy the dataset, or rerun `kdray data import` into a new folder and point data.path at it.",
+            )
+        yield rel, data
+
+
 def read_split(store: Storage, meta: dict[str, Any], split: str, meta_uri: str) -> kdata.Split:
     """One split of array shards in memory: ``x`` of the stored shape and dtype, ``y`` int64."""
     k = meta["num_classes"]
     spec = layout(meta) or {}
     xs, ys = [], []
-    for rel in meta["splits"][split]["shards"]:
+    for rel, data in read_shards(store, meta, split, meta_uri):
         where = store.uri(rel)
         try:
-            table = pq.read_table(pa.BufferReader(store.read_bytes(rel)), columns=[COLUMN, "label"])
+            table = pq.read_table(pa.BufferReader(data), columns=[COLUMN, "label"])
         except (pa.ArrowInvalid, OSError, KeyError) as e:
             if isinstance(e, KdrayError):
                 raise

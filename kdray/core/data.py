@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib.util
+import json
 import os
 import struct
 import zlib
@@ -168,7 +170,62 @@ def _fingerprint(*arrays: np.ndarray) -> str:
     return h.hexdigest()[:16]
 
 
-@DATASETS.register("fashion_mnist", image_size=28, in_channels=1, num_classes=10)
+# --------------------------------------------------------------------------- fingerprints (kdray.core.lineage)
+
+_FILE_SHA: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256: each file hashed once per process
+
+
+def file_sha256(path: Path) -> str:
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_SHA:
+        _FILE_SHA[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return _FILE_SHA[key]
+
+
+def short_digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def fashion_mnist_fingerprint(path: str | None = None, **_options: Any) -> dict[str, Any]:
+    """The sha256 of the four IDX files (their ETags under an S3 prefix)."""
+    location = fashion_mnist_location(path)
+    names = [n for pair in FASHION_MNIST_FILES.values() for n in pair]
+    if "://" in location and not location.startswith("file://"):
+        store = Storage(location)
+        found = [next((c for c in (n + ".gz", n) if store.exists(c)), n) for n in names]
+        stamps = store.stamps(found)
+        missing = [n for n, v in stamps.items() if v == "missing"]
+        if missing:
+            raise DataError(
+                f"no {missing[0]}[.gz] under {location}", hint="Upload the four Fashion-MNIST IDX files there."
+            )
+        return {"content": short_digest(stamps), "how": "ETags of the IDX files", "files": stamps}
+    folder = Path(location.removeprefix("file://"))
+    shas = {}
+    for name in names:
+        file = next((p for p in (folder / (name + ".gz"), folder / name) if p.is_file()), None)
+        if file is None:
+            raise DataError(f"no {name}[.gz] in {folder}", hint="Set data.path to a folder holding the IDX files.")
+        shas[file.name] = file_sha256(file)
+    return {"content": short_digest(shas), "how": "sha256 of the IDX files"}
+
+
+def digits_fingerprint(path: str | None = None, **_options: Any) -> dict[str, Any]:
+    """The sha256 of scikit-learn's bundled digits file (found without importing scikit-learn)."""
+    spec = importlib.util.find_spec("sklearn")
+    origin = Path(spec.origin).parent if spec and spec.origin else None
+    file = origin / "datasets" / "data" / "digits.csv.gz" if origin else None
+    if file is None or not file.is_file():
+        raise DataError("scikit-learn's bundled digits data was not found", hint="Install scikit-learn.")
+    return {"content": file_sha256(file)[:16], "how": "sha256 of scikit-learn's digits.csv.gz"}
+
+
+def synthetic_fingerprint(path: str | None = None, **options: Any) -> dict[str, Any]:
+    return {"content": short_digest(options), "how": "generated from its options (seeded)"}
+
+
+@DATASETS.register("fashion_mnist", image_size=28, in_channels=1, num_classes=10, fingerprint=fashion_mnist_fingerprint)
 def fashion_mnist(split: str, path: str | None = None) -> Split:
     """Fashion-MNIST (Xiao et al. 2017): 60,000 train / 10,000 test grey 28x28 images, 10 classes."""
     images, labels = _read_idx_pair(fashion_mnist_location(path), split)
@@ -197,7 +254,7 @@ def fashion_mnist(split: str, path: str | None = None) -> Split:
     )
 
 
-@DATASETS.register("digits", image_size=8, in_channels=1, num_classes=10)
+@DATASETS.register("digits", image_size=8, in_channels=1, num_classes=10, fingerprint=digits_fingerprint)
 def digits(split: str, path: str | None = None) -> Split:
     """scikit-learn's bundled 8x8 handwritten digits (1,797 images); a fixed 80/20 train/test split."""
     from sklearn.datasets import load_digits
@@ -220,7 +277,7 @@ def digits(split: str, path: str | None = None) -> Split:
     )
 
 
-@DATASETS.register("synthetic", image_size=8, in_channels=1, num_classes=4)
+@DATASETS.register("synthetic", image_size=8, in_channels=1, num_classes=4, fingerprint=synthetic_fingerprint)
 def synthetic(
     split: str,
     path: str | None = None,

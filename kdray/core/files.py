@@ -26,6 +26,7 @@ import functools
 import hashlib
 import io
 import json
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -37,7 +38,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from kdray.core import arrays
-from kdray.core.data import DATASETS, FASHION_MNIST_FILES, Split, parse_idx
+from kdray.core.data import DATASETS, FASHION_MNIST_FILES, Split, parse_idx, short_digest
 from kdray.core.errors import DataError, KdrayError
 from kdray.core.meter import Meter, Task, log_meter
 from kdray.core.storage import Storage
@@ -53,11 +54,41 @@ Log = Callable[[str], None]
 # --------------------------------------------------------------------------- images
 
 
+MAX_PIXELS = 8192 * 8192  # larger images are refused (a decompression bomb declares far more than it holds)
+
+
+@contextlib.contextmanager
+def _pixel_limit(where: str) -> Iterator[None]:
+    """Pillow's decompression-bomb checks, at kdray's limit, as a DataError naming the file."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            yield
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise DataError(
+                f"{where} is refused: {e}",
+                hint=f"kdray reads images of at most {MAX_PIXELS:,} pixels; shrink or delete the file.",
+            ) from None
+
+
+def _open_image(data: bytes, where: str) -> Image.Image:
+    """Open (header only) an encoded image, refusing one that declares more than ``MAX_PIXELS`` pixels."""
+    img = Image.open(io.BytesIO(data))
+    w, h = img.size
+    if w * h > MAX_PIXELS:
+        raise DataError(
+            f"{where} declares {w}x{h} pixels, more than kdray reads ({MAX_PIXELS:,}): it may be a decompression bomb",
+            hint="Shrink the image (or delete the file) and rerun `kdray data import`.",
+        )
+    return img
+
+
 def decode(data: bytes, where: str, channels: int, size: int | None = None) -> np.ndarray:
     """Encoded image bytes -> uint8 ``[H, W, C]`` (``C`` = ``channels``), resized to ``size`` if given."""
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
+        with _pixel_limit(where):
+            img = _open_image(data, where)
+            img.load()
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise DataError(
             f"{where} is not a readable image ({type(e).__name__}: {e})",
@@ -81,7 +112,8 @@ def encode_png(arr: np.ndarray) -> bytes:
 def image_channels(data: bytes, where: str) -> tuple[int, tuple[int, int]]:
     """(channels, (width, height)) of an encoded image: 1 for grey modes, else 3."""
     try:
-        img = Image.open(io.BytesIO(data))
+        with _pixel_limit(where):
+            img = _open_image(data, where)
     except (UnidentifiedImageError, OSError) as e:
         raise DataError(f"{where} is not a readable image ({type(e).__name__}: {e})") from None
     return (1 if img.mode in ("1", "L", "LA", "I", "I;16", "F") else 3), img.size
@@ -112,6 +144,17 @@ def _folder_files(store: Storage, rel: str = "") -> list[tuple[str, str]]:
     return found
 
 
+def _empty_class_folders(store: Storage, rel: str, classes: list[str]) -> list[str]:
+    """The class folders under ``rel`` (sub-folders not starting with '.') that hold no image: a local
+    folder only (an S3 prefix has no empty folders); in the split layout, ``test`` and ``train`` are not classes."""
+    if store.scheme != "file":
+        return []
+    top = Path(store.path(rel))
+    skip = set(SPLITS) if not rel else set()
+    found = sorted(p.name for p in top.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in skip)
+    return [store.uri(f"{rel}/{name}" if rel else name) for name in found if name not in classes]
+
+
 def _folder_layout(
     store: Storage, test_fraction: float, seed: int
 ) -> tuple[list[str], dict[str, list[tuple[int, str]]]]:
@@ -135,6 +178,14 @@ def _folder_layout(
             "test": [f for i, f in enumerate(every) if i in test_idx],
         }
     classes = sorted({c for c, _ in files["train"]})
+    empty = _empty_class_folders(store, "train" if split_folders["train"] else "", classes)
+    if empty:
+        raise DataError(
+            f"{store.uri()}: class folder{'s' if len(empty) > 1 else ''} {', '.join(empty)} "
+            f"hold{'' if len(empty) > 1 else 's'} no images ({', '.join(IMAGE_SUFFIXES)})",
+            hint="Add images to it, or delete the folder (class ids are the sorted folder names, so a class "
+            "dropped without a word would renumber the others).",
+        )
     unknown = sorted({c for c, _ in files["test"]} - set(classes))
     if unknown:
         raise DataError(f"{store.uri()}: test classes {unknown} have no training images")
@@ -249,10 +300,17 @@ def open_source(
 
 
 def write_shard(
-    store: Storage, split: str, shards: list[str], images: list[bytes], labels: list[int], first: int = 0
+    store: Storage,
+    split: str,
+    shards: list[str],
+    images: list[bytes],
+    labels: list[int],
+    first: int = 0,
+    hashes: list[str] | None = None,
 ) -> None:
     """Write the pending rows as the split's next shard; empty the row lists. ``first`` is the first
-    row's id: the ``id`` column numbers a split's rows 0..N-1 across its shards (streaming needs it)."""
+    row's id: the ``id`` column numbers a split's rows 0..N-1 across its shards (streaming needs it).
+    ``hashes`` gets the shard's sha256 (recorded in dataset.json: the data's lineage, docs/data.md)."""
     rel = f"{split}/part-{len(shards):05d}.parquet"
     ids = pa.array(range(first, first + len(labels)), pa.int64())
     table = pa.table({"id": ids, "image": pa.array(images, pa.binary()), "label": pa.array(labels, pa.int64())})
@@ -260,6 +318,8 @@ def write_shard(
     pq.write_table(table, buf)
     store.write_bytes(rel, buf.getvalue())
     shards.append(rel)
+    if hashes is not None:
+        hashes.append(hashlib.sha256(buf.getvalue()).hexdigest())
     images.clear()
     labels.clear()
 
@@ -323,6 +383,7 @@ def _import_rows(source: Source, store: Storage, shard_rows: int, log: Log, task
     for split in SPLITS:
         counts = [0] * k
         shards: list[str] = []
+        hashes: list[str] = []
         images: list[bytes] = []
         labels: list[int] = []
 
@@ -350,12 +411,12 @@ def _import_rows(source: Source, store: Storage, shard_rows: int, log: Log, task
             labels.append(label)
             counts[label] += 1
             if len(images) >= shard_rows:
-                write_shard(store, split, shards, images, labels, first=sum(counts) - len(images))
+                write_shard(store, split, shards, images, labels, sum(counts) - len(images), hashes)
             done += 1
             task.update(done, f"{written + len(shards)} shard(s) written")
         if images or not shards:
-            write_shard(store, split, shards, images, labels, first=sum(counts) - len(images))
-        meta["splits"][split] = {"rows": sum(counts), "counts": counts, "shards": shards}
+            write_shard(store, split, shards, images, labels, sum(counts) - len(images), hashes)
+        meta["splits"][split] = {"rows": sum(counts), "counts": counts, "shards": shards, "sha256": hashes}
         written += len(shards)
         task.update(done, f"{written} shard(s) written")
         log(f"{split}: {sum(counts):,} images in {len(shards)} shard(s)")
@@ -385,10 +446,16 @@ def read_meta(path: str | None) -> tuple[Storage, dict[str, Any]]:
         )
     store = Storage(path)
     if not store.exists(META):
+        unfinished = bool(store.list())
         raise DataError(
-            f"data.path: no {META} under {store.uri()}",
-            hint="Point data.path at a folder written by `kdray data import SRC DEST` (it writes dataset.json last; "
-            "a folder without it is an unfinished import).",
+            f"data.path: {store.uri()} is "
+            + (
+                f"an unfinished import (it has no {META}, which the import writes last)"
+                if unfinished
+                else f"not an imported dataset (no {META}: the folder is empty or missing)"
+            ),
+            hint=f"Rerun the import into it (delete the folder first): `kdray data import SRC {path}`; "
+            "or point data.path at a folder that `kdray data import` finished.",
         )
     try:
         meta = json.loads(store.read_bytes(META))
@@ -408,7 +475,34 @@ def describe_parquet(path: str | None, **_options: Any) -> dict[str, Any]:
     return {"num_classes": meta["num_classes"], "in_channels": meta["channels"], "image_size": meta["image_size"]}
 
 
-@DATASETS.register("parquet", describe=describe_parquet)
+def parquet_fingerprint(path: str | None = None, **_options: Any) -> dict[str, Any]:
+    """The import's content hash (dataset.json: the rows, each shard's sha256) and each shard's stamp
+    (ETag on S3, size and modification time on a disk)."""
+    store, meta = read_meta(path)
+    shards = [rel for s in SPLITS for rel in meta["splits"].get(s, {}).get("shards", [])]
+    hashes = {s: meta["splits"].get(s, {}).get("sha256") for s in SPLITS}
+    return {
+        "content": short_digest({"fingerprint": meta.get("fingerprint"), "shards": hashes}),
+        "how": "dataset.json's content hash (kdray data import) and each shard's "
+        + ("ETag" if store.scheme == "s3" else "size and modification time"),
+        "files": store.stamps(shards),
+    }
+
+
+def image_folder_fingerprint(path: str | None = None, **_options: Any) -> dict[str, Any]:
+    """Every image file's name and stamp (ETag on S3, size and modification time on a disk)."""
+    if not path:
+        raise DataError("data.path is not set: image_folder reads <path>/<class>/<file>.png")
+    store = Storage(path)
+    names = [p for p in store.list(recursive=True) if p.lower().endswith(IMAGE_SUFFIXES)]
+    stamps = store.stamps(names)
+    return {
+        "content": short_digest(stamps),
+        "how": "the image files' names and " + ("ETags" if store.scheme == "s3" else "sizes and modification times"),
+    }
+
+
+@DATASETS.register("parquet", describe=describe_parquet, fingerprint=parquet_fingerprint)
 def parquet(split: str, path: str | None = None) -> Split:
     """Parquet shards of PNG images (or of arrays, ``kdray.core.arrays``) and labels with a dataset.json
     (``kdray data import``), from any storage URI."""
@@ -431,10 +525,10 @@ def _decoded(uri: str, split: str, meta_json: str, stamp: tuple) -> Split:
         return arrays.read_split(store, meta, split, store.uri(META))
     k, c, size = meta["num_classes"], meta["channels"], meta["image_size"]
     xs, ys = [], []
-    for rel in meta["splits"][split]["shards"]:
+    for rel, data in arrays.read_shards(store, meta, split, store.uri(META)):
         where = store.uri(rel)
         try:
-            table = pq.read_table(pa.BufferReader(store.read_bytes(rel)), columns=["image", "label"])
+            table = pq.read_table(pa.BufferReader(data), columns=["image", "label"])
         except (pa.ArrowInvalid, OSError, KeyError) as e:
             if isinstance(e, KdrayError):
                 raise
@@ -475,7 +569,7 @@ def describe_folder(
     return {"num_classes": len(classes), "in_channels": channels or c0, "image_size": image_size or w}
 
 
-@DATASETS.register("image_folder", describe=describe_folder)
+@DATASETS.register("image_folder", describe=describe_folder, fingerprint=image_folder_fingerprint)
 def image_folder(
     split: str,
     path: str | None = None,

@@ -72,6 +72,19 @@ class Spec(BaseModel):
                     raise ValueError(f"{name}: expected a number, got {str(v).lower()}")
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _on_off(cls, data: Any) -> Any:
+        """``teacher_cache: off`` as the docs write it: YAML 1.1 reads unquoted on/off as booleans, so a field
+        whose choices include "on" and "off" takes true as "on" and false as "off"."""
+        if isinstance(data, dict):
+            for name, field in cls.model_fields.items():
+                key = field.alias or name
+                v = data.get(key)
+                if isinstance(v, bool) and {"on", "off"} <= set(get_args(field.annotation)):
+                    data = {**data, key: "on" if v else "off"}
+        return data
+
 
 # --------------------------------------------------------------------------- building blocks
 

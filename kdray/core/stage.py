@@ -129,6 +129,7 @@ class StageContext:
     meter: Meter | None = None  # how driver-side work shows its progress (None: plain lines through log)
     infer: Callable[[Job, Callable[[], Any], Callable[[Any, Any], None]], int] | None = None  # the engine's
     # batch inference over a streamed dataset (kdray.engine.inference.stream_inference)
+    data: dict[str, Any] | None = None  # the fingerprints of the data the stage reads (kdray.core.lineage)
 
     def tasks(self) -> Meter:
         """The meter for driver-side work (a teacher cache...): the engine's, or plain lines through ``log``."""
@@ -180,6 +181,7 @@ class StageContext:
                 }
                 for ref, art in self.parents.items()
             ],
+            **({"data": self.data} if self.data is not None else {}),
         }
 
     def publish(
@@ -250,6 +252,11 @@ class StageKind:
     def run(self, ctx: StageContext) -> Artifact:
         """Driver side: produce and publish the stage's artifact (``ctx.train(job)``, ``ctx.publish``)."""
         raise NotImplementedError
+
+    def datasets(self, stage: Any, parents: dict[str, Artifact]) -> dict[str, DataSpec]:
+        """The data specs the stage reads, by field (their fingerprints go into its manifest, and are checked
+        before a cached artifact is believed: ``kdray.core.lineage``); every ``DataSpec`` field by default."""
+        return {name: value for name, value in stage if isinstance(value, DataSpec)}
 
     def stream_columns(self, job: Job) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
         """With ``data.stream``: a function that Ray Data runs on each decoded training batch (numpy columns

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import errno
 import os
 import re
 import sys
@@ -146,6 +147,13 @@ class Storage:
     # ------------------------------------------------------------------ I/O
 
     def _wrap(self, action: str, rel: str, err: Exception) -> StorageError:
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return StorageError(
+                f"could not {action} {self.uri(rel)}: the disk is full (No space left on device)",
+                hint=f"Free space on the disk that holds {self.root_uri} (or set storage.uri to a folder on another "
+                "disk), then rerun: a stage resumes from its last checkpoint.",
+                transient=True,  # space may come back; nothing half-written was left
+            )
         return StorageError(
             f"could not {action} {self.uri(rel)}: {err}", hint=self._hint(), transient=self.scheme == "s3"
         )  # a network error may pass; a retry is cheap
@@ -248,6 +256,48 @@ class Storage:
                 break
             dirs.sort()
         return sorted(found)
+
+    def stamps(self, rels: builtins.list[str]) -> dict[str, str]:
+        """How each file looks now, cheaply (no content read): ``etag:<ETag>`` of an S3 object,
+        ``<size>:<mtime_ns>`` of a local file; ``missing`` when it does not exist."""
+        if self.scheme == "s3":
+            return self._etags(rels)
+        try:
+            infos = self.fs.get_file_info([self.path(r) for r in rels])
+        except OSError as e:
+            raise self._wrap("reach", rels[0] if rels else "", e) from None
+        return {
+            r: "missing" if i.type == pafs.FileType.NotFound else f"{i.size}:{i.mtime_ns}" for r, i in zip(rels, infos)
+        }
+
+    def _etags(self, rels: builtins.list[str]) -> dict[str, str]:
+        """ETags of S3 objects (pyarrow's FileInfo has none), listed by boto3 with bounded requests."""
+        import boto3.session
+        import botocore.config
+        import botocore.exceptions
+
+        config = botocore.config.Config(connect_timeout=5, read_timeout=20, retries={"max_attempts": 3})
+        # a fresh session: the default one caches the credentials it resolved first, whatever the environment says now
+        client = boto3.session.Session().client(
+            "s3",
+            endpoint_url=s3_endpoint(),
+            aws_access_key_id=os.environ.get("AWS_ACCESS_KEY_ID") or None,
+            aws_secret_access_key=os.environ.get("AWS_SECRET_ACCESS_KEY") or None,
+            aws_session_token=os.environ.get("AWS_SESSION_TOKEN") or None,
+            region_name=os.environ.get("AWS_REGION", os.environ.get("AWS_DEFAULT_REGION", "us-east-1")),
+            config=config,
+        )
+        bucket, _, prefix = self.path().partition("/")
+        found: dict[str, str] = {}
+        try:  # one listing (1,000 objects a page) rather than a request per object
+            for page in client.get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=f"{prefix}/" if prefix else ""
+            ):
+                for obj in page.get("Contents", []):
+                    found[obj["Key"]] = "etag:" + obj["ETag"].strip('"')
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as e:
+            raise self._wrap("list", "", OSError(str(e))) from None
+        return {rel: found.get(self.path(rel).partition("/")[2], "missing") for rel in rels}
 
     def delete_dir(self, rel: str) -> None:
         try:

@@ -13,7 +13,7 @@ import contextlib
 import functools
 import json
 import time
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from kdray.core import data as kdata
 from kdray.core import stream
 from kdray.core.checkpoint import Artifact, bytes_to_state, sha256, state_to_bytes
 from kdray.core.errors import KdrayError
+from kdray.core.lease import Lease
 from kdray.core.meter import Task, log_meter
 from kdray.core.specs import spec_hash
 from kdray.core.stage import StageContext
@@ -161,12 +162,40 @@ def ensure_cache(ctx: StageContext, teacher: Artifact) -> str:
     train = kdata.load(ctx.stage.data, "train")
     key = cache_key(teacher, train)
     store = ctx.root.child(f"_cache/teacher/{key}")
-    meta = read_cache_meta(store)
-    if meta is not None and meta.get("rows") == len(train) and meta.get("data_fingerprint") == train.fingerprint:
-        ctx.log(f"[{ctx.stage.name}] teacher cache hit: {store.uri()} ({meta['rows']:,} rows)")
-        return store.uri()
+
+    def current() -> dict[str, Any] | None:
+        meta = read_cache_meta(store)
+        ok = meta is not None and meta.get("rows") == len(train) and meta.get("data_fingerprint") == train.fingerprint
+        return meta if ok else None
+
+    with one_builder(ctx, store, current) as build:
+        if build:
+            _build_in_memory(ctx, teacher, train, store)
+    return store.uri()
+
+
+@contextlib.contextmanager
+def one_builder(ctx: StageContext, store: Storage, current: Callable[[], dict[str, Any] | None]) -> Iterator[bool]:
+    """Yield whether this run must build the cache at ``store``: False on a hit (also one that another run
+    finished while this one waited for its lease); True holding the cache's lease (``kdray.core.lease``),
+    so that two runs that need the same cache build it once."""
+    meta = current()
     if meta is not None:
-        ctx.log(f"[{ctx.stage.name}] teacher cache at {store.uri()} does not match; rebuilding it")
+        ctx.log(f"[{ctx.stage.name}] teacher cache hit: {store.uri()} ({meta['rows']:,} rows)")
+        yield False
+        return
+    lease = Lease(store, f"[{ctx.stage.name}] teacher cache", log=ctx.log)
+    with lease.hold(ready=lambda: current() is not None) as mine:
+        if not mine:
+            ctx.log(f"[{ctx.stage.name}] teacher cache hit: {store.uri()} (built by another run while this one waited)")
+            yield False
+            return
+        if read_cache_meta(store) is not None:
+            ctx.log(f"[{ctx.stage.name}] teacher cache at {store.uri()} does not match; rebuilding it")
+        yield True
+
+
+def _build_in_memory(ctx: StageContext, teacher: Artifact, train: kdata.Split, store: Storage) -> None:
     ctx.log(f"[{ctx.stage.name}] building teacher cache at {store.uri()}")
     title = f"[{ctx.pipeline.name}/{ctx.stage.name}] teacher cache"
     build_cache(
@@ -182,7 +211,6 @@ def ensure_cache(ctx: StageContext, teacher: Artifact) -> str:
         log=ctx.log,
         task=ctx.tasks()(title, len(train), "rows"),
     )
-    return store.uri()
 
 
 # --------------------------------------------------------------------------- streamed data (data.stream)
@@ -260,10 +288,19 @@ def ensure_stream_cache(ctx: StageContext, teacher: Artifact) -> str:
     plan = stream.plan(spec)
     store = ctx.root.child(f"_cache/teacher/{stream_cache_key(teacher, spec, plan.meta)}")
     fingerprint = f"{plan.meta['fingerprint']}-train"
-    meta = read_cache_meta(store)
-    if meta is not None and meta.get("rows") == plan.rows and meta.get("data_fingerprint") == fingerprint:
-        ctx.log(f"[{ctx.stage.name}] teacher cache hit: {store.uri()} ({meta['rows']:,} rows)")
-        return store.uri()
+
+    def current() -> dict[str, Any] | None:
+        meta = read_cache_meta(store)
+        ok = meta is not None and meta.get("rows") == plan.rows and meta.get("data_fingerprint") == fingerprint
+        return meta if ok else None
+
+    with one_builder(ctx, store, current) as build:
+        if build:
+            _build_streamed(ctx, teacher, plan, store, fingerprint)
+    return store.uri()
+
+
+def _build_streamed(ctx: StageContext, teacher: Artifact, plan: Any, store: Storage, fingerprint: str) -> None:
     ctx.log(f"[{ctx.stage.name}] building teacher cache at {store.uri()} (Ray Data batch inference)")
     t0 = time.perf_counter()
     task = ctx.tasks()(f"[{ctx.pipeline.name}/{ctx.stage.name}] teacher cache", plan.rows, "rows")
@@ -279,7 +316,6 @@ def ensure_stream_cache(ctx: StageContext, teacher: Artifact) -> str:
         },
         time.perf_counter() - t0,
     )
-    return store.uri()
 
 
 _METAS: dict[str, dict[str, Any]] = {}  # a Ray Data task process keeps what it read: each cache's meta.json,

@@ -6,6 +6,9 @@
   attempt; ``kill`` ends the worker process abruptly; ``pause`` holds the step until ``<marker>.go``
   exists, at most 120 s, so that a test can break something outside, such as the storage, at a known
   point). How fault-tolerance tests break a run for real.
+* a **publish fault** (``$KDRAY_INJECT_FAULT`` = ``{"stage": ..., "how": "publish", "marker": ...}``): the
+  stage's commit (its ``manifest.json``) fails once with "No space left on device", after its weights and
+  files are written, as when the disk fills while publishing (``publish_store``).
 * a **placement log** (``job.extras["placement_log"]``): each rank writes its node and process id.
 * a **rows log** (``job.extras["rows_log"]``): each rank appends the row ids (``batch["index"]``) of
   every training batch to ``rank<r>.jsonl``, one line per batch: ``{"epoch": e, "rows": [...]}``.
@@ -13,6 +16,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -20,15 +24,39 @@ from typing import Any
 
 import torch.nn as nn
 
+from kdray.core.checkpoint import MANIFEST
 from kdray.core.stage import Job
+from kdray.core.storage import Storage
 
 
 def fault_for(job: Job) -> dict[str, Any] | None:
     fault = job.extras.get("fault")
     if fault is None:
         env = json.loads(os.environ.get("KDRAY_INJECT_FAULT") or "null")
-        fault = env if env and env.get("stage") == job.spec.name else None
+        fault = env if env and env.get("stage") == job.spec.name and env.get("how") != "publish" else None
     return fault
+
+
+def publish_store(stage: str, store: Storage) -> Storage:
+    """The artifact folder a stage publishes to: ``store``, or one whose commit fails once (a publish fault)."""
+    fault = json.loads(os.environ.get("KDRAY_INJECT_FAULT") or "null")
+    if not fault or fault.get("stage") != stage or fault.get("how") != "publish":
+        return store
+    return _FullAtCommit(store.uri(), fault["marker"])
+
+
+class _FullAtCommit(Storage):
+    """A storage folder whose ``manifest.json`` write fails once with ENOSPC (the disk filled while publishing)."""
+
+    def __init__(self, uri: str, marker: str):
+        super().__init__(uri)
+        self.marker = marker
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        if rel == MANIFEST and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            raise self._wrap("write", rel, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path(rel)))
+        super().write_bytes(rel, data)
 
 
 def instrument(job: Job, rank: int):

@@ -401,6 +401,14 @@ def _fit_here(job: Job, storage: Storage) -> tuple[str, str]:
             )
         device = torch.device("cuda")
     resume_from = _download_latest(storage, run_dir)
+    if resume_from is not None and _finished(resume_from, job):
+        # every epoch is done (the publish failed, or the artifact folder was deleted): publish from it
+        print(
+            f"[{job.pipeline}/{job.spec.name}] all {job.spec.optim.epochs} epoch(s) are in the run's last "
+            "checkpoint: publishing from it",
+            flush=True,
+        )
+        return resume_from, storage.uri(run_dir)
     shown = progress.local_progress(f"{job.pipeline}/{job.spec.name}")
     try:
         with user_code_errors(job):
@@ -415,6 +423,18 @@ def _fit_here(job: Job, storage: Storage) -> tuple[str, str]:
     finally:
         shown.close()
     return last[0], storage.uri(run_dir)
+
+
+def _finished(folder: str, job: Job) -> bool:
+    """Whether a downloaded checkpoint already holds every epoch of ``job`` (its history says so).
+
+    An unreadable history is not decided here: the loop's resume reports it as a corrupt checkpoint."""
+    try:
+        with open(os.path.join(folder, "history.json")) as f:
+            history = json.load(f)
+        return isinstance(history, list) and bool(history) and int(history[-1]["epoch"]) >= job.spec.optim.epochs
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def _checkpoints(storage: Storage, run_dir: str) -> list[str]:

@@ -25,9 +25,11 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
+from kdray.core import lineage
 from kdray.core.checkpoint import Artifact, open_artifact, read_artifact
 from kdray.core.errors import KdrayError
 from kdray.core.specs import is_artifact_uri, spec_hash
+from kdray.core.stage import kind_of
 from kdray.core.storage import Storage
 from kdray.core.usercode import from_user_code
 from kdray.engine import concurrency
@@ -111,24 +113,86 @@ def run_stage(
     already runs one in this process.
     """
     keys = keys or plan(spec)
-    cached = None if force else cached_outcome(spec, name, keys, log=log)
+    stale: set[str] = set()
+    cached = None if force else cached_outcome(spec, name, keys, log=log, stale=stale)
     if cached is not None:
         return cached
     with concurrency.CPUS.hold(concurrency.stage_cpus(spec, spec.stage(name))):
-        return launch_stage(spec, name, keys, force=force, log=log)
+        return launch_stage(spec, name, keys, force=force or name in stale, log=log)
 
 
 def cached_outcome(
-    spec: PipelineSpec, name: str, keys: dict[str, str], *, log: Callable[[str], None] = print
+    spec: PipelineSpec,
+    name: str,
+    keys: dict[str, str],
+    *,
+    log: Callable[[str], None] = print,
+    stale: set[str] | None = None,
 ) -> StageOutcome | None:
-    """The outcome of a stage whose artifact already exists (logged as cached), else None."""
+    """The outcome of a stage whose artifact already exists and is current (logged as cached), else None.
+
+    An artifact is not believed when the data it was made from changed since (its manifest's data
+    fingerprints, ``kdray.core.lineage``) or a parent was published again with other weights: the stage
+    is then added to ``stale`` (it must start over, not resume its old run) and the reason is logged.
+    """
     t0 = time.perf_counter()
-    store = artifact_store(Storage(spec.storage.uri), spec.name, name, keys[name])
+    root = Storage(spec.storage.uri)
+    store = artifact_store(root, spec.name, name, keys[name])
     art = read_artifact(store)
     if art is None:
         return None
+    reasons = stale_reasons(spec, name, art, keys, root, log)
+    if reasons:
+        log(
+            f"[{spec.name}] stage {name}: not using the cached artifact at {store.uri()}: {'; '.join(reasons)}; rerunning it"
+        )
+        if stale is not None:
+            stale.add(name)
+        return None
     log(f"[{spec.name}] stage {name}: cached at {store.uri()}")
     return _outcome(spec, name, keys[name], art, "cached", t0)
+
+
+def stale_reasons(
+    spec: PipelineSpec, name: str, art: Artifact, keys: dict[str, str], root: Storage, log: Callable[[str], None]
+) -> list[str]:
+    """Why a finished artifact no longer matches its inputs: a parent published again with other
+    weights, or data whose fingerprint differs from the one its manifest records. Empty: it is current.
+
+    A dataset that cannot be read here (an unfinished import, a deleted folder) is an error, except for a
+    stage that runs on a cluster (``run.launcher``), whose data may be reachable only from there."""
+    stage = spec.stage(name)
+    reasons, parents = [], {}
+    for record in art.manifest.get("parents") or []:
+        ref = record.get("ref") if isinstance(record, dict) else None
+        if not isinstance(ref, str):
+            continue
+        now = (
+            read_artifact(ref)
+            if is_artifact_uri(ref)
+            else (read_artifact(artifact_store(root, spec.name, ref, keys[ref])) if ref in keys else None)
+        )
+        if now is None:
+            continue  # the parent is gone: this artifact is still what it was made from
+        parents[ref] = now
+        was_w, now_w = record.get("weights_sha256"), now.weights_sha256
+        if (was_w or now_w) and was_w != now_w:
+            reasons.append(
+                f"parent {ref} was published again since, with other weights ({str(now_w)[:12]}, was {str(was_w)[:12]})"
+            )
+        elif not (was_w or now_w) and record.get("version_uri") not in (None, now.pinned_uri):
+            reasons.append(f"parent {ref} was published again since ({now.pinned_uri})")
+    recorded = art.manifest.get("data")
+    try:
+        now_data = lineage.of_datasets(kind_of(stage).datasets(stage, parents))
+    except KdrayError as e:
+        if launcher_for(spec, stage) == "local":
+            raise
+        log(f"[{spec.name}] stage {name}: its data is not readable here, so its fingerprint is not checked ({e})")
+        return reasons
+    if isinstance(recorded, dict):
+        reasons += [f"data changed since the cached artifact: {c}" for c in lineage.changes(recorded, now_data)]
+    return reasons
 
 
 def launch_stage(
@@ -285,7 +349,11 @@ class _Scheduler:
                 ready = [n for n in pending if all(p in self.done for p in self.parents[n])]
                 cached = False
                 for n in ready:
-                    outcome = None if n in self.forced else cached_outcome(self.spec, n, self.keys, log=self.log)
+                    outcome = (
+                        None
+                        if n in self.forced
+                        else cached_outcome(self.spec, n, self.keys, log=self.log, stale=self.forced)
+                    )
                     if outcome is not None:
                         pending.remove(n)
                         self.done[n] = outcome

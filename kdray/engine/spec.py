@@ -24,6 +24,7 @@ from typing import Annotated, Any, Union, get_args, get_origin
 
 from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
+from kdray.core.data import describe
 from kdray.core.errors import KdrayError, SpecError
 from kdray.core.registry import close_matches, did_you_mean
 from kdray.core.specs import DNS_LABEL, RunSpec, Spec, StageBase, StorageSpec, is_artifact_uri
@@ -110,6 +111,38 @@ class PipelineSpec(Spec):
                     )
         return self
 
+    @model_validator(mode="after")
+    def _heads_fit(self) -> "PipelineSpec":
+        """A model whose classification head is narrower than the classes of the data it trains on or is
+        evaluated on fails here, where the data can be described, not with an IndexError later."""
+        heads: dict[str, int] = {}  # stage -> the width of the head it publishes
+        trained: dict[str, Any] = {}  # stage -> the data its published model is for
+        stage: Any  # kinds with `model` and `data`, or `models`
+        for i, stage in enumerate(self.stages):
+            try:
+                if stage.kind in HEAD_KINDS:
+                    width = model_kwargs(stage.model, stage.data)["num_classes"]
+                    heads[stage.name] = width
+                    trained[stage.name] = getattr(stage, "target_domain", None) or stage.data  # what it is for
+                    classes = describe(stage.data)["num_classes"]
+                    where, what = f"stages[{i}].model.num_classes", f"stage {stage.name!r} trains on"
+                    narrow = [(where, stage.name, width)] if width < classes else []
+                elif stage.kind == "evaluate" and (stage.data is not None or stage.models[0] in trained):
+                    classes = describe(stage.data or trained[stage.models[0]])["num_classes"]
+                    where, what = f"stages[{i}].data", f"evaluate stage {stage.name!r} reads"
+                    narrow = [(where, m, heads[m]) for m in stage.models if m in heads and heads[m] < classes]
+                else:
+                    continue
+            except (KdrayError, OSError, TypeError, ValueError, KeyError):  # data not readable here: `run` checks it
+                continue
+            for where, name, width in narrow:
+                raise ValueError(
+                    f"{where}: the model of stage {name!r} has a head of {width} classes, but the data {what} "
+                    f"has {classes}; a label beyond the head cannot be scored. Set model.num_classes to at least "
+                    f"{classes} (or leave it out to take the data's), or select {width} classes with data.classes"
+                )
+        return self
+
     def stage(self, name: str) -> Any:
         for s in self.stages:
             if s.name == name:
@@ -121,6 +154,9 @@ class PipelineSpec(Spec):
         if stage.run is None:
             return self.run
         return self.run.model_copy(update=stage.run.model_dump(exclude_unset=True))
+
+
+HEAD_KINDS = ("train", "distill", "transfer", "adapt")  # kinds whose model's head is trained on their data
 
 
 def pipeline_model() -> type[PipelineSpec]:

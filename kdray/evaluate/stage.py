@@ -19,6 +19,7 @@ from pydantic import Field
 
 from kdray.core import data as kdata
 from kdray.core.checkpoint import Artifact, write_artifact
+from kdray.core.errors import KdrayError
 from kdray.core.metrics import latency_ms, metrics_for, predict
 from kdray.core.models import count_parameters
 from kdray.core.specs import DataSpec, StageBase
@@ -45,9 +46,14 @@ class EvaluateStage(StageBase):
 
 def data_spec_for(ctx: Any) -> Any:
     """The stage's own data spec, or else the first evaluated model's training data (same selection)."""
-    if ctx.stage.data is not None:
-        return ctx.stage.data
-    first = ctx.parents[ctx.stage.models[0]]
+    return evaluated_data(ctx.stage, ctx.parents)
+
+
+def evaluated_data(stage: EvaluateStage, parents: dict[str, Artifact]) -> DataSpec:
+    """``data_spec_for`` from the stage spec and its parents' artifacts."""
+    if stage.data is not None:
+        return stage.data
+    first = parents[stage.models[0]]
     spec = first.manifest["spec"]
     # the task the published model is for: a share stage's task B, an adapt stage's target domain
     return DataSpec.model_validate(spec.get("data_b") or spec.get("target_domain") or spec.get("data") or {})
@@ -60,6 +66,7 @@ def evaluate_stage(ctx: Any) -> tuple[dict[str, Any], dict[str, bytes]]:
     rows, logits_by_stage = [], {}
     for ref in ctx.stage.models:
         art = ctx.parents[ref]
+        check_head(ctx.stage.name, ref, art, test, spec)
         model = art.build_model()
         logits = predict(model, x, ctx.stage.batch_size)
         logits_by_stage[ref] = logits
@@ -106,6 +113,19 @@ def evaluate_stage(ctx: Any) -> tuple[dict[str, Any], dict[str, bytes]]:
     images = {"Top-1 against the baselines": comparison, "Training curves": png}
     files["report.html"] = render_html(report, {k: v for k, v in images.items() if v}).encode()
     return report, files
+
+
+def check_head(stage: str, ref: str, art: Artifact, test: kdata.Split, spec: DataSpec) -> None:
+    """A model whose head is narrower than the test data's classes cannot be scored: say so, in one paragraph."""
+    width = (art.manifest.get("model") or {}).get("kwargs", {}).get("num_classes")
+    labels = int(test.y.max()) + 1 if len(test.y) else 0
+    if isinstance(width, int) and max(test.num_classes, labels) > width:
+        raise KdrayError(
+            f"stage {stage!r}: the model of {ref} ({art.uri}) has a head of {width} classes, but the test data "
+            f"({spec.name}{' at ' + spec.path if spec.path else ''}) has {max(test.num_classes, labels)} classes",
+            hint="Evaluate it on data with the classes it was trained for (the stage's data, or data.classes "
+            f"selecting {width} classes), or retrain it with model.num_classes at least the data's.",
+        )
 
 
 def selection_note(manifest: dict[str, Any]) -> str:
@@ -234,6 +254,11 @@ class EvaluateKind(StageKind):
 
     spec = EvaluateStage
     trains = False
+
+    def datasets(self, stage: Any, parents: dict[str, Artifact]) -> dict[str, DataSpec]:
+        if stage.data is None and stage.models[0] not in parents:
+            return {}  # the evaluated model is gone: nothing to compare (it reruns when it is published again)
+        return {"data": evaluated_data(stage, parents)}
 
     def run(self, ctx: StageContext) -> Artifact:
         t0 = time.perf_counter()

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from kdray.core import lineage
 from kdray.core.checkpoint import Artifact
 from kdray.core.stage import StageContext, kind_of, run_name
 from kdray.core.storage import Storage
-from kdray.engine import progress
+from kdray.engine import diagnostics, progress
 from kdray.engine.driver import fit
 from kdray.engine.inference import stream_inference
 from kdray.engine.launchers import LAUNCHERS, Log, stage_store
@@ -30,8 +31,19 @@ class LocalLauncher:
         root = Storage(spec.storage.uri)
         if force:  # start over: Ray would otherwise resume the finished run from its last checkpoint
             root.delete_dir(f"_ray/{run_name(spec.name, stage_name, key)}")
-        store = stage_store(spec, stage_name, key)
+        store = diagnostics.publish_store(stage_name, stage_store(spec, stage_name, key))
+        data = lineage.of_datasets(kind_of(stage).datasets(stage, parents))  # what it reads, as it starts
         ctx = StageContext(
-            spec, stage, key, store, root, parents, log, fit, meter=progress.meter(log), infer=stream_inference
+            spec,
+            stage,
+            key,
+            store,
+            root,
+            parents,
+            log,
+            fit,
+            meter=progress.meter(log),
+            infer=stream_inference,
+            data=data,
         )
         return kind_of(stage).run(ctx)
