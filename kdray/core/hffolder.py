@@ -231,15 +231,23 @@ def build_from_folder(
     tf = transformers()
     auto = getattr(tf, TASKS[task])
     with folder.local() as path, quiet(tf):
-        model, info = auto.from_pretrained(
-            path,
-            config=config,
-            use_safetensors=True,  # never a pickle
-            trust_remote_code=trust_remote_code,
-            output_loading_info=True,
-            ignore_mismatched_sizes=note is not None,
-            dtype=torch.float32,
-        )
+        try:
+            model, info = auto.from_pretrained(
+                path,
+                config=config,
+                use_safetensors=True,  # never a pickle
+                trust_remote_code=trust_remote_code,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,  # reported below, each tensor named: only a new head may differ
+                dtype=torch.float32,
+            )
+        except (OSError, RuntimeError, ValueError) as e:  # unreadable safetensors, a failed name conversion
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointMismatch(
+                f"{field}: transformers cannot load the weights of {folder.uri} ({first[:300]})",
+                hint="The folder's weights are truncated or do not belong to its config.json: write it again "
+                "with save_pretrained.",
+            ) from None
     mismatched = sorted(info.get("mismatched_keys") or [])
     head = [m for m in mismatched if note is not None and m[0].startswith(_head_prefix(model))]
     problems = []
@@ -256,7 +264,8 @@ def build_from_folder(
             hint="The folder's config.json and weights disagree: write the folder again with save_pretrained.",
         )
     if note:
-        (log or print)(f"{field} {folder.uri}: {note} ({', '.join(k for k, _, _ in head)})", flush=True)
+        message = f"{field} {folder.uri}: {note} ({', '.join(k for k, _, _ in head)})"
+        log(message) if log else print(message, flush=True)
     return adopt(model, classifier, spec_field)
 
 

@@ -55,7 +55,8 @@ class InputView:
                 )
         size = s.get("size")
         if size and tuple(pixels.shape[-2:]) != tuple(size):
-            pixels = F.interpolate(pixels, size=tuple(size), mode="bilinear", align_corners=False)
+            shrink = size[0] < pixels.shape[-2] or size[1] < pixels.shape[-1]  # as data.transforms' resize does
+            pixels = F.interpolate(pixels, size=tuple(size), mode="bilinear", align_corners=False, antialias=shrink)
         crop = s.get("crop")
         if crop and tuple(pixels.shape[-2:]) != tuple(crop):
             top, left = (pixels.shape[-2] - crop[0]) // 2, (pixels.shape[-1] - crop[1]) // 2

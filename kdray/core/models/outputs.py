@@ -10,7 +10,8 @@ those of the user's class. It is applied once, by :func:`kdray.core.models.user.
 stage builds its networks. The same ``forward`` first applies the network's own input view when it
 has one (``kdray_input_view``: :mod:`kdray.core.models.inputs`).
 
-The subclass is made once per class and pickles (Ray ships a teacher to its inference actors) and
+The subclass also gives the network kdray's ``embed`` (the classifier's input, read with a hook). It
+is made once per class and pickles (Ray ships a teacher to its inference actors) and
 deep-copies as "the user's class, made logits-only" (:func:`_rebuild`), so the class itself never
 needs to be importable.
 """
@@ -59,6 +60,27 @@ def _forward(self: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
     return as_logits(base.forward(self, *args, **kwargs), f"model {base.__name__}")
 
 
+def _embed(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The classifier's input (read with a pre-hook while the network runs its own forward)."""
+    from kdray.core.hooks import classifier_name, resolve_modules
+
+    name = classifier_name(self)  # looked up on ``self``: a deep copy hooks its own classifier
+    module = resolve_modules(self, [name], "model")[name]
+    captured: list[torch.Tensor] = []
+    handle = module.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+    try:
+        self(x)
+    finally:
+        handle.remove()
+    return captured[-1]
+
+
+def _own_embed(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A kdray model's own ``embed``, on the network's view of the inputs."""
+    view = self.__dict__.get("kdray_input_view")
+    return type(self).kdray_outputs_of.embed(self, view(x) if view is not None else x)  # type: ignore[attr-defined]
+
+
 def _reduce_ex(self: nn.Module, protocol: Any) -> tuple[Any, ...]:
     return (_rebuild, (type(self).kdray_outputs_of,), self.__dict__)  # type: ignore[attr-defined]
 
@@ -74,11 +96,13 @@ def logits_class(base: type) -> type:
     if getattr(base, "kdray_outputs_of", None) is not None:
         return base
     if base not in _CLASSES:
+        kdray_model = isinstance(getattr(base, "classifier_name", None), str) and callable(getattr(base, "embed", None))
         _CLASSES[base] = type(
             base.__name__,  # the user's class name: messages, and config.json's architectures, stay the same
             (base,),
             {
                 "forward": _forward,
+                "embed": _own_embed if kdray_model else _embed,
                 "__reduce_ex__": _reduce_ex,
                 "kdray_outputs_of": base,
                 "__module__": base.__module__,

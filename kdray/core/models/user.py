@@ -21,11 +21,10 @@ import types
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 import torch.nn as nn
 
 from kdray.core.errors import SpecError
-from kdray.core.hooks import find_classifier, resolve_modules
+from kdray.core.hooks import find_classifier
 from kdray.core.models.outputs import block_layers, is_transformers_model, logits_only
 
 # Keywords kdray supplies from the data (passed only when the factory's signature takes them).
@@ -108,22 +107,10 @@ def adopt(model: nn.Module, classifier: str | None = None, where: str = "model")
         if classifier is None or classifier == model.classifier_name:
             return model  # a kdray-style model already
     head = find_classifier(model, classifier, where)
-    logits_only(model)  # the one place a zoo model's ModelOutput / dict / tuple becomes its logits tensor
-
-    def embed(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        # Looked up on ``self`` each call, so a deep copy of the model hooks its own classifier.
-        name = str(getattr(self, "classifier_name", head))
-        classifier_module = resolve_modules(self, [name], where)[name]
-        captured: list[torch.Tensor] = []
-        handle = classifier_module.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
-        try:
-            self(x)
-        finally:
-            handle.remove()
-        return captured[-1]
-
+    # The one place a zoo model's ModelOutput / dict / tuple becomes its logits tensor; the subclass also
+    # brings ``embed`` (a hook on the classifier named by ``classifier_name``).
+    logits_only(model)
     object.__setattr__(model, "classifier_name", head)
-    object.__setattr__(model, "embed", types.MethodType(embed, model))
     if not getattr(model, "feature_layers", None):
         # A transformers model's children are one backbone returning a ModelOutput: its blocks are the layers.
         blocks = block_layers(model) if is_transformers_model(model) else ()
