@@ -274,8 +274,8 @@ def test_a_folder_through_every_stage_kind_the_cache_evaluate_and_export(tmp_pat
     assert report["zoo"]["top1"] == pytest.approx(arts["zoo"].manifest["metrics"]["top1"])
 
     # the teacher cache holds the teacher's own logits for each training row
-    from kdray.distill.cache import read_cache_rows
     from kdray.core.storage import Storage
+    from kdray.distill.cache import read_cache_rows
 
     train = kdata.load(DataSpec.model_validate(SYNTH), "train")
     cached = read_cache_rows(Storage(arts["cached"].manifest["teacher"]["cache"]), 0, len(train),
