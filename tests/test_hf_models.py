@@ -466,3 +466,70 @@ def test_a_transformers_teacher_with_its_own_view_streams_through_ray(ray_local,
         expected = open_artifact(outcomes["teacher"].uri).build_model().eval()(kdata.normalize(raw.x, raw)).numpy()
     assert np.abs(logits - expected).max() < 1e-4
     assert isinstance(open_artifact(outcomes["student"].uri).build_model(), nn.Module)
+
+
+TINY_CODE = """
+import torch.nn as nn
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import ImageClassifierOutput
+
+
+class TinyConfig(PretrainedConfig):
+    model_type = "kdray_tiny"
+
+    def __init__(self, pixels=64, width=16, **kwargs):
+        self.pixels, self.width = pixels, width
+        super().__init__(**kwargs)
+
+
+class TinyForImageClassification(PreTrainedModel):
+    config_class = TinyConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(config.pixels, config.width), nn.ReLU())
+        self.classifier = nn.Linear(config.width, config.num_labels)
+        self.post_init()
+
+    def forward(self, pixel_values, labels=None):
+        return ImageClassifierOutput(logits=self.classifier(self.body(pixel_values)))
+"""
+
+
+def test_a_folder_with_its_own_code_runs_only_when_the_spec_trusts_it(tmp_path):
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    (folder / "modeling_tiny.py").write_text(TINY_CODE)
+    torch.manual_seed(0)
+    state = {"body.1.weight": torch.randn(16, 64), "body.1.bias": torch.randn(16),
+             "classifier.weight": torch.randn(4, 16), "classifier.bias": torch.randn(4)}  # fmt: skip
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = {"model_type": "kdray_tiny", "pixels": 64, "width": 16, "architectures": ["TinyForImageClassification"],
+              "id2label": {str(i): f"c{i}" for i in range(4)}, "label2id": {f"c{i}": i for i in range(4)},
+              "auto_map": {"AutoConfig": "modeling_tiny.TinyConfig",
+                           "AutoModelForImageClassification": "modeling_tiny.TinyForImageClassification"}}  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SpecError, match=r"ships its own model code .*trust_remote_code: true"):
+        build_model(ModelSpec.model_validate({"hf": str(folder)}), KW)
+    model = build_model(ModelSpec.model_validate({"hf": str(folder), "trust_remote_code": True}), KW).eval()
+    x = torch.rand(3, 1, 8, 8)
+    expected = torch.relu(x.flatten(1) @ state["body.1.weight"].T + state["body.1.bias"])
+    torch.testing.assert_close(model(x), expected @ state["classifier.weight"].T + state["classifier.bias"])
+
+    doc = {
+        "name": "remote",
+        "storage": {"uri": f"file://{tmp_path}/runs"},
+        "run": {"workers": 0},
+        "stages": [
+            {"name": "teacher", "kind": "pretrained", "model": {"hf": str(folder), "trust_remote_code": True},
+             "data": SYNTH},
+            {"name": "student", "kind": "distill", "teacher": "teacher", "model": {"name": "mlp_32"}, "data": SYNTH,
+             "optim": {**OPTIM, "epochs": 1}},
+        ],
+    }  # fmt: skip
+    outcomes = run_pipeline(parse_pipeline(doc), log=quiet, max_concurrent=1)
+    teacher = open_artifact(outcomes[0].uri)
+    assert teacher.manifest["model"]["hf"]["code"] == {"modeling_tiny.py": TINY_CODE}, "lineage: the code that ran"
+    torch.testing.assert_close(teacher.build_model().eval()(x), model(x))

@@ -29,7 +29,15 @@ import torch.nn as nn
 from kdray.core.checkpoint import sha256
 from kdray.core.errors import CheckpointMismatch, SpecError, StorageError
 from kdray.core.models import adopt
-from kdray.core.models.hf import TASKS, build_transformers, check_remote_code, make_config, task_of, transformers
+from kdray.core.models.hf import (
+    TASKS,
+    build_from_config,
+    check_remote_code,
+    code_folder,
+    make_config,
+    task_of,
+    transformers,
+)
 from kdray.core.storage import Storage
 
 CONFIG = "config.json"
@@ -59,7 +67,7 @@ class Folder:
             yield self.store.path()
             return
         with tempfile.TemporaryDirectory(prefix="kdray-hf-") as tmp:
-            names = [CONFIG, *self.weight_files] + (
+            names = [CONFIG, *self.weight_files, *self.code()] + (
                 [INDEX] if len(self.weight_files) > 1 or self.store.exists(INDEX) else []
             )
             for name in dict.fromkeys(names):
@@ -68,6 +76,13 @@ class Folder:
                     self.digests[name] = sha256(data)
                 Path(tmp, name).write_bytes(data)
             yield tmp
+
+    def code(self) -> dict[str, str]:
+        """The folder's own Python files (name -> source) when its config names code (``auto_map``), else none."""
+        if not self.config.get("auto_map"):
+            return {}
+        names = [n for n in self.store.list() if n.endswith(".py") and "/" not in n]
+        return {n: self.store.read_bytes(n).decode() for n in names}
 
     def lineage(self) -> dict[str, str]:
         """sha256 of each weights file (read once if not yet)."""
@@ -225,9 +240,18 @@ def build_from_folder(
     spec_field = field.rsplit(".", 1)[0]
     check_remote_code(folder.config, trust_remote_code, folder.uri, spec_field)
     task = task_of(folder.config, task, spec_field)
-    config, note = make_config(folder.config, num_classes, field)
     if not weights:
-        return adopt(build_transformers(config, task, trust_remote_code=trust_remote_code, field=field), classifier)
+        return build_from_config(
+            folder.config,
+            num_classes,
+            task=task,
+            classifier=classifier,
+            trust_remote_code=trust_remote_code,
+            code=folder.code(),
+            field=field,
+        )
+    with code_folder(folder.config, folder.code()) as where:
+        config, note = make_config(folder.config, num_classes, field, code_path=where)
     tf = transformers()
     auto = getattr(tf, TASKS[task])
     with folder.local() as path, quiet(tf):

@@ -259,6 +259,8 @@ def model_record(model_spec: ModelSpec, kwargs: dict[str, Any], model: torch.nn.
             "task": transformers_task(model),
             "trust_remote_code": model_spec.trust_remote_code,
         }
+        if model_spec.trust_remote_code and model_spec.hf is not None:
+            record["hf"]["code"] = open_folder(model_spec.hf).code()  # the folder's own code, as it was run
     if model_spec.weights or model_spec.hf is not None:
         record["pretrained"] = weights_record(model_spec)  # lineage: the initial weights' URI and sha256
     return record

@@ -9,9 +9,12 @@ ids. Code shipped with a model folder (a config with ``auto_map``) never runs un
 
 from __future__ import annotations
 
+import contextlib
 import json
+import tempfile
 import types
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterator
 
 import torch.nn as nn
 
@@ -60,10 +63,29 @@ def task_of(config: dict[str, Any], task: str | None, field: str = "model") -> s
     )
 
 
-def make_config(config: dict[str, Any], num_classes: int | None, field: str = "model") -> tuple[Any, str | None]:
-    """A transformers config from its dict, with ``num_labels`` set to ``num_classes``; and a note when that
-    changed the folder's label count (the classification head is then new)."""
+@contextlib.contextmanager
+def code_folder(config: dict[str, Any], code: dict[str, str]) -> Iterator[str | None]:
+    """A temporary folder with ``config.json`` and a model's own Python files, for transformers to import
+    them (``trust_remote_code``); None when the model has no code of its own."""
+    if not code:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="kdray-hf-code-") as tmp:
+        Path(tmp, "config.json").write_text(json.dumps(config))
+        for name, source in code.items():
+            Path(tmp, name).write_text(source)
+        yield tmp
+
+
+def make_config(
+    config: dict[str, Any], num_classes: int | None, field: str = "model", code_path: str | None = None
+) -> tuple[Any, str | None]:
+    """A transformers config from its dict (or, with ``code_path``, the folder's own config class), with
+    ``num_labels`` set to ``num_classes``; and a note when that changed the folder's label count (the
+    classification head is then new)."""
     tf = transformers()
+    if code_path is not None:  # trust_remote_code was checked: the folder's own config class
+        return _labels(tf.AutoConfig.from_pretrained(code_path, trust_remote_code=True), num_classes)
     doc = dict(config)
     model_type = doc.pop("model_type", None)
     if not model_type:
@@ -77,9 +99,12 @@ def make_config(config: dict[str, Any], num_classes: int | None, field: str = "m
             hint="Use a model type this transformers version knows, or set trust_remote_code: true for a folder "
             "that ships its own code.",
         )
-    for key in ("transformers_version", "architectures", "auto_map"):
+    for key in ("transformers_version", "architectures"):
         doc.pop(key, None)
-    cfg = tf.CONFIG_MAPPING[model_type].from_dict(doc)
+    return _labels(tf.CONFIG_MAPPING[model_type].from_dict(doc), num_classes)
+
+
+def _labels(cfg: Any, num_classes: int | None) -> tuple[Any, str | None]:
     note = None
     if num_classes and cfg.num_labels != num_classes:
         note = (
@@ -121,13 +146,23 @@ def build_from_config(
     task: str | None = None,
     classifier: str | None = None,
     trust_remote_code: bool = False,
+    code: dict[str, str] | None = None,
     field: str = "model.hf_config",
 ) -> nn.Module:
-    """A freshly initialised transformers network from a config dict (``model.hf_config``, or a manifest's)."""
-    check_remote_code(config, trust_remote_code, "the config", field.rsplit(".", 1)[0])
-    task = task_of(config, task, field.rsplit(".", 1)[0])
-    cfg, _ = make_config(config, num_classes, field)
-    return adopt(build_transformers(cfg, task, trust_remote_code=trust_remote_code, field=field), classifier, field)
+    """A freshly initialised transformers network from a config dict (``model.hf_config``, or a manifest's);
+    ``code``: the model's own Python files (name -> source), for a config with ``auto_map``."""
+    spec_field = field.rsplit(".", 1)[0]
+    check_remote_code(config, trust_remote_code, "the config", spec_field)
+    if config.get("auto_map") and not code:
+        raise SpecError(
+            f"{field}: the config names its own model code (auto_map) but the code is not at hand",
+            hint="Use model.hf with the folder that holds the code (its .py files beside config.json).",
+        )
+    task = task_of(config, task, spec_field)
+    with code_folder(config, code or {}) as where:
+        cfg, _ = make_config(config, num_classes, field, code_path=where)
+        model = build_transformers(cfg, task, trust_remote_code=trust_remote_code, field=field)
+    return adopt(model, classifier, spec_field)
 
 
 def transformers_task(model: nn.Module) -> str:
@@ -152,6 +187,7 @@ def from_record(record: dict[str, Any]) -> nn.Module:
         task=hf.get("task"),
         classifier=record.get("classifier"),
         trust_remote_code=bool(hf.get("trust_remote_code")),
+        code=hf.get("code"),
         field="model",
     )
     return with_inputs(model, record["kwargs"].get("inputs"))
