@@ -533,3 +533,44 @@ def test_a_folder_with_its_own_code_runs_only_when_the_spec_trusts_it(tmp_path):
     teacher = open_artifact(outcomes[0].uri)
     assert teacher.manifest["model"]["hf"]["code"] == {"modeling_tiny.py": TINY_CODE}, "lineage: the code that ran"
     torch.testing.assert_close(teacher.build_model().eval()(x), model(x))
+
+
+def test_the_example_from_an_empty_folder_at_a_small_scale(tmp_path, monkeypatch):
+    """examples/make_hf_teacher.py, then examples/fmnist_hf_teacher_to_mlp.yaml, as docs/models.md shows them,
+    on 600 images for one epoch: the teacher reloaded from its folder agrees with the teacher kdray trained."""
+    import runpy
+
+    from conftest import REPO
+
+    from kdray.engine.spec import load_pipeline
+
+    try:
+        kdata.fashion_mnist_location(None)
+    except KdrayError:
+        pytest.skip("Fashion-MNIST is not installed")
+    monkeypatch.chdir(tmp_path)
+    make = runpy.run_path(str(REPO / "examples" / "make_hf_teacher.py"))
+    small = ["stages.vit.data.limit=600", "stages.vit.optim.epochs=1", "stages.report.data.test_limit=300"]
+    record = make["main"]("./hf/vit-fmnist", small, log=quiet)
+    assert sorted(record["files"]) == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    pre = json.loads((tmp_path / "hf/vit-fmnist/preprocessor_config.json").read_text())
+    assert pre["size"] == {"height": 32, "width": 32} and pre["image_mean"] == [0.5] and pre["image_std"] == [0.5]
+
+    overrides = [
+        *(f"stages.{s}.data.limit=600" for s in ("scratch", "student")),
+        *(f"stages.{s}.data.labels_per_class=10" for s in ("scratch", "student")),
+        *(f"stages.{s}.optim.epochs=1" for s in ("scratch", "student")),
+        "stages.teacher.data.test_limit=300",
+        "stages.report.data.test_limit=300",
+    ]
+    spec = load_pipeline(REPO / "examples" / "fmnist_hf_teacher_to_mlp.yaml", overrides=overrides)
+    outcomes = {o.stage: o for o in run_pipeline(spec, log=quiet, max_concurrent=1)}
+    teacher = open_artifact(outcomes["teacher"].uri)
+    assert teacher.manifest["model"]["kwargs"]["inputs"]["size"] == [32, 32], "the teacher reads 32x32 inputs"
+    assert teacher.manifest["model"]["pretrained"]["files"]["model.safetensors"] == record["sha256"]
+    [report_folder] = (tmp_path / "runs/fmnist-hf-vit-teacher/report").iterdir()
+    [row] = open_artifact(report_folder.as_uri()).read_json("report.json")["models"]
+    assert teacher.manifest["metrics"]["top1"] == pytest.approx(row["top1"], abs=1 / 300), (
+        "reloaded from its folder, at 28x28 through its view, the teacher scores what kdray measured at 32x32"
+    )
+    assert open_artifact(outcomes["report"].uri).read_json("report.json")["models"][2]["stage"] == "student"

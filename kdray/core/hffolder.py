@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from kdray.core.checkpoint import sha256
-from kdray.core.errors import CheckpointMismatch, SpecError, StorageError
+from kdray.core.errors import CheckpointMismatch, SpecError
 from kdray.core.models import adopt
 from kdray.core.models.hf import (
     TASKS,
@@ -49,7 +49,7 @@ PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "
 
 @dataclass
 class Folder:
-    """What a Hugging Face folder holds (its weights are read on demand: :meth:`state`)."""
+    """What a Hugging Face folder holds (its weights are read when the network is built: :meth:`local`)."""
 
     uri: str
     store: Storage
@@ -102,11 +102,7 @@ def _json(store: Storage, name: str, field: str) -> Any:
 def open_folder(uri: str, field: str = "model.hf") -> Folder:
     """The folder at ``uri``: its config, the names of its safetensors weights and its preprocessor config."""
     store = Storage(uri.rstrip("/"))
-    try:
-        has_config = store.exists(CONFIG)
-    except StorageError:
-        raise
-    if not has_config:
+    if not store.exists(CONFIG):
         raise SpecError(
             f"{field}: no {CONFIG} in {store.uri()}",
             hint="Point it at a folder written by save_pretrained (config.json and model.safetensors), "
