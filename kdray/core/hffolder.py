@@ -321,7 +321,7 @@ def write_folder(model: nn.Module, store: Storage, preprocessor: dict[str, Any] 
     from kdray.core.models.outputs import original_class
 
     transformers()
-    plain = object.__new__(original_class(model))  # the user's class again: save_pretrained as usual
+    plain: Any = object.__new__(original_class(model))  # the user's class again: save_pretrained as usual
     plain.__dict__.update({k: v for k, v in model.__dict__.items() if k != "kdray_input_view"})
     files: dict[str, bytes] = {}
     with tempfile.TemporaryDirectory(prefix="kdray-hf-") as tmp:

@@ -254,13 +254,14 @@ def model_record(model_spec: ModelSpec, kwargs: dict[str, Any], model: torch.nn.
     if model_spec.import_:
         record["import"] = model_spec.import_  # so that Artifact.build_model rebuilds the user's class
     if model_spec.hf is not None or model_spec.hf_config is not None:
-        record["hf"] = {  # so that Artifact.build_model rebuilds the transformers network from its config
+        hf: dict[str, Any] = {  # so that Artifact.build_model rebuilds the transformers network from its config
             "config": model_config(model),
             "task": transformers_task(model),
             "trust_remote_code": model_spec.trust_remote_code,
         }
         if model_spec.trust_remote_code and model_spec.hf is not None:
-            record["hf"]["code"] = open_folder(model_spec.hf).code()  # the folder's own code, as it was run
+            hf["code"] = open_folder(model_spec.hf).code()  # the folder's own code, as it was run
+        record["hf"] = hf
     if model_spec.weights or model_spec.hf is not None:
         record["pretrained"] = weights_record(model_spec)  # lineage: the initial weights' URI and sha256
     return record

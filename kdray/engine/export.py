@@ -373,7 +373,8 @@ def export_hf(
     kwargs = record["kwargs"]
     gen = torch.Generator().manual_seed(0)
     if task == "sequence_classification":
-        x = torch.randint(0, int(model.config.vocab_size), (batch, int(kwargs["in_channels"])), generator=gen)  # type: ignore[union-attr]  # transformers config
+        vocab = int(getattr(model, "config").vocab_size)  # noqa: B009  (a transformers config)
+        x = torch.randint(0, vocab, (batch, int(kwargs["in_channels"])), generator=gen)
     else:
         x = torch.randn(
             batch, int(kwargs["in_channels"]), int(kwargs["image_size"]), int(kwargs["image_size"]), generator=gen

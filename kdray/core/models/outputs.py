@@ -88,7 +88,7 @@ def _reduce_ex(self: nn.Module, protocol: Any) -> tuple[Any, ...]:
 def _rebuild(base: type) -> nn.Module:
     """An empty instance of ``base`` made logits-only (pickle then sets its ``__dict__``)."""
     cls = logits_class(base)
-    return cls.__new__(cls)
+    return object.__new__(cls)  # no __init__: pickle restores the state
 
 
 def logits_class(base: type) -> type:
