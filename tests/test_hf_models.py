@@ -365,6 +365,8 @@ def test_a_teacher_reads_its_own_resolution_and_normalisation_while_the_student_
     torch.testing.assert_close(cached, out, atol=1e-5, rtol=1e-4)
     student = open_artifact(outcomes["online"].uri).build_model()
     assert "kdray_input_view" not in student.__dict__, "the student keeps the stage's inputs"
+    onnx = export_artifact(outcomes["teacher"].uri, "onnx", latency_runs=2, latency_batch=16)
+    assert onnx["check"]["max_abs_diff"] <= 1e-4, "the view (resize, channels, normalisation) is in the graph"
 
 
 # --------------------------------------------------------------------------- token ids, storage, Ray
@@ -574,3 +576,53 @@ def test_the_example_from_an_empty_folder_at_a_small_scale(tmp_path, monkeypatch
         "reloaded from its folder, at 28x28 through its view, the teacher scores what kdray measured at 32x32"
     )
     assert open_artifact(outcomes["report"].uri).read_json("report.json")["models"][2]["stage"] == "student"
+
+
+def test_every_loss_distils_a_transformers_resnet_teacher(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.ResNetConfig(
+        num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=4
+    )
+    transformers.ResNetForImageClassification(config).save_pretrained(str(tmp_path / "resnet"))
+    losses = [
+        {"name": "cross_entropy", "weight": 0.2},
+        {"name": "hinton_kl", "weight": 0.5},
+        {"name": "weighted_output_mse", "weight": 0.1, "weighting": "confidence"},
+        {
+            "name": "feature_hint",
+            "weight": 0.1,
+            "student_layer": "features.1",
+            "teacher_layer": "resnet.encoder.stages.0",
+        },
+        {"name": "attention_transfer", "weight": 0.1, "pairs": [["features.1", "resnet.encoder.stages.0"]]},
+        {"name": "rkd", "weight": 0.1},
+        {"name": "dkd", "weight": 0.1},
+    ]
+    doc = {
+        "name": "losses",
+        "storage": {"uri": f"file://{tmp_path}/runs"},
+        "run": {"workers": 0},
+        "stages": [
+            {"name": "teacher", "kind": "train", "model": {"hf": str(tmp_path / "resnet")}, "data": SYNTH,
+             "optim": OPTIM},
+            {"name": "student", "kind": "distill", "teacher": "teacher", "model": {"name": "cnn_small"},
+             "data": SYNTH, "optim": OPTIM, "losses": losses},
+        ],
+    }  # fmt: skip
+    lines: list[str] = []
+    outcomes = run_pipeline(parse_pipeline(doc), log=lines.append, max_concurrent=1)
+    assert any("teacher cache off" in line and "feature_hint" in line for line in lines), lines
+    metrics = open_artifact(outcomes[1].uri).manifest["metrics"]
+    assert all(np.isfinite(v) for v in metrics.values() if isinstance(v, float)), metrics
+    assert metrics["val_acc"] > 0.5, metrics
+
+
+def test_the_six_line_factory_of_the_issue_trains_from_the_command_line(user_module, tmp_path):
+    """The report of issue 26: a factory returning ViTForImageClassification used to fail on the first batch."""
+    doc = synthetic_pipeline(tmp_path, workers=0, epochs=1)
+    doc["stages"][0]["model"] = {"import": f"{user_module}:vit"}
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(doc))
+    result = CliRunner().invoke(app, ["run", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "cross_entropy_loss" not in result.output and "teacher" in result.output
