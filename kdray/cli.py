@@ -352,11 +352,11 @@ def sweep(
 @guarded
 def export_cmd(
     artifact: str = typer.Argument(..., help="artifact URI of a train, distill, transfer or adapt stage"),
-    fmt: str = typer.Option("onnx", "--format", help="onnx or torchscript"),
+    fmt: str = typer.Option("onnx", "--format", help="onnx, torchscript or hf (a Hugging Face folder)"),
     tolerance: float = typer.Option(1e-4, help="largest allowed abs difference from PyTorch's outputs"),
     latency_batch: int = typer.Option(128, "--latency-batch", min=1, help="batch size the latency is measured at"),
 ) -> None:
-    """Export a model (ONNX checked with onnxruntime, or TorchScript) next to its artifact, with exports.json."""
+    """Export a model (ONNX checked with onnxruntime, TorchScript, or a Hugging Face folder) next to its artifact."""
 
     record = export_artifact(artifact, fmt, tolerance=tolerance, latency_batch=latency_batch)
     typer.echo(summary(record))

@@ -7,6 +7,7 @@ pre-hook so the model runs through its own ``forward`` and DDP still syncs).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -99,7 +100,10 @@ def classifier_name(model: nn.Module) -> str:
 
 
 def _as_tensor(output: Any, path: str) -> torch.Tensor:
-    # Recurrent modules return (sequence, hidden): the sequence is the feature.
+    # Recurrent modules return (sequence, hidden): the sequence is the feature; a Hugging Face block or
+    # backbone returns a ModelOutput (a mapping): its first tensor (last_hidden_state) is.
+    if isinstance(output, Mapping):
+        output = next((v for v in output.values() if isinstance(v, torch.Tensor)), output)
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         output = output[0]
     if not isinstance(output, torch.Tensor):

@@ -128,15 +128,50 @@ class RunSpec(Spec):
     address: str | None = None
 
 
+class InputsSpec(Spec):
+    """The inputs a network was pretrained for, when they differ from the stage's data (``model.inputs``).
+
+    The stage's images are resized to ``size``, given ``channels`` (grey images repeated for an RGB
+    network) and normalised with ``mean``/``std`` (pixels in [0, 1]) before this network's forward; the
+    other networks of the stage keep the stage's inputs. A Hugging Face folder's
+    ``preprocessor_config.json`` sets them; these fields override it (docs/models.md).
+    """
+
+    size: int | Annotated[list[int], Field(min_length=2, max_length=2)] | None = None
+    channels: int | None = Field(None, ge=1)
+    mean: list[float] | None = Field(None, min_length=1)
+    std: list[Annotated[float, Field(gt=0)]] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _together(self) -> "InputsSpec":
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("give mean and std together (one value, or one per channel)")
+        if self.mean is not None and self.std is not None and len(self.mean) != len(self.std):
+            raise ValueError(f"mean has {len(self.mean)} values but std has {len(self.std)}")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+HF_TASKS = Literal["image_classification", "sequence_classification"]
+
+
 class ModelSpec(Entry):
-    """``{name: <registered model>, ...builder parameters}`` or ``{import: "pkg.mod:factory", options: {...}}``.
+    """``{name: <registered model>, ...builder parameters}``, ``{import: "pkg.mod:factory", options: {...}}``,
+    ``{hf: <Hugging Face folder URI>}`` or ``{hf_config: {model_type: vit, ...}}``.
 
     ``num_classes`` defaults to the data's (``num_classes``, ``in_channels`` and ``image_size`` are
     passed to an imported factory only when its signature takes them). ``classifier`` is the module
     path of the classification layer (default: the model's own, or its last ``nn.Linear``).
     ``weights`` initialises the model from a safetensors file (``file://``, ``s3://`` or a plain
     path) or a kdray artifact URI; ``weights_prefix`` renames key prefixes of the file first
-    (``{"backbone.": "features."}``). See docs/models.md.
+    (``{"backbone.": "features."}``). ``hf`` builds a ``transformers`` network from a folder written by
+    ``save_pretrained`` (``config.json`` and safetensors weights; ``task`` when the config does not say
+    whether it classifies images or token ids; ``trust_remote_code`` only if the folder's own code may
+    run); ``hf_config`` builds one with fresh weights from an inline config. ``inputs`` gives the
+    network its own input size and normalisation. See docs/models.md.
     """
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
@@ -152,6 +187,11 @@ class ModelSpec(Entry):
     weights: str | None = None
     weights_prefix: dict[str, str] = Field(default_factory=dict)
     num_classes: int | None = Field(None, ge=2)
+    hf: str | None = None
+    hf_config: dict[str, Any] | None = None
+    task: HF_TASKS | None = None
+    trust_remote_code: bool = False
+    inputs: InputsSpec | None = None
 
     @field_validator("name")
     @classmethod
@@ -162,11 +202,27 @@ class ModelSpec(Entry):
 
     @model_validator(mode="after")
     def _check_params(self) -> "ModelSpec":
-        if (self.name is None) == (self.import_ is None):
+        given = [self.name, self.import_, self.hf, self.hf_config]
+        if sum(v is not None for v in given) != 1:
             raise ValueError(
-                "give exactly one of model.name (a registered model, see `kdray ls models`) and "
-                "model.import (a 'package.module:factory' path)"
+                "give exactly one of model.name (a registered model, see `kdray ls models`), "
+                "model.import (a 'package.module:factory' path), model.hf (a Hugging Face folder) and "
+                "model.hf_config (a transformers config)"
             )
+        transformers_model = self.hf is not None or self.hf_config is not None
+        if not transformers_model and (self.task or self.trust_remote_code):
+            raise ValueError("model.task and model.trust_remote_code are for model.hf and model.hf_config")
+        if transformers_model:
+            if self.options or self.__pydantic_extra__:
+                raise ValueError(
+                    "model.hf and model.hf_config take no builder options: the architecture is the config's "
+                    f"(got {sorted(self.options or self.__pydantic_extra__ or {})})"
+                )
+            if self.hf is not None and self.weights:
+                raise ValueError("model.hf brings its own weights (the folder's); drop model.weights")
+            if self.hf_config is not None and not isinstance(self.hf_config.get("model_type"), str):
+                raise ValueError("model.hf_config needs model_type (vit, resnet, bert, ...), as in a config.json")
+            return self
         if self.name is not None:
             if self.options:
                 raise ValueError("model.options is for model.import; a registered model takes its options beside name")
@@ -194,7 +250,18 @@ class ModelSpec(Entry):
         out = handler(self)
         if out.get("name") is None:
             out.pop("name", None)
-        for key in ("import_", "options", "classifier", "weights", "weights_prefix"):
+        for key in (
+            "import_",
+            "options",
+            "classifier",
+            "weights",
+            "weights_prefix",
+            "hf",
+            "hf_config",
+            "task",
+            "trust_remote_code",
+            "inputs",
+        ):
             value = out.pop(key, None)
             if value:
                 out["import" if key == "import_" else key] = value
@@ -202,7 +269,11 @@ class ModelSpec(Entry):
 
     @property
     def label(self) -> str:
-        """How logs and errors name the model: its registry name or its import path."""
+        """How logs and errors name the model: its registry name, its import path or its Hugging Face source."""
+        if self.hf is not None:
+            return f"hf:{self.hf}"
+        if self.hf_config is not None:
+            return f"hf_config:{self.hf_config.get('model_type')}"
         return self.name or self.import_ or "?"
 
 

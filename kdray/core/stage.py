@@ -29,9 +29,11 @@ import torch
 
 from kdray.core import data as kdata
 from kdray.core.checkpoint import Artifact, write_artifact
+from kdray.core.hffolder import network_view, open_folder, preprocessor_view
 from kdray.core.meter import Meter, log_meter
 from kdray.core.method import Method
 from kdray.core.models import count_parameters
+from kdray.core.models.hf import model_config, transformers_task
 from kdray.core.registry import Registry
 from kdray.core.specs import DataSpec, ModelSpec, RunSpec, StageBase
 from kdray.core.storage import Storage
@@ -203,15 +205,43 @@ class StageContext:
 
 
 def model_kwargs(model_spec: ModelSpec, data_spec: DataSpec) -> dict[str, Any]:
-    """Builder keywords for a model on a dataset: classes, channels and size come from the data."""
+    """Builder keywords for a model on a dataset: classes, channels and size come from the data.
+
+    A network with inputs of its own (a Hugging Face folder's ``preprocessor_config.json``, or
+    ``model.inputs``) also gets ``inputs``: the view of the data it reads (``kdray.core.models.inputs``)."""
     facts = kdata.describe(data_spec)
-    return {
+    kwargs = {
         "num_classes": model_spec.num_classes or facts["num_classes"],
         "in_channels": facts["in_channels"],
         "image_size": facts["image_size"],
         **model_spec.params,
         **model_spec.options,
     }
+    view = input_view(model_spec, data_spec)
+    if view:
+        kwargs["inputs"] = view
+    return kwargs
+
+
+def input_view(model_spec: ModelSpec, data_spec: DataSpec) -> dict[str, Any] | None:
+    """The view of ``data_spec``'s inputs that the network of ``model_spec`` reads, or None (the data's own)."""
+    folder_view: dict[str, Any] = {}
+    if model_spec.hf is not None:
+        folder = open_folder(model_spec.hf)
+        folder_view = preprocessor_view(folder.preprocessor, folder.config)
+    override = model_spec.inputs.model_dump() if model_spec.inputs else None
+    if not folder_view and not override:
+        return None
+    val = kdata.load(data_spec, "val")  # the data's normalisation (transforms' normalize included)
+    facts = kdata.describe(data_spec)
+    data = {
+        "mean": list(val.mean) if isinstance(val.mean, tuple) else val.mean,
+        "std": list(val.std) if isinstance(val.std, tuple) else val.std,
+        "image_size": facts["image_size"],
+        "in_channels": facts["in_channels"],
+    }
+    view = network_view(override, folder_view, data)
+    return view
 
 
 def model_record(model_spec: ModelSpec, kwargs: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
@@ -225,7 +255,16 @@ def model_record(model_spec: ModelSpec, kwargs: dict[str, Any], model: torch.nn.
     }
     if model_spec.import_:
         record["import"] = model_spec.import_  # so that Artifact.build_model rebuilds the user's class
-    if model_spec.weights:
+    if model_spec.hf is not None or model_spec.hf_config is not None:
+        hf: dict[str, Any] = {  # so that Artifact.build_model rebuilds the transformers network from its config
+            "config": model_config(model),
+            "task": transformers_task(model),
+            "trust_remote_code": model_spec.trust_remote_code,
+        }
+        if model_spec.trust_remote_code and model_spec.hf is not None:
+            hf["code"] = open_folder(model_spec.hf).code()  # the folder's own code, as it was run
+        record["hf"] = hf
+    if model_spec.weights or model_spec.hf is not None:
         record["pretrained"] = weights_record(model_spec)  # lineage: the initial weights' URI and sha256
     return record
 

@@ -1,8 +1,9 @@
-"""Building a stage's model from its spec: a registry name or a user import path, plus pretrained weights.
+"""Building a stage's model from its spec: a registry name, a user import path or a Hugging Face
+folder or config, plus pretrained weights and the network's own input view.
 
-Every stage kind builds its networks through :func:`build_model`, so ``model.import``,
-``model.classifier`` and ``model.weights`` work the same in train, distill, transfer and adapt
-stages. Pretrained weights are safetensors (never a pickle), read from any storage URI or from a
+Every stage kind builds its networks through :func:`build_model`, so ``model.import``, ``model.hf``,
+``model.classifier``, ``model.weights`` and ``model.inputs`` work the same in train, distill,
+transfer, adapt and pretrained stages. Pretrained weights are safetensors (never a pickle), read from any storage URI or from a
 kdray artifact, renamed by ``weights_prefix`` and loaded through the checked loader, which names
 every missing, unexpected or mis-shaped tensor.
 """
@@ -16,7 +17,10 @@ import torch.nn as nn
 
 from kdray.core.checkpoint import MANIFEST, bytes_to_state, load_state_checked, open_artifact, sha256
 from kdray.core.errors import StorageError
+from kdray.core.hffolder import build_from_folder, open_folder
 from kdray.core.models import adopt, build_user_model, create_model
+from kdray.core.models.hf import build_from_config
+from kdray.core.models.inputs import with_inputs
 from kdray.core.specs import ModelSpec
 from kdray.core.storage import Storage
 
@@ -59,10 +63,32 @@ def rename_prefixes(state: dict[str, torch.Tensor], mapping: dict[str, str]) -> 
 def build_model(spec: ModelSpec, kwargs: dict[str, Any], weights: bool = True, field: str = "model") -> nn.Module:
     """The stage's network: ``create_model`` or the user's factory, adopted, with ``spec.weights`` loaded."""
     kwargs = {**spec.params, **spec.options, **kwargs}  # kwargs from stage.model_kwargs already hold them
-    if spec.import_:
+    view = kwargs.pop("inputs", None)  # the network's own input view (stage.model_kwargs), not a builder keyword
+    if spec.hf is not None:
+        model = build_from_folder(
+            open_folder(spec.hf, f"{field}.hf"),
+            kwargs.get("num_classes"),
+            task=spec.task,
+            classifier=spec.classifier,
+            trust_remote_code=spec.trust_remote_code,
+            weights=weights,
+            field=f"{field}.hf",
+        )
+    elif spec.hf_config is not None:
+        model = build_from_config(
+            spec.hf_config,
+            kwargs.get("num_classes"),
+            task=spec.task,
+            classifier=spec.classifier,
+            trust_remote_code=spec.trust_remote_code,
+            field=f"{field}.hf_config",
+        )
+    elif spec.import_:
         model = build_user_model(spec.import_, kwargs, spec.classifier, field)
     else:
         model = adopt(create_model(spec.label, **kwargs), spec.classifier, field)
+    if view:
+        model = with_inputs(model, view)
     if weights and spec.weights:
         state, _ = read_weights(spec.weights)
         load_state_checked(model, rename_prefixes(state, spec.weights_prefix), source=spec.weights, target=spec.label)
@@ -70,7 +96,11 @@ def build_model(spec: ModelSpec, kwargs: dict[str, Any], weights: bool = True, f
 
 
 def weights_record(spec: ModelSpec) -> dict[str, Any] | None:
-    """What lineage records of the pretrained weights: their URI, key mapping and sha256."""
+    """What lineage records of the pretrained weights: their URI, key mapping and sha256 (a Hugging Face
+    folder: its URI and the sha256 of each weights file)."""
+    if spec.hf is not None:
+        folder = open_folder(spec.hf)
+        return {"hf": folder.uri, "files": folder.lineage()}
     if not spec.weights:
         return None
     _, digest = read_weights(spec.weights)

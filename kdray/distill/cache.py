@@ -33,6 +33,12 @@ CHUNK_ROWS = 16384
 CACHE_FORMAT = 2  # 2: meta.json records each chunk's sha256
 
 
+def teacher_view(teacher: Artifact) -> dict[str, Any]:
+    """The teacher's own input view (``kdray.core.models.inputs``), part of the cache key when it has one."""
+    view = ((teacher.manifest.get("model") or {}).get("kwargs") or {}).get("inputs")
+    return {"teacher_inputs": view} if view else {}
+
+
 def cache_key(teacher: Artifact, train: kdata.Split) -> str:
     return spec_hash(
         {
@@ -40,6 +46,7 @@ def cache_key(teacher: Artifact, train: kdata.Split) -> str:
             "teacher": teacher.weights_sha256,
             "data": train.fingerprint,
             "transform": {"normalize": [train.mean, train.std]},
+            **teacher_view(teacher),
         }
     )[:16]
 
@@ -227,6 +234,7 @@ def stream_cache_key(teacher: Artifact, spec: Any, meta: dict[str, Any]) -> str:
             "teacher": teacher.weights_sha256,
             "data": f"{meta['fingerprint']}-train",
             "transforms": [t.model_dump(mode="json") for t in getattr(spec, "transforms", [])],
+            **teacher_view(teacher),
         }
     )[:16]
 

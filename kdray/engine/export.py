@@ -1,4 +1,4 @@
-"""Export a trained model out of kdray: ONNX (checked with onnxruntime) or TorchScript.
+"""Export a trained model out of kdray: ONNX (checked with onnxruntime), TorchScript, or a Hugging Face folder.
 
     kdray export runs/fmnist/student/<key> --format onnx
 
@@ -11,6 +11,12 @@ and writes ``exports/<format>/<weights sha256[:16]>/model.onnx`` (or ``model.pt`
 artifact folder, then ``exports.json`` (the record of every export: file, sha256, check, latency,
 versions) last and atomically. The artifact's own manifest and files are left as they are.
 A model that cannot be exported is a ``KdrayError`` naming the operator that failed.
+
+``--format hf`` (a student built from ``model.hf`` or ``model.hf_config``) writes a folder that
+``transformers``' ``from_pretrained`` loads without kdray: ``config.json``, ``model.safetensors`` and a
+``preprocessor_config.json`` saying the input size and normalisation the network expects. It is
+checked by loading it back with ``from_pretrained`` and comparing its logits with kdray's on a seeded
+batch (:func:`export_hf`); the folder is ``exports/hf/<weights sha256[:16]>/``.
 """
 
 from __future__ import annotations
@@ -20,8 +26,10 @@ import io
 import json
 import re
 import statistics
+import tempfile
 import time
 import warnings
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -32,8 +40,8 @@ from kdray.core.checkpoint import Artifact, open_artifact, sha256
 from kdray.core.errors import KdrayError
 
 EXPORTS = "exports.json"
-FORMATS = ("onnx", "torchscript")
-FILES = {"onnx": "model.onnx", "torchscript": "model.pt"}
+FORMATS = ("onnx", "torchscript", "hf")
+FILES = {"onnx": "model.onnx", "torchscript": "model.pt", "hf": ""}  # hf: a folder
 OPSET = 18
 
 
@@ -267,11 +275,17 @@ def export_artifact(uri: str, fmt: str = "onnx", **options: Any) -> dict[str, An
         )
     model = art.build_model()
     name = art.manifest["model"]["name"]
-    data, record = export_model(model, input_shape_of(art), fmt, name=name, **options)
     home = art.home or art.store
     weights = art.weights_sha256 or sha256(b"")
-    rel = f"exports/{fmt}/{weights[:16]}/{FILES[fmt]}"
-    home.write_bytes(rel, data)  # the file first; the record that names it last
+    if fmt == "hf":
+        rel = f"exports/hf/{weights[:16]}"
+        record = export_hf(art, model, home.child(rel), tolerance=options.get("tolerance", 1e-4))
+    else:
+        if fmt not in FORMATS:
+            raise ExportError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
+        data, record = export_model(model, input_shape_of(art), fmt, name=name, **options)
+        rel = f"exports/{fmt}/{weights[:16]}/{FILES[fmt]}"
+        home.write_bytes(rel, data)  # the file first; the record that names it last
     record = {
         **record,
         "file": rel,
@@ -288,7 +302,127 @@ def export_artifact(uri: str, fmt: str = "onnx", **options: Any) -> dict[str, An
     return record
 
 
+def preprocessor_config(art: Artifact) -> dict[str, Any] | None:
+    """A ``preprocessor_config.json`` (ViTImageProcessor's fields) for the inputs the exported network reads:
+    its own view if it has one, else the data's size and normalisation it was trained on; None for token ids."""
+    record = art.manifest["model"]
+    if record["hf"].get("task") == "sequence_classification":
+        return None
+    kwargs = record["kwargs"]
+    view = kwargs.get("inputs") or {}
+    size = view.get("crop") or view.get("size") or [kwargs["image_size"]] * 2
+    channels = int(view.get("channels") or kwargs["in_channels"])
+    mean, std = (view["mean"], view["std"]) if "mean" in view else data_normalisation(art)
+    if mean is None:  # the network reads pixels in [0, 1]
+        return {
+            "image_processor_type": "ViTImageProcessor",
+            "do_resize": True,
+            "size": dict(zip(("height", "width"), size)),
+            "resample": 2,
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": False,
+        }
+    per = [float(v) for v in (mean if isinstance(mean, list) else [mean] * channels)]
+    spread = [float(v) for v in (std if isinstance(std, list) else [std] * channels)]
+    return {
+        "image_processor_type": "ViTImageProcessor",
+        "do_resize": True,
+        "size": {"height": int(size[0]), "width": int(size[1])},
+        "resample": 2,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": per,
+        "image_std": spread,
+    }
+
+
+def data_normalisation(art: Artifact) -> tuple[Any, Any]:
+    """The mean and std the artifact's stage normalised its inputs with (read from its data spec)."""
+    from kdray.core import data as kdata
+    from kdray.core.specs import DataSpec
+
+    data = (art.manifest.get("spec") or {}).get("data")
+    split = kdata.load(DataSpec.model_validate(data or {}), "val")
+    return (
+        list(split.mean) if isinstance(split.mean, tuple) else split.mean,
+        list(split.std) if isinstance(split.std, tuple) else split.std,
+    )
+
+
+def export_hf(
+    art: Artifact, model: nn.Module, store: Any, *, tolerance: float = 1e-4, batch: int = 16
+) -> dict[str, Any]:
+    """Write ``model`` (a transformers network) as a Hugging Face folder in ``store``, load it back with
+    ``from_pretrained`` and compare its logits with kdray's on a seeded batch; return the record."""
+    from kdray.core.hffolder import write_folder
+    from kdray.core.models.hf import TASKS, transformers
+
+    record = art.manifest["model"]
+    if not record.get("hf"):
+        raise ExportError(
+            f"--format hf: {art.uri} holds a {record.get('family', 'kdray')} model ({record['name']}), "
+            "not a transformers network",
+            hint="Export a stage whose model is model.hf or model.hf_config, or use --format onnx.",
+        )
+    t0 = time.perf_counter()
+    files = write_folder(model, store, preprocessor_config(art))
+    tf = transformers()
+    task = record["hf"].get("task", "image_classification")
+    kwargs = record["kwargs"]
+    gen = torch.Generator().manual_seed(0)
+    if task == "sequence_classification":
+        vocab = int(getattr(model, "config").vocab_size)  # noqa: B009  (a transformers config)
+        x = torch.randint(0, vocab, (batch, int(kwargs["in_channels"])), generator=gen)
+    else:
+        x = torch.randn(
+            batch, int(kwargs["in_channels"]), int(kwargs["image_size"]), int(kwargs["image_size"]), generator=gen
+        )
+    view = model.__dict__.get("kdray_input_view")
+    with tempfile.TemporaryDirectory(prefix="kdray-hf-check-") as tmp:
+        for name in files:
+            Path(tmp, name).write_bytes(store.read_bytes(name))
+        loaded = getattr(tf, TASKS[task]).from_pretrained(tmp, use_safetensors=True).eval()
+    with torch.no_grad():
+        expected = model.float().eval()(x)
+        got = loaded(view(x) if view is not None else x).logits
+    diff = float((got - expected).abs().max())
+    if not diff <= tolerance:
+        raise ExportError(
+            f"the Hugging Face folder written for {record['name']} does not match kdray's model: "
+            f"max abs difference {diff:.3g} > {tolerance:g}",
+            hint="Report the model and the transformers version.",
+        )
+    return {
+        "format": "hf",
+        "bytes": sum(len(store.read_bytes(n)) for n in files),
+        "files": files,
+        "sha256": files.get("model.safetensors", ""),
+        "task": task,
+        "auto_class": TASKS[task],
+        "preprocessor": "preprocessor_config.json" in files,
+        "check": {
+            "inputs": f"seeded, batch {batch}",
+            "max_abs_diff": diff,
+            "tolerance": tolerance,
+            "argmax_agreement": float((got.argmax(1) == expected.argmax(1)).float().mean()),
+            "runtime": f"transformers {tf.__version__} {TASKS[task]}.from_pretrained",
+        },
+        "export_seconds": round(time.perf_counter() - t0, 3),
+        "versions": {**_versions(), "transformers": tf.__version__},
+    }
+
+
 def summary(record: dict[str, Any]) -> str:
+    if record["format"] == "hf":
+        c = record["check"]
+        return (
+            f"{record['model']} -> Hugging Face folder {record['uri']} ({', '.join(sorted(record['files']))}; "
+            f"{record['bytes']:,} bytes): loaded back with {record['auto_class']}.from_pretrained, max abs "
+            f"difference vs kdray {c['max_abs_diff']:.2e} (<= {c['tolerance']:g}), argmax agreement "
+            f"{c['argmax_agreement']:.4f}"
+        )
     c, lat = record["check"], record["latency"]
     return (
         f"{record['model']} -> {record['format']} {record['uri']} ({record['bytes']:,} bytes, sha256 "

@@ -8,6 +8,7 @@ its output. The classifier (the module whose input is the embedding) is marked.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,8 @@ def _shape(output: Any) -> str:
         return "x".join(str(d) for d in output.shape)
     if isinstance(output, (tuple, list)) and output:
         return "(" + ", ".join(_shape(o) for o in output) + ")"
+    if isinstance(output, Mapping):  # a Hugging Face ModelOutput: its tensors by name
+        return "{" + ", ".join(f"{k}: {_shape(v)}" for k, v in output.items() if isinstance(v, torch.Tensor)) + "}"
     return type(output).__name__
 
 

@@ -51,7 +51,7 @@ class PretrainedKind(StageKind):
             test = kdata.load(stage.data, "test")
             logits = predict(model, kdata.normalize(test.x, test), batch_size=256)
             metrics = metrics_for(logits, test.y)
-        source = stage.model.weights or "its factory"
+        source = stage.model.hf or stage.model.weights or "its factory"
         ctx.log(f"[{stage.name}] pretrained {stage.model.label} from {source}")
         manifest = ctx.base_manifest() | {
             "model": model_record(stage.model, kwargs, model),

@@ -25,6 +25,8 @@ import torch.nn as nn
 from kdray.core.errors import SpecError
 from kdray.core.models import cnn, mlp, rnn, transformer  # noqa: F401  (importing a family registers it)
 from kdray.core.models.base import MODELS, Classifier
+from kdray.core.models.hf import from_record as transformers_from_record
+from kdray.core.models.inputs import with_inputs
 from kdray.core.models.user import adopt, build_user_model, import_target
 
 
@@ -37,10 +39,16 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
 
 
 def model_from_record(record: dict[str, Any]) -> nn.Module:
-    """Rebuild the architecture an artifact's manifest records (a registry name or a user import path)."""
+    """Rebuild the architecture an artifact's manifest records (a registry name, a user import path or a
+    transformers config), reading its inputs through the view it was published with (``kwargs.inputs``)."""
+    if record.get("hf"):
+        return transformers_from_record(record)
+    kwargs = {k: v for k, v in record["kwargs"].items() if k != "inputs"}
     if record.get("import"):
-        return build_user_model(record["import"], record["kwargs"], record.get("classifier"))
-    return create_model(record["name"], **record["kwargs"])
+        model = build_user_model(record["import"], kwargs, record.get("classifier"))
+    else:
+        model = create_model(record["name"], **kwargs)
+    return with_inputs(model, record["kwargs"].get("inputs"))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -4,7 +4,10 @@ A spec names it as ``model: {import: "my_pkg.nets:resnet50", options: {...}}``. 
 not have to follow kdray's model contract: :func:`adopt` finds its classifier (``classifier:``, or
 else the last ``nn.Linear``), gives it an ``embed`` that reads the classifier's input with a hook,
 and sets ``classifier_name``/``feature_layers``/``family`` as instance attributes, so its state-dict
-keys stay exactly those of the user's class.
+keys stay exactly those of the user's class. A forward that returns a Hugging Face ``ModelOutput``, a
+dict with ``logits`` or a tuple whose first item is the logits is made to return the logits tensor
+(:mod:`kdray.core.models.outputs`), so every stage, the teacher cache, ``inspect``, latency and the
+exporters see logits.
 """
 
 from __future__ import annotations
@@ -18,11 +21,11 @@ import types
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 import torch.nn as nn
 
 from kdray.core.errors import SpecError
-from kdray.core.hooks import find_classifier, resolve_modules
+from kdray.core.hooks import find_classifier
+from kdray.core.models.outputs import block_layers, is_transformers_model, logits_only
 
 # Keywords kdray supplies from the data (passed only when the factory's signature takes them).
 SUPPLIED = ("num_classes", "in_channels", "image_size")
@@ -104,25 +107,17 @@ def adopt(model: nn.Module, classifier: str | None = None, where: str = "model")
         if classifier is None or classifier == model.classifier_name:
             return model  # a kdray-style model already
     head = find_classifier(model, classifier, where)
-
-    def embed(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        # Looked up on ``self`` each call, so a deep copy of the model hooks its own classifier.
-        name = str(getattr(self, "classifier_name", head))
-        classifier_module = resolve_modules(self, [name], where)[name]
-        captured: list[torch.Tensor] = []
-        handle = classifier_module.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
-        try:
-            self(x)
-        finally:
-            handle.remove()
-        return captured[-1]
-
+    # The one place a zoo model's ModelOutput / dict / tuple becomes its logits tensor; the subclass also
+    # brings ``embed`` (a hook on the classifier named by ``classifier_name``).
+    logits_only(model)
     object.__setattr__(model, "classifier_name", head)
-    object.__setattr__(model, "embed", types.MethodType(embed, model))
     if not getattr(model, "feature_layers", None):
-        object.__setattr__(model, "feature_layers", tuple(n for n, _ in model.named_children() if n != head))
+        # A transformers model's children are one backbone returning a ModelOutput: its blocks are the layers.
+        blocks = block_layers(model) if is_transformers_model(model) else ()
+        children = tuple(n for n, _ in model.named_children() if n != head)
+        object.__setattr__(model, "feature_layers", blocks or children)
     if getattr(model, "family", "unknown") == "unknown":
-        object.__setattr__(model, "family", "user")
+        object.__setattr__(model, "family", "transformers" if is_transformers_model(model) else "user")
     return model
 
 
