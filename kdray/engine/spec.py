@@ -23,6 +23,7 @@ from types import UnionType
 from typing import Annotated, Any, Union, get_args, get_origin
 
 from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from kdray.core.errors import KdrayError, SpecError
 from kdray.core.registry import close_matches, did_you_mean
@@ -31,6 +32,7 @@ from kdray.core.stage import STAGE_KINDS, model_kwargs
 from kdray.core.storage import Storage
 from kdray.core.yamlsafe import load_yaml
 from kdray.engine import kinds  # noqa: F401  (registers the built-in stage kinds)
+from kdray.engine.specpaths import resolve_paths, still_resolved
 
 SCHEMA_VERSION = 1
 
@@ -40,6 +42,9 @@ class PipelineSpec(Spec):
     storage: StorageSpec = Field(default_factory=StorageSpec)
     run: RunSpec = Field(default_factory=RunSpec)
     stages: list[StageBase] = Field(min_length=1)  # every registered kind: see pipeline_model()
+    # Set by load_pipeline, not by users: {stage: {field: value as written}} of the relative paths taken
+    # from the spec file's folder (kdray.engine.specpaths). Stage keys hash the values as written.
+    written: SkipJsonSchema[dict[str, dict[str, str]]] = Field(default_factory=dict, exclude_if=lambda v: not v)
 
     @field_validator("name")
     @classmethod
@@ -269,14 +274,21 @@ def apply_override(doc: dict[str, Any], path: list[str], value: Any, text: str) 
             raise SpecError(f"override {text!r}: {'.'.join(path[:i])} is a value, not a mapping")
 
 
-def parse_pipeline(doc: Any, source: str = "<spec>", overrides: list[str] | tuple[str, ...] = ()) -> PipelineSpec:
+def parse_pipeline(
+    doc: Any, source: str = "<spec>", overrides: list[str] | tuple[str, ...] = (), base: Path | None = None
+) -> PipelineSpec:
+    """Validate a pipeline document; ``base`` is the spec file's folder, which its relative paths are
+    taken from (the overrides' paths stay relative to the shell)."""
     if not isinstance(doc, dict):
         raise SpecError(
             f"{source}: a pipeline spec is a YAML mapping with 'name' and 'stages', "
             f"not {type(doc).__name__}; see examples/ for one"
         )
+    resolved = resolve_paths(doc, base) if base is not None else {}
     for text in overrides:
         apply_override(doc, *parse_override(text), text)
+    if resolved:
+        doc["written"] = {**(doc.get("written") or {}), **still_resolved(doc, resolved)}
     model = pipeline_model()
     try:
         return model.model_validate(doc)
@@ -305,6 +317,7 @@ def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
             text = local.read_bytes()
         except OSError as e:
             raise SpecError(f"cannot read spec file {where!r} ({e.strerror or e})") from None
+        return parse_pipeline(parse_yaml(text, where), where, list(overrides), base=local.parent)
     return parse_pipeline(parse_yaml(text, where), where, list(overrides))
 
 
