@@ -26,6 +26,7 @@ from typing import Any, Callable, Literal
 
 from kdray.core.checkpoint import Artifact, open_artifact, read_artifact
 from kdray.core.errors import KdrayError
+from kdray.core.meter import short_time
 from kdray.core.specs import is_artifact_uri, spec_hash
 from kdray.core.storage import Storage
 from kdray.engine import concurrency
@@ -324,7 +325,7 @@ class _Scheduler:
         if outcome is not None:
             self.done[name] = outcome
             if self.running or len(self.names) > 1:
-                self.log(f"[{self.spec.name}] stage {name} {outcome.status} in {outcome.seconds:.1f}s")
+                self.log(f"[{self.spec.name}] stage {name} {outcome.status} in {short_time(outcome.seconds)}")
         elif isinstance(error, Exception):
             self.failed[name] = error
             first = (str(error).strip().splitlines() or [""])[0]
