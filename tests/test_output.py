@@ -89,7 +89,7 @@ def test_a_run_into_a_file_has_plain_lines_one_per_epoch(tmp_path):
     assert "\x1b" not in text, "no ANSI codes in a file"
     epochs = [line for line in text.splitlines() if line.startswith("[synth/teacher] epoch")]
     assert len(epochs) == EPOCHS, text
-    assert all(re.fullmatch(r"\[synth/teacher\] epoch \d/2( +\S+ [0-9.,]+)+ +[0-9.]+s", line) for line in epochs), (
+    assert all(re.fullmatch(r"\[synth/teacher\] epoch \d/2( +\S+ [0-9.,]+)+ +[0-9.]+ (ms|s)", line) for line in epochs), (
         epochs
     )
     assert "None" not in text and not re.search(r"\de[+-]\d", text), "no None, no exponent notation"
@@ -121,7 +121,13 @@ def test_cli_habits_version_help_and_aligned_listing():
     assert helped.returncode == 0 and "--force" in helped.stdout and "--max-concurrent" in helped.stdout
     assert not re.search(r"<(bool|str|int|list\[str\])", helped.stdout), helped.stdout
     listed = cli("ls", "losses").stdout.splitlines()
-    assert len(listed) > 3 and len({line.index("from ") for line in listed}) == 1, "the origin column lines up"
+    starts = {re.match(r"\S*\s+", line).end() for line in listed}
+    assert len(listed) > 3 and len(starts) == 1, "the descriptions line up, wrapped lines under them"
+    assert all(len(line) <= 120 for line in listed), "within $COLUMNS"
+    for flags in (("-h",), ("plan", "-h"), ("data", "import", "-h")):
+        shown = cli(*flags)
+        assert shown.returncode == 0 and "Usage:" in shown.stdout, shown.stderr
+        assert not re.search(r"\{[A-Za-z]+\}", shown.stdout), "click's metavars (SPEC), not {spec}"
 
 
 def test_a_misspelt_field_gets_a_did_you_mean(tmp_path):
