@@ -658,6 +658,7 @@ def score(
 ) -> None:
     """Rank candidate sources for a transfer stage by LogME and LEEP on its target data (no training)."""
     from kdray.core.checkpoint import write_artifact
+    from kdray.core.meter import article
     from kdray.core.storage import Storage
     from kdray.engine.pipeline import parent_artifacts, plan
     from kdray.engine.spec import load_pipeline
@@ -688,11 +689,6 @@ def score(
         {"ranking.json": json.dumps(result, indent=2).encode()},
     )
     typer.echo(f"ranking: {store.uri()}")
-
-
-def article(word: str) -> str:
-    """``a`` or ``an`` before ``word`` (``an evaluate stage``, ``a train stage``)."""
-    return "an" if word[:1].lower() in "aeiou" else "a"
 
 
 @app.command()

@@ -89,9 +89,9 @@ def test_a_run_into_a_file_has_plain_lines_one_per_epoch(tmp_path):
     assert "\x1b" not in text, "no ANSI codes in a file"
     epochs = [line for line in text.splitlines() if line.startswith("[synth/teacher] epoch")]
     assert len(epochs) == EPOCHS, text
-    assert all(re.fullmatch(r"\[synth/teacher\] epoch \d/2( +\S+ [0-9.,]+)+ +[0-9.]+ (ms|s)", line) for line in epochs), (
-        epochs
-    )
+    assert all(
+        re.fullmatch(r"\[synth/teacher\] epoch \d/2( +\S+ [0-9.,]+)+ +[0-9.]+ (ms|s)", line) for line in epochs
+    ), epochs
     assert "None" not in text and not re.search(r"\de[+-]\d", text), "no None, no exponent notation"
     assert "steps  loss" not in text, "no progress bar in a file"
     assert re.search(r"report\.html +file://\S+/report\.html", text), text[-2000:]

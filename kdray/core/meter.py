@@ -48,6 +48,11 @@ def counted(n: int, noun: str, plural: str | None = None) -> str:
     return f"{n:,} {noun if n == 1 else plural or noun + 's'}"
 
 
+def article(word: str) -> str:
+    """``a`` or ``an`` before ``word``: ``an evaluate stage``, ``a train stage``."""
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
 def short_time(s: float) -> str:
     """A short time as people write it: ``0.4 ms``, ``340 ms``, ``3.2 s``, ``42 s``, then ``2:05``."""
     if s < 0.001:

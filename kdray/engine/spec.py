@@ -18,6 +18,7 @@ paragraph naming the file and the field path (``stages[1].optim.lr``) and how to
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Union, get_args, get_origin
@@ -25,7 +26,7 @@ from typing import Annotated, Any, Union, get_args, get_origin
 from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
-from kdray.core.errors import KdrayError, SpecError
+from kdray.core.errors import KdrayError, SpecError, sentence
 from kdray.core.registry import close_matches, did_you_mean
 from kdray.core.specs import DNS_LABEL, RunSpec, Spec, StageBase, StorageSpec, is_artifact_uri
 from kdray.core.stage import STAGE_KINDS, model_kwargs
@@ -203,7 +204,10 @@ def _explain(err: Any, model: Any = None) -> str:
     if typ == "missing":
         return f"{loc}: required field is missing"
     got = err.get("input")
-    shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+    shown = "" if isinstance(got, (dict, list)) or got is None or repr(got) in msg else f" (got {got!r})"
+    msg = msg.rstrip().rstrip(".")  # the paragraph puts the periods
+    if not err["loc"]:  # a check across fields: its message names them (stages[2].teacher: ...)
+        return f"{msg}{shown}"
     return f"{loc}: {msg}{shown}"
 
 
@@ -293,10 +297,46 @@ def parse_pipeline(
     try:
         return model.model_validate(doc)
     except ValidationError as e:
+        text = blame_overrides(with_stage_names(explain_validation(e, model), doc), doc, overrides)
+        # `kdray schema` helps with a field's name or type, not with a value a check refused
+        schema = any(err["type"] not in ("value_error", "union_tag_invalid") for err in e.errors())
         raise SpecError(
-            f"{source}: {explain_validation(e, model)}.",
-            hint="Fix the field(s) named above; `kdray schema` prints every field and its type.",
+            sentence(f"{source}: {text.rstrip('.')}"),
+            hint="`kdray schema` prints every field and its type." if schema else None,
         ) from None
+
+
+def with_stage_names(text: str, doc: dict[str, Any]) -> str:
+    """``stages[6].optim.lr`` -> ``stages[6] (student).optim.lr``: which stage, without counting."""
+    stages = doc.get("stages") if isinstance(doc.get("stages"), list) else []
+
+    def named(m: Any) -> str:
+        i = int(m.group(1))
+        name = stages[i].get("name") if i < len(stages) and isinstance(stages[i], dict) else None
+        return f"stages[{i}] ({name})" if isinstance(name, str) else m.group(0)
+
+    return re.sub(r"stages\[(\d+)\](?! \()", named, text)
+
+
+def blame_overrides(text: str, doc: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> str:
+    """A field set on the command line is named with its override, not blamed on the YAML file."""
+    for override in overrides:
+        key = override.split("=", 1)[0].strip()
+        parts = key.split(".")
+        if len(parts) > 1 and parts[0] == "stages":
+            names = [s.get("name") if isinstance(s, dict) else None for s in doc.get("stages") or []]
+            i = int(parts[1]) if parts[1].isdigit() else names.index(parts[1]) if parts[1] in names else None
+            if i is None:
+                continue
+            field = re.escape(f"stages[{i}]") + r"(?: \([^)]*\))?" + "".join(re.escape(f".{p}") for p in parts[2:])
+        else:
+            field = re.escape(key)
+        text = re.sub(
+            rf"(?<![\w.\]])({field})([.\[][^:;]*)?:",
+            lambda m: f"{m.group(0)[:-1]} (set by the override {override!r}):",
+            text,
+        )
+    return text
 
 
 def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineSpec:
