@@ -27,7 +27,7 @@ ERRORS = {"KdrayError", "SpecError", "DataError", "StorageError", "CheckpointMis
 DOUBLE_PERIOD = re.compile(r"(?<![.\s/\d{}(~])\.\.(?![./\d{}])")  # not '...', '../x', '0..9', '{}..{}'
 WRONG_PLURAL = re.compile(r"(?<![\d,.])\b1 (stages|classes|files|rows|epochs|workers|models)\b")
 A_BEFORE_VOWEL = "evaluate|adapt|export|import|onnx|artifact|integer|error|image|array|override|option|index|entry|empty|existing|absolute|other|object|epoch"
-WRONG_ARTICLE = re.compile(rf"\ba ({A_BEFORE_VOWEL})\b|\ban \{{[^}}]*kind[^}}]*\}}", re.I)
+WRONG_ARTICLE = re.compile(rf"\ba ({A_BEFORE_VOWEL})\b|\ban? \{{[^}}]*kind[^}}]*\}}", re.I)
 BARE_INDEX = re.compile(r"stages\[\d+\](?! \()")
 
 
