@@ -150,4 +150,4 @@ def test_a_misspelt_field_gets_a_did_you_mean(tmp_path):
     path.write_text(yaml.safe_dump(doc))
     out = cli("validate", str(path))
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert "stages[1].target_domain.shift: unknown field; did you mean 'shifts'?" in out.stderr, out.stderr
+    assert "stages[1] (ad).target_domain.shift: unknown field; did you mean 'shifts'?" in out.stderr, out.stderr
