@@ -206,10 +206,8 @@ def plan_cmd(
         [["stage", "kind", "key", "status"], *([r["stage"], r["kind"], r["key"], r["status"]] for r in rows)]
     ):
         typer.echo(line)
-    cached = sum(r["status"] == "cached" for r in rows)
-    typer.echo(
-        f"{counted(len(rows) - cached, 'stage')} would run, {cached} cached; artifacts under {root.uri(p.name)}."
-    )
+    done = sum(r["status"] == "cached" for r in rows)
+    typer.echo(f"{counted(len(rows) - done, 'stage')} would run, {done} cached; artifacts under {root.uri(p.name)}.")
 
 
 @app.command()

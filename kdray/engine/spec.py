@@ -308,7 +308,7 @@ def parse_pipeline(
 
 def with_stage_names(text: str, doc: dict[str, Any]) -> str:
     """``stages[6].optim.lr`` -> ``stages[6] (student).optim.lr``: which stage, without counting."""
-    stages = doc.get("stages") if isinstance(doc.get("stages"), list) else []
+    stages: list[Any] = doc["stages"] if isinstance(doc.get("stages"), list) else []
 
     def named(m: Any) -> str:
         i = int(m.group(1))
@@ -331,11 +331,8 @@ def blame_overrides(text: str, doc: dict[str, Any], overrides: list[str] | tuple
             field = re.escape(f"stages[{i}]") + r"(?: \([^)]*\))?" + "".join(re.escape(f".{p}") for p in parts[2:])
         else:
             field = re.escape(key)
-        text = re.sub(
-            rf"(?<![\w.\]])({field})([.\[][^:;]*)?:",
-            lambda m: f"{m.group(0)[:-1]} (set by the override {override!r}):",
-            text,
-        )
+        note = f" (set by the override {override!r}):".replace("\\", "\\\\")
+        text = re.sub(rf"(?<![\w.\]])({field}(?:[.\[][^:;]*)?):", rf"\1{note}", text)
     return text
 
 
