@@ -70,6 +70,7 @@ REGISTRIES = {
     "adapt-methods": ("kdray.adapt.methods", "ADAPT_METHODS"),
     "transfer-strategies": ("kdray.transfer.mapping", "MATCH_STRATEGIES"),
 }
+NBSP = "\u00a0"  # what textwrap does not break at
 REPORT_FILES = ("report.md", "report.html", "report.json", "curves.png", "comparison.png")
 
 
@@ -334,11 +335,10 @@ def results_lines(report: dict[str, Any], columns: int) -> list[str]:
         lines += table
     else:  # too narrow for a table: one record per model, its figures wrapped as whole "name value" pairs
         for r, row in zip(rows, cells[1:]):
-            lines.append(f"{r['stage']} ({r['kind']}, {short_model(r['model'], 40)})")
-            pairs = [f"{name} {value}" for (name, _), value in zip(fields[2:], row[2:]) if value]
-            lines += textwrap.wrap(
-                "  ".join(pairs), columns, initial_indent="  ", subsequent_indent="  ", break_on_hyphens=False
-            )
+            lines += textwrap.wrap(f"{r['stage']} ({r['kind']}, {short_model(r['model'], 40)})", columns)
+            pairs = [f"{name} {value}".replace(" ", NBSP) for (name, _), value in zip(fields[2:], row[2:]) if value]
+            wrapped = textwrap.wrap("  ".join(pairs), columns, initial_indent="  ", subsequent_indent="  ")
+            lines += [line.replace(NBSP, " ") for line in wrapped]  # a figure stays beside its name
     batch = max((r.get("latency_batch", 0) for r in rows), default=0)
     shown = [name for name, _ in fields if name in LEGEND]
     lines.append("")
