@@ -15,8 +15,8 @@ from kdray.core.meter import counted, short_time
 from kdray.core.metrics import metrics_for
 from kdray.engine.pipeline import run_pipeline
 from kdray.engine.spec import parse_pipeline
-from kdray.evaluate.figures import ratio, speed, spread
 from kdray.evaluate import latency
+from kdray.evaluate.figures import ratio, speed, spread
 from kdray.evaluate.latency import distinct, measure
 
 
