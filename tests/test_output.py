@@ -151,3 +151,24 @@ def test_a_misspelt_field_gets_a_did_you_mean(tmp_path):
     out = cli("validate", str(path))
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "stages[1] (ad).target_domain.shift: unknown field; did you mean 'shifts'?" in out.stderr, out.stderr
+
+
+def test_help_and_completion_import_nothing_heavy():
+    """`kdray --help` and shell completion answer at once: torch, Ray and pydantic are not imported."""
+    probe = (
+        "import sys\n"
+        "from kdray.cli import main\n"
+        "sys.argv = ['kdray', '--help']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print('HEAVY', sorted(m for m in ('torch', 'ray', 'pydantic', 'numpy') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env(), timeout=120)
+    assert "HEAVY []" in done.stdout, done.stdout[-500:] + done.stderr
+    completed = subprocess.run(
+        [str(Path(sys.executable).parent / "kdray")],  # the installed command: completion goes by its name
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**env(), "_KDRAY_COMPLETE": "complete_bash", "COMP_WORDS": "kdray ls mo", "COMP_CWORD": "2"},
+    )
+    assert completed.stdout.split() == ["models"], completed.stdout + completed.stderr
