@@ -96,8 +96,9 @@ def test_following_the_section_from_an_empty_folder_trains_and_evaluates(tmp_pat
     assert [o["stage"] for o in outcomes] == ["net", "eval"] and all(o["status"] == "ran" for o in outcomes)
     assert set(outcomes[1]["reports"]) >= {"report.md", "report.html"}
     assert 0.0 <= outcomes[1]["metrics"]["models"]["net"]["top1"] <= 1.0
-    again = runner.invoke(app, ["plan", "spec.yaml", *SMALL_RUN, "--json"])
-    assert [s["status"] for s in json.loads(again.stdout)["stages"]] == ["cached", "cached"]
+    again = json.loads(runner.invoke(app, ["plan", "spec.yaml", *SMALL_RUN, "--json"]).stdout)["stages"]
+    assert [s["status"] for s in again] == ["cached", "cached"]
+    assert [(s["key"], s["uri"]) for s in again] == [(o["key"], o["uri"]) for o in outcomes], "plan's keys are run's"
 
 
 @pytest.mark.parametrize("folder", ["runs", "./runs"])
