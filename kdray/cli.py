@@ -488,7 +488,7 @@ def show(
 ) -> None:
     """Print what an artifact holds: its stage, key, model and metrics (and an evaluate stage's results)."""
     from kdray.core.checkpoint import open_artifact
-    from kdray.core.meter import number
+    from kdray.core.meter import number, short_time
 
     art = open_artifact(uri)
     m = art.manifest
@@ -506,7 +506,7 @@ def show(
     if isinstance(m.get("model"), dict):
         facts.append(["model", str(m["model"].get("name"))])
     facts += [
-        [k, number(v)]
+        [k, short_time(v) if k.endswith("_seconds") else number(v)]
         for k, v in (m.get("metrics") or {}).items()
         if isinstance(v, (int, float)) and k not in ("loop_started", "lr")
     ]
