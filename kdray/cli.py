@@ -381,8 +381,7 @@ def registry(what: str) -> Registry:
     import importlib
 
     module, name = REGISTRIES[what]
-    if what == "stages":
-        importlib.import_module("kdray.engine.kinds")  # registers the built-in kinds
+    importlib.import_module("kdray.engine.spec")  # registers every built-in entry (file datasets, stage kinds, ...)
     return getattr(importlib.import_module(module), name)
 
 
@@ -391,6 +390,7 @@ def describe(obj: Any) -> str:
     doc = (getattr(obj, "__doc__", None) or "").strip()
     first = " ".join(doc.split("\n\n", 1)[0].split())
     first = re.sub(r",? see :[a-z]+:`[^`]+`", "", first)  # a pointer into the code means nothing here
+    first = re.sub(r",?\s*(see\s+)?``kdray(\.\w+)+``(?=[),;])", "", first)
     first = re.sub(r":[a-z]+:`~?([^`]+)`", lambda m: m.group(1).rsplit(".", 1)[-1], first)
     return re.sub(r"``([^`]+)``", r"\1", first)
 

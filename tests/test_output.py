@@ -6,6 +6,7 @@ one under a pseudo-terminal (python's ``pty``), one with its output going to a f
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import re
@@ -172,3 +173,21 @@ def test_help_and_completion_import_nothing_heavy():
         env={**env(), "_KDRAY_COMPLETE": "complete_bash", "COMP_WORDS": "kdray ls mo", "COMP_CWORD": "2"},
     )
     assert completed.stdout.split() == ["models"], completed.stdout + completed.stderr
+
+
+def test_registry_descriptions_are_plain_sentences():
+    """`kdray ls` reads to a user: no reStructuredText (``x``, :func:`y`), no internal words, whole sentences."""
+    from typer.testing import CliRunner
+
+    from kdray.cli import REGISTRIES, app
+
+    for what in REGISTRIES:
+        listed = CliRunner().invoke(app, ["ls", what, "--json"])
+        assert listed.exit_code == 0, listed.output
+        for entry in json.loads(listed.stdout):
+            text = entry["description"]
+            assert text and "``" not in text and not re.search(r":[a-z]+:`", text), (what, entry)
+            assert "kdray seed" not in text and not re.search(r"\bkdray\.\w", text), (what, entry)
+            assert text.endswith((".", ")")), (what, entry)
+    fresh = json.loads(cli("ls", "datasets", "--json").stdout)  # a new process: only what `ls` imports
+    assert {"parquet", "image_folder", "fashion_mnist"} <= {e["name"] for e in fresh}
