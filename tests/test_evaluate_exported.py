@@ -35,4 +35,4 @@ def test_the_onnx_export_is_evaluated_beside_pytorch(tmp_path):
     (row,) = report.read_json("report.json")["models"]
     assert row["onnx_top1"] == pytest.approx(row["top1"], abs=1e-6) and row["onnx_agreement"] == 1.0
     assert row["onnx_max_abs_diff"] <= 1e-4 and row["onnx_latency_ms"] > 0
-    assert "onnx_top1" in report.read_bytes("report.md").decode()
+    assert "onnx top-1" in report.read_bytes("report.md").decode()

@@ -6,6 +6,7 @@ one under a pseudo-terminal (python's ``pty``), one with its output going to a f
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import re
@@ -89,9 +90,9 @@ def test_a_run_into_a_file_has_plain_lines_one_per_epoch(tmp_path):
     assert "\x1b" not in text, "no ANSI codes in a file"
     epochs = [line for line in text.splitlines() if line.startswith("[synth/teacher] epoch")]
     assert len(epochs) == EPOCHS, text
-    assert all(re.fullmatch(r"\[synth/teacher\] epoch \d/2( +\S+ [0-9.,]+)+ +[0-9.]+s", line) for line in epochs), (
-        epochs
-    )
+    assert all(
+        re.fullmatch(r"\[synth/teacher\] epoch \d/2( +\S+ [0-9.,]+)+ +[0-9.]+ (ms|s)", line) for line in epochs
+    ), epochs
     assert "None" not in text and not re.search(r"\de[+-]\d", text), "no None, no exponent notation"
     assert "steps  loss" not in text, "no progress bar in a file"
     assert re.search(r"report\.html +file://\S+/report\.html", text), text[-2000:]
@@ -121,7 +122,13 @@ def test_cli_habits_version_help_and_aligned_listing():
     assert helped.returncode == 0 and "--force" in helped.stdout and "--max-concurrent" in helped.stdout
     assert not re.search(r"<(bool|str|int|list\[str\])", helped.stdout), helped.stdout
     listed = cli("ls", "losses").stdout.splitlines()
-    assert len(listed) > 3 and len({line.index("from ") for line in listed}) == 1, "the origin column lines up"
+    starts = {re.match(r"\S*\s+", line).end() for line in listed}
+    assert len(listed) > 3 and len(starts) == 1, "the descriptions line up, wrapped lines under them"
+    assert all(len(line) <= 120 for line in listed), "within $COLUMNS"
+    for flags in (("-h",), ("plan", "-h"), ("data", "import", "-h")):
+        shown = cli(*flags)
+        assert shown.returncode == 0 and "Usage:" in shown.stdout, shown.stderr
+        assert not re.search(r"\{[A-Za-z]+\}", shown.stdout), "click's metavars (SPEC), not {spec}"
 
 
 def test_a_misspelt_field_gets_a_did_you_mean(tmp_path):
@@ -144,4 +151,43 @@ def test_a_misspelt_field_gets_a_did_you_mean(tmp_path):
     path.write_text(yaml.safe_dump(doc))
     out = cli("validate", str(path))
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert "stages[1].target_domain.shift: unknown field; did you mean 'shifts'?" in out.stderr, out.stderr
+    assert "stages[1] (ad).target_domain.shift: unknown field; did you mean 'shifts'?" in out.stderr, out.stderr
+
+
+def test_help_and_completion_import_nothing_heavy():
+    """`kdray --help` and shell completion answer at once: torch, Ray and pydantic are not imported."""
+    probe = (
+        "import sys\n"
+        "from kdray.cli import main\n"
+        "sys.argv = ['kdray', '--help']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print('HEAVY', sorted(m for m in ('torch', 'ray', 'pydantic', 'numpy') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env(), timeout=120)
+    assert "HEAVY []" in done.stdout, done.stdout[-500:] + done.stderr
+    completed = subprocess.run(
+        [str(Path(sys.executable).parent / "kdray")],  # the installed command: completion goes by its name
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**env(), "_KDRAY_COMPLETE": "complete_bash", "COMP_WORDS": "kdray ls mo", "COMP_CWORD": "2"},
+    )
+    assert completed.stdout.split() == ["models"], completed.stdout + completed.stderr
+
+
+def test_registry_descriptions_are_plain_sentences():
+    """`kdray ls` reads to a user: no reStructuredText (``x``, :func:`y`), no internal words, whole sentences."""
+    from typer.testing import CliRunner
+
+    from kdray.cli import REGISTRIES, app
+
+    for what in REGISTRIES:
+        listed = CliRunner().invoke(app, ["ls", what, "--json"])
+        assert listed.exit_code == 0, listed.output
+        for entry in json.loads(listed.stdout):
+            text = entry["description"]
+            assert text and "``" not in text and not re.search(r":[a-z]+:`", text), (what, entry)
+            assert "kdray seed" not in text and not re.search(r"\bkdray\.\w", text), (what, entry)
+            assert text.endswith((".", ")")), (what, entry)
+    fresh = json.loads(cli("ls", "datasets", "--json").stdout)  # a new process: only what `ls` imports
+    assert {"parquet", "image_folder", "fashion_mnist"} <= {e["name"] for e in fresh}

@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import threading
@@ -229,7 +230,9 @@ def test_pipeline_runs_with_artifacts_in_a_bucket(s3env, prefix, tmp_path):
     assert f"synth/eval     evaluate  {first[1].key}" in listed.output  # columns aligned
     shown = CliRunner().invoke(app, ["show", first[1].uri])
     assert shown.exit_code == 0, shown.output
-    assert '"kind": "evaluate"' in shown.output and f"| teacher | train | cnn_small | {acc:.4f} |" in shown.output
+    assert "eval (evaluate)" in shown.output and re.search(rf"teacher +cnn_small +{acc:.4f}", shown.output)
+    as_json = json.loads(CliRunner().invoke(app, ["show", first[1].uri, "--json"]).stdout)
+    assert as_json["manifest"]["kind"] == "evaluate" and as_json["report"]["models"][0]["top1"] == pytest.approx(acc)
 
     again = run_pipeline(spec, log=quiet)
     assert [o.status for o in again] == ["cached", "cached"]

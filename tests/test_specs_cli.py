@@ -54,50 +54,59 @@ BAD = {
     "yaml syntax": ("name: x\nstages: [\n  - {name: a", ["YAML syntax error at line"]),
     "not a mapping": ("- just\n- a list\n", ["a pipeline spec is a YAML mapping"]),
     "unknown top field": (edit(lambda d: d.update(colour="red")), ["colour: unknown field"]),
-    "unknown stage field": (edit(lambda d: d["stages"][0].update(epochs=3)), ["stages[0].epochs: unknown field"]),
-    "wrong type": (edit(lambda d: d["stages"][0]["optim"].update(lr="fast")), ["stages[0].optim.lr", "fast"]),
-    "out of range": (edit(lambda d: d["stages"][0]["optim"].update(lr=-1)), ["stages[0].optim.lr", "greater than 0"]),
+    "unknown stage field": (
+        edit(lambda d: d["stages"][0].update(epochs=3)),
+        ["stages[0] (teacher).epochs: unknown field"],
+    ),
+    "wrong type": (edit(lambda d: d["stages"][0]["optim"].update(lr="fast")), ["stages[0] (teacher).optim.lr", "fast"]),
+    "out of range": (
+        edit(lambda d: d["stages"][0]["optim"].update(lr=-1)),
+        ["stages[0] (teacher).optim.lr", "greater than 0"],
+    ),
     "unknown model": (
         edit(lambda d: d["stages"][0]["model"].update(name="cnn_smal")),
-        ["stages[0].model.name", "did you mean 'cnn_small'"],
+        ["stages[0] (teacher).model.name", "did you mean 'cnn_small'"],
     ),
     "unknown model option": (
         edit(lambda d: d["stages"][0]["model"].update(widht=4)),
-        ["stages[0].model", "has no parameter 'widht'"],
+        ["stages[0] (teacher).model", "has no parameter 'widht'"],
     ),
     "unknown dataset": (
         edit(lambda d: d["stages"][0]["data"].update(name="fashion_mnsit")),
-        ["stages[0].data.name", "did you mean 'fashion_mnist'"],
+        ["stages[0] (teacher).data.name", "did you mean 'fashion_mnist'"],
     ),
     "unknown loss": (
         edit(lambda d: d["stages"][1]["losses"][1].update(name="hinton")),
-        ["stages[1].losses[1].name", "hinton_kl"],
+        ["stages[1] (student).losses[1].name", "hinton_kl"],
     ),
     "bad loss option": (
         edit(lambda d: d["stages"][1]["losses"][1].update(temperature=0)),
-        ["stages[1].losses[1]", "temperature"],
+        ["stages[1] (student).losses[1]", "temperature"],
     ),
     "misspelt loss option": (
         edit(lambda d: d["stages"][1]["losses"][1].update(temprature=2)),
-        ["stages[1].losses[1]", "temprature", "temperature"],
+        ["stages[1] (student).losses[1]", "temprature", "temperature"],
     ),
     "unknown stage kind": (
         edit(lambda d: d["stages"][0].update(kind="pretrain")),
-        ["stages[0].kind", "unknown stage kind 'pretrain'"],
+        ["stages[0] (teacher).kind", "unknown stage kind 'pretrain'"],
     ),
     "missing kind": (edit(lambda d: d["stages"][0].pop("kind")), ["stages[0]", "needs a 'kind'"]),
     "unknown teacher": (
         edit(lambda d: d["stages"][1].update(teacher="teachr")),
-        ["stages[1].teacher", "no stage named 'teachr'", "did you mean 'teacher'"],
+        ["stages[1] (student).teacher", "no stage named 'teachr'", "did you mean 'teacher'"],
     ),
     "forward reference": (
         edit(lambda d: d["stages"].insert(0, d["stages"].pop(1))),
-        ["stages[0].teacher", "comes after"],
+        ["stages[0] (student).teacher", "comes after"],
     ),
     "self reference": (edit(lambda d: d["stages"][1].update(teacher="student")), ["refers to itself"]),
     "duplicate stage": (edit(lambda d: d["stages"][2].update(name="student")), ["used twice"]),
     "not dns safe": (edit(lambda d: d.update(name="My_Pipeline")), ["pipeline name 'My_Pipeline' must be DNS-safe"]),
-    "missing field": (edit(lambda d: d["stages"][0].pop("model")), ["stages[0].model: required field is missing"]),
+    "missing field": (
+        edit(lambda d: d["stages"][0].pop("model")),
+        ["stages[0] (teacher).model: required field is missing"],
+    ),
     "credentials in spec": (
         edit(lambda d: d.update(storage={"uri": "s3://b/p?secret_key=abc"})),
         ["credentials do not belong in the spec"],
@@ -140,7 +149,7 @@ def test_bad_override(tmp_path):
     result = runner.invoke(app, ["validate", str(path), "stages.nosuch.optim.lr=1"])
     assert result.exit_code == 2 and "no list item 'nosuch'" in result.output
     result = runner.invoke(app, ["validate", str(path), "stages.teacher.optim.lr=-3"])
-    assert result.exit_code == 2 and "stages[0].optim.lr" in result.output
+    assert result.exit_code == 2 and "stages[0] (teacher).optim.lr" in result.output
 
 
 def test_good_spec_and_overrides(tmp_path):

@@ -250,12 +250,18 @@ def _with(doc: dict, transforms) -> dict:
 
 
 BAD = {
-    "bad size": ([{"resize": 32}, {"random_crop": {"size": 0}}], "stages[0].data.transforms[1].random_crop.size"),
-    "unknown name": ([{"rotate": 10}], "stages[0].data.transforms[0]: unknown transform 'rotate'"),
+    "bad size": (
+        [{"resize": 32}, {"random_crop": {"size": 0}}],
+        "stages[0] (teacher).data.transforms[1].random_crop.size",
+    ),
+    "unknown name": ([{"rotate": 10}], "stages[0] (teacher).data.transforms[0]: unknown transform 'rotate'"),
     "typo": ([{"hfilp": 0.5}], "did you mean 'hflip'"),
     "two in one": ([{"resize": 32, "hflip": 0.5}], "each transform is one mapping"),
-    "bad param": ([{"random_crop": {"size": 24, "pad": 2}}], "stages[0].data.transforms[0].random_crop.pad: unknown"),
-    "probability": ([{"hflip": 1.5}], "stages[0].data.transforms[0].hflip.p"),
+    "bad param": (
+        [{"random_crop": {"size": 24, "pad": 2}}],
+        "stages[0] (teacher).data.transforms[0].random_crop.pad: unknown",
+    ),
+    "probability": ([{"hflip": 1.5}], "stages[0] (teacher).data.transforms[0].hflip.p"),
     "bool": ([{"resize": True}], "expected a number, got true"),
     "normalize last": ([{"normalize": {"mean": [0.5], "std": [0.2]}}, {"resize": 32}], "must be the last transform"),
     "std": ([{"normalize": {"mean": [0.5], "std": [0.0]}}], "std must be positive"),

@@ -20,7 +20,13 @@ class KdrayError(Exception):
         parts = [f"{where}: {message}" if where else message]
         if hint:
             parts.append(hint)
-        super().__init__(" ".join(p.rstrip() for p in parts))
+        super().__init__(" ".join(sentence(p) for p in parts if p.strip()))
+
+
+def sentence(text: str) -> str:
+    """``text`` ending as a sentence does: a period added unless it ends with one (or ``?``, ``!``)."""
+    text = text.rstrip()
+    return text if text.endswith((".", "?", "!")) else text + "."
 
 
 class SpecError(KdrayError):

@@ -43,6 +43,31 @@ def duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s % 60:02d}" if h else f"{m}:{s % 60:02d}"
 
 
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """``1 stage``, ``3 stages``, ``0 classes`` (``plural`` when adding an s is not it)."""
+    return f"{n:,} {noun if n == 1 else plural or noun + 's'}"
+
+
+def article(word: str) -> str:
+    """``a`` or ``an`` before ``word``: ``an evaluate stage``, ``a train stage``."""
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
+def short_time(s: float) -> str:
+    """A short time as people write it: ``0.4 ms``, ``340 ms``, ``3.2 s``, ``42 s``, then ``2:05``."""
+    if s < 0.001:
+        return f"{s * 1000:.2f} ms"
+    if s < 0.01:
+        return f"{s * 1000:.1f} ms"
+    if s < 1:
+        return f"{s * 1000:.0f} ms"
+    if s < 10:
+        return f"{s:.1f} s"
+    if s < 60:
+        return f"{s:.0f} s"
+    return duration(s)
+
+
 def task_line(title: str, done: int, total: int, unit: str, seconds: float, note: str = "", final: bool = False) -> str:
     """``teacher cache: 16,384/60,000 rows (27%)  1,234 rows/s  ETA 0:35  1 chunk written``; the final
     line: ``teacher cache: 60,000/60,000 rows done in 0:49  1,224 rows/s``."""

@@ -197,7 +197,10 @@ class ModelSpec(Entry):
     @classmethod
     def _registered(cls, v: str | None) -> str | None:  # type: ignore[override]  # name is optional here
         if v is not None and v not in MODELS:
-            raise ValueError(f"unknown model {v!r}; {did_you_mean(v, MODELS.names())}")
+            raise ValueError(
+                f"unknown model {v!r}; {did_you_mean(v, MODELS.names())} Your own network: write "
+                "model: {import: 'file.py:Class'} or {import: 'package.module:factory'} (docs/models.md)"
+            )
         return v
 
     @model_validator(mode="after")

@@ -207,7 +207,7 @@ class HintonKL(DistillLoss):
 
 @register("weighted_output_mse")
 class WeightedOutputMSE(DistillLoss):
-    """Per-sample weighted output regression (kdray seed 002).
+    """Per-sample weighted output regression: the squared distance of the outputs, weighted per example.
 
     ``L = Σ_i w_i ‖f_T(x_i) − f_S(x_i)‖² / Σ_i w_i``
 

@@ -29,6 +29,7 @@ from kdray.core import arrays as array_shards
 from kdray.core import data as kdata
 from kdray.core import stream, transforms
 from kdray.core.errors import KdrayError
+from kdray.core.meter import article
 from kdray.core.stage import Job, Shard, StageKind, labelled_only
 from kdray.engine.raypolicy import find_user_error
 
@@ -154,7 +155,7 @@ def streams(job: Job, kind: StageKind) -> bool:
     where = f"stages.{job.spec.name}.data.stream"
     if not type(kind).streams:
         raise KdrayError(
-            f"{where}: a {job.spec.kind} stage cannot stream its data (it needs its rows in memory)",
+            f"{where}: {article(job.spec.kind)} {job.spec.kind} stage cannot stream its data (it needs its rows in memory)",
             hint="Drop data.stream for this stage; train, distill and transfer stages can stream (docs/data.md).",
         )
     if job.run.workers < 1:

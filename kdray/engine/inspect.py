@@ -18,6 +18,7 @@ import torch.nn as nn
 from kdray.core import data as kdata
 from kdray.core.errors import SpecError
 from kdray.core.hooks import classifier_name
+from kdray.core.meter import article
 from kdray.core.stage import model_kwargs
 from kdray.core.usermodels import build_model
 
@@ -80,7 +81,7 @@ def stage_model_and_batch(pipeline: Any, stage_name: str, batch: int = 8) -> tup
     stage = pipeline.stage(stage_name)
     if not hasattr(stage, "model") or not hasattr(stage, "data"):
         raise SpecError(
-            f"--stage {stage_name!r} is a {stage.kind} stage without a model and data to inspect",
+            f"--stage {stage_name!r} is {article(stage.kind)} {stage.kind} stage without a model and data to inspect",
             hint="Name a train, distill, transfer, adapt or pretrained stage.",
         )
     model = build_model(stage.model, model_kwargs(stage.model, stage.data), weights=False)

@@ -224,6 +224,7 @@ def train(
         net.train()
         method.on_epoch_start(epoch, epoch / spec.optim.epochs)
         t0, seen, loss_sum, correct, labelled = time.perf_counter(), 0, 0.0, 0.0, 0
+        lr = sched.get_last_lr()[0]  # the lr this epoch's steps use (the last one is recorded, not the next)
         for step, rows in enumerate(data.epoch(epoch)):
             idx = rows["index"]
             batch = {
@@ -242,6 +243,7 @@ def train(
                 nn.utils.clip_grad_norm_(method.parameters(), spec.optim.grad_clip)
             scaler.step(opt)
             scaler.update()
+            lr = sched.get_last_lr()[0]
             sched.step()
             seen += len(idx)
             loss_sum += float(out["loss"].detach()) * len(idx)
@@ -286,7 +288,7 @@ def train(
             "val_acc": sums["val_correct"] / sums["val_count"] if sums["val_count"] else None,
             "samples_per_s": sums["seen"] / train_seconds,
             "epoch_seconds": train_seconds,
-            "lr": sched.get_last_lr()[0],
+            "lr": lr,  # the last step's, so a cosine schedule's last epoch is not recorded as 0.0
             "loop_started": loop_started,
             **{k: sums[f"score:{k}"] / world for k in scores},
         }

@@ -19,9 +19,9 @@ import torch
 from pydantic import Field, model_validator
 
 from kdray.core.checkpoint import Artifact, open_artifact, write_artifact
-from kdray.core.metrics import latency_ms
 from kdray.core.specs import Spec
 from kdray.core.storage import Storage
+from kdray.evaluate.latency import model_latency
 
 MAXIMIZE = ("val_acc",)
 MINIMIZE = ("parameters", "size_bytes", "latency_ms")
@@ -102,7 +102,7 @@ def measure_latency(art: Artifact, batch: int, runs: int, seed: int = 0) -> floa
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return latency_ms(model, x, batch, runs)
+        return model_latency(model, x, batch, runs)["median_ms"]  # after a warm-up, the median of repeats
     finally:
         torch.set_num_threads(threads)
 

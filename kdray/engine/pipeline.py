@@ -28,6 +28,7 @@ from typing import Any, Callable, Literal
 from kdray.core import lineage
 from kdray.core.checkpoint import Artifact, open_artifact, read_artifact
 from kdray.core.errors import KdrayError
+from kdray.core.meter import short_time
 from kdray.core.specs import is_artifact_uri, spec_hash
 from kdray.core.stage import kind_of
 from kdray.core.storage import Storage
@@ -36,6 +37,7 @@ from kdray.engine import concurrency
 from kdray.engine.launchers import LAUNCHERS, artifact_store, kuberay, launcher_for, local, ray  # noqa: F401 (registers them)
 from kdray.engine.preflight import preflight
 from kdray.engine.spec import PipelineSpec
+from kdray.engine.specpaths import as_written
 
 KEY_LENGTH = 12
 
@@ -54,9 +56,10 @@ class StageOutcome:
         return dict(self.__dict__)
 
 
-def stage_key(stage: Any, parent_keys: dict[str, str]) -> str:
-    """The content key of a stage: its spec (without the run placement) and its parents' keys."""
-    spec = stage.model_dump(mode="json", exclude={"run"})
+def stage_key(stage: Any, parent_keys: dict[str, str], written: dict[str, str] | None = None) -> str:
+    """The content key of a stage: its spec (without the run placement) and its parents' keys. File
+    paths taken from the spec's folder count as written (``written``: kdray.engine.specpaths)."""
+    spec = as_written(stage.model_dump(mode="json", exclude={"run"}), written or {})
     return spec_hash({"spec": spec, "parents": parent_keys})[:KEY_LENGTH]
 
 
@@ -68,7 +71,7 @@ def plan(spec: PipelineSpec) -> dict[str, str]:
         for _, ref in stage.references():
             parents[ref] = open_artifact(ref).manifest["key"] if is_artifact_uri(ref) else keys[ref]
         seed = spec.run_for(stage).seed  # the seed changes results, so it is part of the key
-        keys[stage.name] = stage_key(stage, {**parents, "_seed": str(seed)})
+        keys[stage.name] = stage_key(stage, {**parents, "_seed": str(seed)}, spec.written.get(stage.name))
     return keys
 
 
@@ -431,7 +434,7 @@ class _Scheduler:
         if outcome is not None:
             self.done[name] = outcome
             if self.running or len(self.names) > 1:
-                self.log(f"[{self.spec.name}] stage {name} {outcome.status} in {outcome.seconds:.1f}s")
+                self.log(f"[{self.spec.name}] stage {name} {outcome.status} in {short_time(outcome.seconds)}")
         elif isinstance(error, Exception):
             self.failed[name] = error
             first = (str(error).strip().splitlines() or [""])[0]

@@ -52,7 +52,7 @@ from rich.progress import Task as RichTask
 from rich.table import Table
 from rich.text import Text
 
-from kdray.core.meter import Log, LogTask, Meter, Task, duration, number, task_line
+from kdray.core.meter import Log, LogTask, Meter, Task, duration, number, short_time, task_line
 
 # what the per-epoch line shows, in this order, under these names
 EPOCH_FIELDS = {
@@ -74,7 +74,7 @@ def epoch_line(title: str, metrics: dict[str, Any], epochs: int | None = None) -
     head = f"[{title}] epoch {epoch}" + (f"/{epochs}" if epochs else "")
     parts = [f"{name} {number(metrics[k])}" for k, name in EPOCH_FIELDS.items() if metrics.get(k) is not None]
     if isinstance(metrics.get("epoch_seconds"), (int, float)):
-        parts.append(f"{metrics['epoch_seconds']:.1f}s")
+        parts.append(short_time(metrics["epoch_seconds"]))
     return "  ".join([head, *parts])
 
 

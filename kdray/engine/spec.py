@@ -18,20 +18,23 @@ paragraph naming the file and the field path (``stages[1].optim.lr``) and how to
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Union, get_args, get_origin
 
 from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from kdray.core.data import describe
-from kdray.core.errors import KdrayError, SpecError
+from kdray.core.errors import KdrayError, SpecError, sentence
 from kdray.core.registry import close_matches, did_you_mean
 from kdray.core.specs import DNS_LABEL, RunSpec, Spec, StageBase, StorageSpec, is_artifact_uri
 from kdray.core.stage import STAGE_KINDS, model_kwargs
 from kdray.core.storage import Storage
 from kdray.core.yamlsafe import load_yaml
 from kdray.engine import kinds  # noqa: F401  (registers the built-in stage kinds)
+from kdray.engine.specpaths import resolve_paths, still_resolved
 
 SCHEMA_VERSION = 1
 
@@ -41,6 +44,9 @@ class PipelineSpec(Spec):
     storage: StorageSpec = Field(default_factory=StorageSpec)
     run: RunSpec = Field(default_factory=RunSpec)
     stages: list[StageBase] = Field(min_length=1)  # every registered kind: see pipeline_model()
+    # Set by load_pipeline, not by users: {stage: {field: value as written}} of the relative paths taken
+    # from the spec file's folder (kdray.engine.specpaths). Stage keys hash the values as written.
+    written: SkipJsonSchema[dict[str, dict[str, str]]] = Field(default_factory=dict, exclude_if=lambda v: not v)
 
     @field_validator("name")
     @classmethod
@@ -234,7 +240,10 @@ def _explain(err: Any, model: Any = None) -> str:
     if typ == "missing":
         return f"{loc}: required field is missing"
     got = err.get("input")
-    shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+    shown = "" if isinstance(got, (dict, list)) or got is None or repr(got) in msg else f" (got {got!r})"
+    msg = msg.rstrip().rstrip(".")  # the paragraph puts the periods
+    if not err["loc"]:  # a check across fields: its message names them (stages[2].teacher: ...)
+        return f"{msg}{shown}"
     return f"{loc}: {msg}{shown}"
 
 
@@ -305,22 +314,62 @@ def apply_override(doc: dict[str, Any], path: list[str], value: Any, text: str) 
             raise SpecError(f"override {text!r}: {'.'.join(path[:i])} is a value, not a mapping")
 
 
-def parse_pipeline(doc: Any, source: str = "<spec>", overrides: list[str] | tuple[str, ...] = ()) -> PipelineSpec:
+def parse_pipeline(
+    doc: Any, source: str = "<spec>", overrides: list[str] | tuple[str, ...] = (), base: Path | None = None
+) -> PipelineSpec:
+    """Validate a pipeline document; ``base`` is the spec file's folder, which its relative paths are
+    taken from (the overrides' paths stay relative to the shell)."""
     if not isinstance(doc, dict):
         raise SpecError(
             f"{source}: a pipeline spec is a YAML mapping with 'name' and 'stages', "
             f"not {type(doc).__name__}; see examples/ for one"
         )
+    resolved = resolve_paths(doc, base) if base is not None else {}
     for text in overrides:
         apply_override(doc, *parse_override(text), text)
+    if resolved:
+        doc["written"] = {**(doc.get("written") or {}), **still_resolved(doc, resolved)}
     model = pipeline_model()
     try:
         return model.model_validate(doc)
     except ValidationError as e:
+        text = blame_overrides(with_stage_names(explain_validation(e, model), doc), doc, overrides)
+        # `kdray schema` helps with a field's name or type, not with a value a check refused
+        schema = any(err["type"] not in ("value_error", "union_tag_invalid") for err in e.errors())
         raise SpecError(
-            f"{source}: {explain_validation(e, model)}.",
-            hint="Fix the field(s) named above; `kdray schema` prints every field and its type.",
+            sentence(f"{source}: {text.rstrip('.')}"),
+            hint="`kdray schema` prints every field and its type." if schema else None,
         ) from None
+
+
+def with_stage_names(text: str, doc: dict[str, Any]) -> str:
+    """``stages[6].optim.lr`` -> ``stages[6] (student).optim.lr``: which stage, without counting."""
+    stages: list[Any] = doc["stages"] if isinstance(doc.get("stages"), list) else []
+
+    def named(m: Any) -> str:
+        i = int(m.group(1))
+        name = stages[i].get("name") if i < len(stages) and isinstance(stages[i], dict) else None
+        return f"stages[{i}] ({name})" if isinstance(name, str) else m.group(0)
+
+    return re.sub(r"stages\[(\d+)\](?! \()", named, text)
+
+
+def blame_overrides(text: str, doc: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> str:
+    """A field set on the command line is named with its override, not blamed on the YAML file."""
+    for override in overrides:
+        key = override.split("=", 1)[0].strip()
+        parts = key.split(".")
+        if len(parts) > 1 and parts[0] == "stages":
+            names = [s.get("name") if isinstance(s, dict) else None for s in doc.get("stages") or []]
+            i = int(parts[1]) if parts[1].isdigit() else names.index(parts[1]) if parts[1] in names else None
+            if i is None:
+                continue
+            field = re.escape(f"stages[{i}]") + r"(?: \([^)]*\))?" + "".join(re.escape(f".{p}") for p in parts[2:])
+        else:
+            field = re.escape(key)
+        note = f" (set by the override {override!r}):".replace("\\", "\\\\")
+        text = re.sub(rf"(?<![\w.\]])({field}(?:[.\[][^:;]*)?):", rf"\1{note}", text)
+    return text
 
 
 def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineSpec:
@@ -341,6 +390,7 @@ def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
             text = local.read_bytes()
         except OSError as e:
             raise SpecError(f"cannot read spec file {where!r} ({e.strerror or e})") from None
+        return parse_pipeline(parse_yaml(text, where), where, list(overrides), base=local.parent)
     return parse_pipeline(parse_yaml(text, where), where, list(overrides))
 
 

@@ -10,8 +10,6 @@ its accuracy, its agreement with PyTorch's predictions, the largest logit differ
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from typing import Any
 
 import numpy as np
@@ -20,6 +18,7 @@ import torch
 from kdray.core.checkpoint import Artifact, sha256
 from kdray.core.errors import CheckpointMismatch, KdrayError
 from kdray.core.metrics import metrics_for
+from kdray.evaluate.latency import as_row, measure
 
 EXPORTS = "exports.json"  # the record kdray export writes beside the artifact's manifest
 
@@ -80,18 +79,12 @@ def onnx_scores(
     logits = torch.from_numpy(np.concatenate([run(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]))
     scores = metrics_for(logits, y)
     xb = x[:latency_batch]
-    for _ in range(2):  # warm-up, as for the PyTorch latency
-        run(xb)
-    times = []
-    for _ in range(latency_batches):
-        t0 = time.perf_counter()
-        run(xb)
-        times.append((time.perf_counter() - t0) * 1000)
+    timing = measure(lambda: run(xb), latency_batches)  # warm-up and repeats, as for the PyTorch latency
     return {
         "onnx_top1": scores["top1"],
         "onnx_loss": scores["loss"],
         "onnx_agreement": float((logits.argmax(1) == torch_logits.argmax(1)).float().mean()),
         "onnx_max_abs_diff": float((logits - torch_logits).abs().max()),
-        "onnx_latency_ms": statistics.median(times),
+        **as_row(timing, "onnx_"),
         "onnx_uri": record.get("uri"),
     }

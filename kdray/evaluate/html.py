@@ -9,25 +9,31 @@ from __future__ import annotations
 import base64
 import html
 import io
-from typing import Any
+from typing import Any, Callable
+
+from kdray.evaluate.figures import LEGEND, ratio, speed, spread
+
+Format = str | Callable[[dict[str, Any]], str]  # a format string for the value, or the cell's text from the row
 
 # (key, header, format) of the models table; optional columns appear when any row has them
-COLUMNS = [
+COLUMNS: list[tuple[str, str, Format]] = [
     ("stage", "stage", "{}"),
     ("kind", "kind", "{}"),
     ("model", "model", "{}"),
     ("top1", "top-1", "{:.4f}"),
-    ("top5", "top-5", "{:.4f}"),
+]
+OPTIONAL_TOP5: list[tuple[str, str, Format]] = [("top5", "top-5", "{:.4f}")]
+SIZES: list[tuple[str, str, Format]] = [
     ("loss", "test loss", "{:.4f}"),
     ("parameters", "parameters", "{:,}"),
     ("bytes", "bytes", "{:,}"),
-    ("latency_ms", "latency (ms)", "{:.2f}"),
+    ("latency_ms", "latency", spread),
 ]
-RELATIONS = [
+RELATIONS: list[tuple[str, str, Format]] = [
     ("teacher", "teacher", "{}"),
     ("agreement", "agreement", "{:.4f}"),
-    ("compression_params", "compression", "{:.2f}x"),
-    ("speedup", "speed-up", "{:.1f}x"),
+    ("compression_params", "size", lambda r: ratio(r["compression_params"])),
+    ("speedup", "speed", speed),
     ("scratch", "baseline", "{}"),
     ("gain_over_scratch", "gain", "{:+.4f}"),
 ]
@@ -51,11 +57,11 @@ def data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
+def _cell(row: dict[str, Any], key: str, fmt: Format) -> str:
     if key not in row or row[key] is None:
         return "<td></td>"
     value = row[key]
-    text = html.escape(fmt.format(value))
+    text = html.escape(fmt(row) if callable(fmt) else fmt.format(value))
     if isinstance(value, str):
         return f'<td class="text">{text}</td>'
     if key == "gain_over_scratch":
@@ -64,7 +70,7 @@ def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
 
 
 def models_table(rows: list[dict[str, Any]]) -> str:
-    cols = COLUMNS + [c for c in RELATIONS if any(c[0] in r for r in rows)]
+    cols = COLUMNS + [c for c in OPTIONAL_TOP5 + SIZES + RELATIONS if any(c[0] in r for r in rows)]
     head = "".join(
         f'<th class="text">{html.escape(h)}</th>' if f == "{}" else f"<th>{html.escape(h)}</th>" for _, h, f in cols
     )
@@ -118,6 +124,12 @@ def plot_comparison(rows: list[dict[str, Any]]) -> bytes | None:
     return buf.getvalue()
 
 
+def legend(rows: list[dict[str, Any]]) -> str:
+    """What the columns measure, for the columns the table shows."""
+    shown = {"top-1", "latency"} | {h for k, h, _ in OPTIONAL_TOP5 + RELATIONS if any(k in r for r in rows)}
+    return "<br>".join(f"{html.escape(h)}: {html.escape(t)}" for h, t in LEGEND.items() if h in shown)
+
+
 def render_html(report: dict[str, Any], images: dict[str, bytes]) -> str:
     """The page: summary, models table, comparison and training-curve plots, and what chose each model.
 
@@ -136,11 +148,10 @@ def render_html(report: dict[str, Any], images: dict[str, bytes]) -> str:
 <h1>{html.escape(title)}</h1>
 <p class="note">Test split of <code>{html.escape(str(report["data"].get("name")))}</code>:
 {report["test_examples"]:,} examples, read here only; every choice (epoch, source, sweep trial) used validation
-or training data. Latency: median forward time of one batch on the machine that ran the evaluation.</p>
+or training data.</p>
 <h2>Models</h2>
 {models_table(rows)}
-<p class="note">agreement: share of test examples where the model and its teacher predict the same class;
-gain: top-1 minus the top-1 of the baseline (the same architecture trained from labels alone).</p>
+<p class="note">{legend(rows)}</p>
 <h2>Plots</h2>
 {figures or '<p class="note">No plots (no training history).</p>'}
 <h2>Model selection</h2>

@@ -1,8 +1,9 @@
 """The evaluate stage: accuracy, loss, size and speed of trained models, as JSON, Markdown and plots.
 
-For every referenced artifact: top-1/top-5 accuracy and loss on the test split, parameter count,
-weights size on disk, latency per batch on this machine's device; for a distilled model also
-agreement with its teacher and the compression ratio teacher/student. Writes ``report.json``,
+For every referenced artifact: top-1 accuracy (top-5 with more than 5 classes) and loss on the test
+split, parameter count, weights size on disk, latency per batch on this machine's device (median of
+repeats after a warm-up, with the interquartile range: ``kdray.evaluate.latency``); for a distilled
+model also agreement with its teacher and the ratios teacher/student of size and latency. Writes ``report.json``,
 ``report.md``, ``curves.png`` (training curves from the manifests' histories), ``comparison.png``
 and ``report.html`` (all of it in one self-contained page, ``kdray.evaluate.html``).
 """
@@ -20,12 +21,14 @@ from pydantic import Field
 from kdray.core import data as kdata
 from kdray.core.checkpoint import Artifact, write_artifact
 from kdray.core.errors import KdrayError
-from kdray.core.metrics import latency_ms, metrics_for, predict
+from kdray.core.metrics import metrics_for, predict
 from kdray.core.models import count_parameters
 from kdray.core.specs import DataSpec, StageBase
 from kdray.core.stage import StageContext, StageKind, stage_kind
 from kdray.evaluate.exported import onnx_scores
+from kdray.evaluate.figures import LEGEND, ratio, speed, spread
 from kdray.evaluate.html import plot_comparison, render_html
+from kdray.evaluate.latency import as_row, distinct, model_latency
 
 
 class EvaluateStage(StageBase):
@@ -78,7 +81,7 @@ def evaluate_stage(ctx: Any) -> tuple[dict[str, Any], dict[str, bytes]]:
             **metrics_for(logits, test.y),
             "parameters": count_parameters(model),
             "bytes": art.manifest["weights"]["bytes"],
-            "latency_ms": latency_ms(model, x, ctx.stage.latency_batch, ctx.stage.latency_batches),
+            **as_row(model_latency(model, x, ctx.stage.latency_batch, ctx.stage.latency_batches)),
             "latency_batch": min(ctx.stage.latency_batch, len(x)),
             "selection": selection_note(art.manifest),
         }
@@ -167,6 +170,7 @@ def add_relations(rows: list[dict[str, Any]], ctx: Any, logits: dict[str, torch.
             row["compression_params"] = teacher["parameters"] / row["parameters"]
             row["compression_bytes"] = teacher["bytes"] / row["bytes"]
             row["speedup"] = teacher["latency_ms"] / row["latency_ms"]
+            row["speedup_distinct"] = distinct(teacher, row)  # False: the ranges overlap, no difference shown
         # the same architecture trained from labels alone, if evaluated too: what distillation added
         scratch = next(
             (
@@ -182,43 +186,81 @@ def add_relations(rows: list[dict[str, Any]], ctx: Any, logits: dict[str, torch.
 
 
 def markdown(report: dict[str, Any]) -> str:
-    cols = [
-        ("stage", "{}"),
-        ("kind", "{}"),
-        ("model", "{}"),
-        ("top1", "{:.4f}"),
-        ("top5", "{:.4f}"),
-        ("loss", "{:.4f}"),
-        ("parameters", "{:,}"),
-        ("bytes", "{:,}"),
-        ("latency_ms", "{:.2f}"),
-        ("selection", "{}"),
+    rows = report["models"]
+    # (column, how to write it from the row, when it is shown)
+    cols: list[tuple[str, Any, bool]] = [
+        ("stage", lambda r: r["stage"], True),
+        ("kind", lambda r: r["kind"], True),
+        ("model", lambda r: r["model"], True),
+        ("top-1", lambda r: f"{r['top1']:.4f}", True),
+        ("top-5", lambda r: f"{r['top5']:.4f}" if "top5" in r else "", any("top5" in r for r in rows)),
+        ("loss", lambda r: f"{r['loss']:.4f}", True),
+        ("parameters", lambda r: f"{r['parameters']:,}", True),
+        ("bytes", lambda r: f"{r['bytes']:,}", True),
+        ("latency", spread, True),
+        ("teacher", lambda r: r.get("teacher", ""), any("teacher" in r for r in rows)),
+        (
+            "agreement",
+            lambda r: f"{r['agreement']:.4f}" if "agreement" in r else "",
+            any("agreement" in r for r in rows),
+        ),
+        (
+            "size",
+            lambda r: ratio(r["compression_params"]) if "compression_params" in r else "",
+            any("compression_params" in r for r in rows),
+        ),
+        ("speed", speed, any("speedup" in r for r in rows)),
+        (
+            "gain",
+            lambda r: f"{r['gain_over_scratch']:+.4f} over {r['scratch']}" if "scratch" in r else "",
+            any("scratch" in r for r in rows),
+        ),
+        (
+            "onnx top-1",
+            lambda r: f"{r['onnx_top1']:.4f}" if "onnx_top1" in r else "",
+            any("onnx_top1" in r for r in rows),
+        ),
+        (
+            "onnx agreement",
+            lambda r: f"{r['onnx_agreement']:.4f}" if "onnx_agreement" in r else "",
+            any("onnx_agreement" in r for r in rows),
+        ),
+        (
+            "onnx max abs diff",
+            lambda r: f"{r['onnx_max_abs_diff']:.2e}" if "onnx_max_abs_diff" in r else "",
+            any("onnx_max_abs_diff" in r for r in rows),
+        ),
+        ("onnx latency", lambda r: spread(r, "onnx_"), any("onnx_latency_ms" in r for r in rows)),
+        ("selection", lambda r: r.get("selection", ""), True),
     ]
-    extra = [
-        ("teacher", "{}"),
-        ("agreement", "{:.4f}"),
-        ("compression_params", "{:.2f}x"),
-        ("speedup", "{:.1f}x"),
-        ("gain_over_scratch", "{:+.4f}"),
-        ("onnx_top1", "{:.4f}"),
-        ("onnx_agreement", "{:.4f}"),
-        ("onnx_max_abs_diff", "{:.2e}"),
-        ("onnx_latency_ms", "{:.2f}"),
-    ]
-    cols += [c for c in extra if any(c[0] in r for r in report["models"])]
+    shown = [(name, cell) for name, cell, show in cols if show]
+    batch = max((r.get("latency_batch", 0) for r in rows), default=0)
     lines = [
         f"# Evaluation: {report['pipeline']}",
         "",
         f"Test split of `{report['data']['name']}`: {report['test_examples']:,} examples. "
-        "Latency: median forward time of one batch on this machine. The test split is read here only; "
-        "every choice (epoch, source, sweep trial) used validation or training data (column `selection`).",
+        "The test split is read here only; every choice (epoch, source, sweep trial) used validation or "
+        "training data (column `selection`).",
         "",
-        "| " + " | ".join(c for c, _ in cols) + " |",
-        "|" + "---|" * len(cols),
+        "| " + " | ".join(name for name, _ in shown) + " |",
+        "|" + "---|" * len(shown),
     ]
-    for r in report["models"]:
-        lines.append("| " + " | ".join(fmt.format(r[c]) if c in r else "" for c, fmt in cols) + " |")
+    for r in rows:
+        lines.append("| " + " | ".join(str(cell(r)) for _, cell in shown) + " |")
+    lines += ["", *legend([name for name, _ in shown], batch, markdown=True)]
     return "\n".join(lines) + "\n"
+
+
+def legend(columns: list[str], batch: int, markdown: bool = False) -> list[str]:
+    """One line per column that needs saying what it measures (``kdray.evaluate.figures.LEGEND``)."""
+    out = []
+    for name in columns:
+        text = LEGEND.get(name)
+        if text:
+            if name == "latency" and batch:
+                text = text.replace("one batch", f"one batch of {batch:,}")
+            out.append(f"- `{name}`: {text}." if markdown else f"{name}: {text}.")
+    return out
 
 
 def plot_curves(histories: dict[str, list[dict[str, Any]]]) -> bytes | None:
@@ -263,7 +305,9 @@ class EvaluateKind(StageKind):
     def run(self, ctx: StageContext) -> Artifact:
         t0 = time.perf_counter()
         report, files = evaluate_stage(ctx)
-        metrics = {"models": {r["stage"]: {k: r[k] for k in ("top1", "top5", "loss")} for r in report["models"]}}
+        metrics = {
+            "models": {r["stage"]: {k: r[k] for k in ("top1", "top5", "loss") if k in r} for r in report["models"]}
+        }
         manifest = ctx.base_manifest() | {
             "metrics": metrics,
             "timings": {"seconds": round(time.perf_counter() - t0, 3)},

@@ -32,13 +32,14 @@ SUPPLIED = ("num_classes", "in_channels", "image_size")
 
 
 def load_file(path: str, field: str) -> types.ModuleType:
-    """A Python file as a module (``"nets/teacher.py:Net"``); a relative path is taken from the working folder."""
+    """A Python file as a module (``"nets/teacher.py:Net"``); a relative path is taken from the working folder
+    (a spec's relative paths were already made relative to it, from the spec's folder: kdray.engine.specpaths)."""
     file = Path(path).resolve()
     if not file.is_file():
         raise SpecError(
             f"{field}: no file {path} (looked for {file})",
-            hint="A file path is relative to the folder kdray runs in; or install the module and name it "
-            "'package.module:factory'.",
+            hint="A relative path in a spec is taken from the spec file's folder (on the command line, from the "
+            "shell's); or install the module and name it 'package.module:factory'.",
         )
     name = f"kdray_user_{file.stem}_{hashlib.sha1(str(file).encode()).hexdigest()[:8]}"
     if name in sys.modules:

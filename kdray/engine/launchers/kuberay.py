@@ -9,6 +9,7 @@ from typing import Any
 
 from kdray.core.checkpoint import Artifact, read_artifact
 from kdray.core.errors import KdrayError, SpecError
+from kdray.core.meter import article
 from kdray.core.stage import kind_of
 from kdray.core.storage import Storage
 from kdray.engine import progress
@@ -36,7 +37,7 @@ def job_request(spec: PipelineSpec, stage_name: str, key: str, stage_uri: str | 
     stage = spec.stage(stage_name)
     if not kind_of(stage).trains:
         raise KdrayError(
-            f"stage {stage_name!r} is an {stage.kind} stage, which always runs locally (it needs no cluster)",
+            f"stage {stage_name!r} is {article(stage.kind)} {stage.kind} stage, which always runs locally (it needs no cluster)",
             hint="Render or submit a train, distill, transfer or adapt stage instead.",
         )
     run = spec.run_for(stage)

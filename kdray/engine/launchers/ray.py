@@ -142,7 +142,8 @@ class RayJobLauncher:
             from ray.job_submission import JobSubmissionClient
         except ImportError as e:
             raise KdrayError(
-                f"the ray launcher needs Ray's job API, which is not installed ({e})", hint="pip install 'ray[default]'"
+                f"the ray launcher needs Ray's job API, which is not installed ({e})",
+                hint="Install it: pip install 'ray[default]'.",
             ) from None
         token_auth_if_token_available()  # a cluster with Ray's default token authentication answers 401 without it
         # Ray's client lets $RAY_ADDRESS override its argument; the spec's address must win.
