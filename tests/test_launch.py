@@ -431,6 +431,44 @@ def ray_cluster():
 
 
 @pytest.mark.slow
+def test_run_address_joins_a_running_cluster_with_token_auth_and_leaves_it_running(ray_cluster, tmp_path):
+    """``run.address`` names a cluster a user started with ``ray start`` (token authentication on, as
+    Ray's defaults have it when a token exists): two stages side by side at 1 CPU each, then a stage
+    that depends on both, through the installed ``kdray`` in a user's environment (no ``RAY_*``
+    variables). The cluster is the user's: it still answers after kdray exits."""
+    gcs = CLUSTER["gcs"]
+    doc = synthetic_pipeline(
+        tmp_path,
+        workers=1,
+        epochs=1,
+        extra_stages=[
+            {
+                "name": "scratch",
+                "kind": "train",
+                "model": {"name": "mlp_64"},
+                "data": {"name": "synthetic", "options": {"num_samples": 256, "image_size": 8, "num_classes": 4}},
+                "optim": {"epochs": 1, "batch_size": 32},
+            },
+            {"name": "eval", "kind": "evaluate", "models": ["teacher", "scratch"]},
+        ],
+    )
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    cmd = [str(Path(PY).parent / "kdray"), "run", str(path), f"run.address={gcs}", "run.cpus_per_worker=1", "--json"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    for noise in ("InvalidAuthToken", "Failed to connect to GCS", "Traceback"):
+        assert noise not in done.stderr, done.stderr[-3000:]
+    assert "starting teacher, scratch" in done.stderr, "the two stages did not overlap"
+    assert [o["status"] for o in json.loads(done.stdout)] == ["ran", "ran", "ran"]
+    try:  # the user's cluster outlives kdray: its dashboard still answers (401: it wants the token)
+        urllib.request.urlopen(f"{ray_cluster}/api/version", timeout=5).close()
+    except urllib.error.HTTPError as e:
+        assert e.code == 401, e
+
+
+@pytest.mark.slow
 def test_ray_launcher_runs_a_stage_as_a_ray_job(ray_cluster, tmp_path, monkeypatch):
     """Submit, Ctrl-C (the job is stopped), submit again (attempt 2), stream logs, then cached runs."""
     from ray.job_submission import JobStatus, JobSubmissionClient
