@@ -25,13 +25,13 @@ from kdray.core import data as kdata
 from kdray.core.checkpoint import open_artifact
 from kdray.core.errors import CheckpointMismatch, KdrayError, SpecError
 from kdray.core.hooks import forward_with_features
-from kdray.core.metrics import latency_ms
 from kdray.core.specs import DataSpec, ModelSpec
 from kdray.core.stage import model_kwargs
 from kdray.core.usermodels import build_model
 from kdray.engine.export import export_artifact, export_model
 from kdray.engine.pipeline import run_pipeline
 from kdray.engine.spec import parse_pipeline
+from kdray.evaluate.latency import model_latency
 
 transformers = pytest.importorskip("transformers")
 
@@ -140,7 +140,7 @@ def test_a_model_output_dict_or_tuple_becomes_logits_with_the_same_class_and_nam
     assert feats.features["vit.layers.1"].shape == (5, 5, 32)
     assert feats.features["vit"].shape == (5, 5, 32), "a ModelOutput-returning module is hooked by its first tensor"
     assert feats.embedding.shape == (5, 32)
-    assert latency_ms(vit, x, batch_size=5, batches=2) > 0
+    assert model_latency(vit, x, batch_size=5, runs=2)["median_ms"] > 0
     with pytest.raises(KdrayError, match=r"returns a dict without a 'logits' tensor \(it has scores\)"):
         build_model(ModelSpec.model_validate({"import": f"{user_module}:NoLogits"}), KW)(x)
 
