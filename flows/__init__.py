@@ -1,9 +1,8 @@
 """Prefect flows over the kdray library: thin, straight-line scripts that call typed tasks.
 
     flows/pipeline.py   the whole pipeline, stage by stage, and its reports as Prefect artifacts
-    flows/source.py     only the ``train`` stages (source networks, teachers, baselines)
-    flows/distill.py    only the ``distill`` stages      flows/transfer.py  only the ``transfer`` stages
-    flows/adapt.py      only the ``adapt`` stages        flows/deploy.py    cron deployments to a work pool
+    flows/stages.py     only the stages of one kind (``train``, ``distill``, ...), parents finished first
+    flows/sweep.py      a sweep of one stage         flows/deploy.py    cron deployments to a work pool
     flows/tasks.py      the tasks they call: load_spec, check_parents, run_stage, publish_report
 
 The library (``kdray/``) never imports Prefect; everything Prefect-specific lives here.
@@ -15,8 +14,10 @@ import argparse
 from typing import Any, Callable
 
 
-def main(flow: Callable[..., Any], argv: list[str] | None = None, *, stages: bool = True) -> list[dict]:
-    """Command line of a flow script: ``SPEC [key.path=value ...] [--stages NAME ...] [--force]``.
+def main(
+    flow: Callable[..., Any], argv: list[str] | None = None, *, stages: bool = True, kind: bool = False
+) -> list[dict]:
+    """Command line of a flow script: ``[KIND] SPEC [key.path=value ...] [--stages NAME ...] [--force]``.
 
     Prints one line per stage outcome; bad input (a KdrayError) is one line on stderr and exit code 2.
     """
@@ -25,13 +26,17 @@ def main(flow: Callable[..., Any], argv: list[str] | None = None, *, stages: boo
     from kdray.core.errors import KdrayError
 
     parser = argparse.ArgumentParser(description=(flow.__doc__ or "").strip().splitlines()[0])
+    if kind:
+        parser.add_argument("kind", help="the stage kind to run: train, distill, transfer, share, adapt, evaluate")
     parser.add_argument("spec_uri", help="pipeline YAML: a path, file://... or s3://.../pipeline.yaml")
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. run.workers=2")
     parser.add_argument("--force", action="store_true", help="rerun stages even if their artifact exists")
     if stages:
         parser.add_argument("--stages", nargs="+", help="run only these stages (default: all of this kind)")
     args = parser.parse_args(argv)
-    kwargs = {"stages": args.stages} if stages else {}
+    kwargs: dict[str, Any] = {"stages": args.stages} if stages else {}
+    if kind:
+        kwargs["kind"] = args.kind
     try:
         outcomes = flow(args.spec_uri, overrides=args.overrides, force=args.force, **kwargs)
     except KdrayError as e:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import re
-from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -21,6 +20,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from kdray.core.checkpoint import open_artifact, read_artifact
 from kdray.core.errors import KdrayError
+from kdray.core.registry import did_you_mean
 from kdray.core.specs import is_artifact_uri
 from kdray.core.stage import STAGE_KINDS
 from kdray.core.storage import Storage
@@ -28,21 +28,7 @@ from kdray.engine import pipeline as kpipeline
 from kdray.engine.launchers import artifact_store, spec_to_json
 from kdray.engine.spec import PipelineSpec, load_pipeline, parse_pipeline
 
-FLOWS = Path(__file__).parent
-# Flows that run the stages of one kind are named after it; train stages have the "source" flow.
-FLOW_NAMES = {"train": "source"}
 RETRY_DELAYS: list[float] = [2, 15]  # seconds before the first and the second retry
-
-
-def flow_for(kind: str) -> str:
-    """The flow script that runs the stages of ``kind`` alone (the pipeline flow for kinds without one)."""
-    script = FLOWS / f"{FLOW_NAMES.get(kind, kind)}.py"
-    return f"flows/{script.name}" if script.is_file() else "flows/pipeline.py"
-
-
-def flow_for_kind() -> dict[str, str]:
-    """Every registered stage kind -> the flow that runs it (derived from ``STAGE_KINDS``)."""
-    return {kind: flow_for(kind) for kind in STAGE_KINDS.names()}
 
 
 def spec_from_json(spec: dict[str, Any]) -> PipelineSpec:
@@ -68,6 +54,8 @@ def report_key(pipeline: str, stage: str) -> str:
 
 def select_stages(spec: dict[str, Any], kind: str, names: list[str] | None = None) -> list[str]:
     """The stages of ``kind`` to run, in pipeline order: all of them, or those in ``names``."""
+    if kind not in STAGE_KINDS:
+        raise KdrayError(f"unknown stage kind {kind!r}; {did_you_mean(kind, STAGE_KINDS.names())}")
     of_kind = [s["name"] for s in spec["stages"] if s["kind"] == kind]
     for name in names or []:
         if name not in of_kind:
@@ -117,7 +105,7 @@ def check_parents(spec: dict[str, Any], stages: list[str]) -> None:
                 kind = pipeline.stage(ref).kind
                 raise KdrayError(
                     f"stage {name!r} reads stage {ref!r} ({kind}), which has no finished artifact at {store.uri()}",
-                    hint=f"Run it first: python {flow_for(kind)} SPEC "
+                    hint=f"Run it first: python flows/stages.py {kind} SPEC "
                     f"--stages {ref} (or the whole pipeline: python flows/pipeline.py SPEC).",
                 )
 

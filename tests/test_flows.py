@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -24,10 +26,9 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows import main
 from flows.deploy import IMAGE_SOURCE, build_deployment, k8s_job_variables
-from flows.distill import distill_flow
 from flows.pipeline import pipeline_flow
-from flows.source import source_flow
-from flows.tasks import flow_for_kind, is_infrastructure_failure, report_key, select_stages
+from flows.stages import stages_flow
+from flows.tasks import is_infrastructure_failure, report_key, select_stages
 from kdray.core.checkpoint import open_artifact
 from kdray.core.errors import KdrayError, SpecError
 from kdray.engine.launchers import spec_to_json
@@ -278,26 +279,30 @@ def test_one_kind_flows_need_their_parents_finished(tmp_path, prefect_server):
         ],
     )
     spec_path = write_spec(tmp_path, doc)
-    state = distill_flow(spec_path, return_state=True)
+    state = stages_flow(spec_path, "distill", return_state=True)
     with pytest.raises(
         KdrayError,
         match=r"stage 'student' reads stage 'teacher' \(train\), which has no finished "
-        r"artifact.*Run it first: python flows/source.py SPEC --stages teacher",
+        r"artifact.*Run it first: python flows/stages.py train SPEC --stages teacher",
     ):
         state.result()
-    assert [o["stage"] for o in source_flow(spec_path)] == ["teacher"]
-    (student,) = distill_flow(spec_path, stages=["student"])
+    assert [o["stage"] for o in stages_flow(spec_path, "train")] == ["teacher"]
+    (student,) = stages_flow(spec_path, "distill", stages=["student"])
     assert (student["stage"], student["kind"], student["status"]) == ("student", "distill", "ran")
     assert open_artifact(student["uri"]).manifest["parents"][0]["ref"] == "teacher"
 
 
-def test_every_stage_kind_has_a_flow_that_exists():
-    """The flows' kind table is derived from STAGE_KINDS: no kind is missing, every script exists."""
-    from kdray.core.stage import STAGE_KINDS
-
-    table = flow_for_kind()
-    assert set(table) == set(STAGE_KINDS.names())
-    assert table["train"] == "flows/source.py" and table["distill"] == "flows/distill.py"
-    assert table["share"] == "flows/pipeline.py", "a kind without its own flow runs through the pipeline flow"
-    for script in table.values():
-        assert (REPO / script).is_file()
+def test_one_flow_runs_any_kind_and_refuses_an_unknown_one(tmp_path):
+    """``flows/stages.py KIND SPEC``: one parametrised flow for every registered kind (no copy per kind);
+    a kind that does not exist is named with the known ones before anything runs."""
+    spec = spec_to_json(parse_pipeline(synthetic_pipeline(tmp_path)))
+    with pytest.raises(KdrayError, match=r"unknown stage kind 'distil'; did you mean 'distill'\? Known: adapt, "):
+        select_stages(spec, "distil")
+    done = subprocess.run(
+        [sys.executable, str(REPO / "flows" / "stages.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert done.returncode == 0 and "kind" in done.stdout and "spec_uri" in done.stdout, done.stderr

@@ -90,6 +90,31 @@ def test_evaluate_runs_locally_and_launchers_do_not_change_keys(tmp_path):
         with_launcher(local, "rya")
 
 
+def test_a_plugin_launcher_can_be_named_in_a_spec(tmp_path):
+    """Launchers are a registry: one registered by a plug-in is accepted by ``run.launcher`` and runs the
+    stage (here it runs it through ``kdray.worker`` in this process, as a cluster's job would); a typo
+    is refused at validation with the known names, the plug-in's among them."""
+    from kdray.core.specs import LAUNCHERS
+
+    calls: list[tuple[str, str]] = []
+
+    @LAUNCHERS.register("inline")
+    class InlineLauncher:
+        def run(self, spec, stage_name, key, log, *, parents, force=False):
+            calls.append((stage_name, key))
+            assert worker.main([write_stage_file(spec, stage_name, key, force=force)]) == 0
+            return None  # like a remote launcher: the artifact is read back from storage
+
+    try:
+        spec = spec_of(tmp_path, workers=0, epochs=1, launcher="inline")
+        (outcome,) = run_pipeline(spec, log=quiet)
+        assert outcome.status == "ran" and calls == [("teacher", plan(spec)["teacher"])]
+        with pytest.raises(SpecError, match=r"unknown launcher 'inlin'; did you mean 'inline'\? Known: inline, "):
+            spec_of(tmp_path, launcher="inlin")
+    finally:
+        LAUNCHERS.unregister("inline")
+
+
 # --------------------------------------------------------------------------- kdray.worker
 
 

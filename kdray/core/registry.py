@@ -13,6 +13,11 @@ into a pydantic model; an :class:`Entry` (``{name: <registered>, <param>: <value
 spec) is validated by it once, when the spec is loaded, and then handed on as the typed object.
 A target may add rules that tie parameters together in a classmethod ``validate_params(params)``.
 
+A registry may name built-in entries by the module that registers them (``builtins={"ray":
+"kdray.engine.launchers.ray"}``): the name is known (listed, accepted by a spec) at once, and the
+module is imported the first time the entry is used, as an entry point's is. A lower layer can so
+declare a table whose entries live in a higher one without importing it.
+
 Third-party packages add entries through Python entry points, in the registry's ``group``
 (``kdray.models``, ``kdray.datasets``, ``kdray.losses``, ``kdray.shifts``, ``kdray.adapt_methods``,
 ``kdray.transfer_strategies``, ``kdray.stage_kinds``): each entry point names an object that is
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import importlib
 import inspect
 import typing
 from importlib import metadata
@@ -52,9 +58,10 @@ def did_you_mean(name: str, choices: list[str]) -> str:
 class Registry(Generic[T]):
     """A name -> builder table with metadata, where each entry came from, and helpful errors."""
 
-    def __init__(self, kind: str, group: str | None = None):
+    def __init__(self, kind: str, group: str | None = None, builtins: Mapping[str, str] | None = None):
         self.kind = kind
         self.group = group  # the entry-point group third-party packages register in
+        self._lazy = dict(builtins or {})  # name -> the module whose import registers it
         self._items: dict[str, T] = {}
         self._meta: dict[str, dict[str, Any]] = {}
         self._origin: dict[str, str] = {}
@@ -101,6 +108,8 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         self.load_plugins()
+        if name not in self._items and name in self._lazy:
+            importlib.import_module(self._lazy[name])  # registers it
         try:
             return self._items[name]
         except KeyError:
@@ -121,11 +130,11 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         self.load_plugins()
-        return sorted(self._items)
+        return sorted({*self._items, *self._lazy})
 
     def __contains__(self, name: object) -> bool:
         self.load_plugins()
-        return name in self._items
+        return name in self._items or name in self._lazy
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())

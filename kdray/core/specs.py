@@ -113,10 +113,23 @@ class StorageSpec(Spec):
         return v
 
 
+# Launchers (how a stage is started: here, as a Ray job, as a KubeRay RayJob) live in the engine; the
+# spec names them, so the table is declared here, with the built-ins by the module that registers them.
+LAUNCHERS: Registry = Registry(
+    "launcher",
+    group="kdray.launchers",
+    builtins={
+        "local": "kdray.engine.launchers.local",
+        "ray": "kdray.engine.launchers.ray",
+        "kuberay": "kdray.engine.launchers.kuberay",
+    },
+)
+
+
 class RunSpec(Spec):
     """Where and how a stage runs. ``workers: 0`` runs the loop in this process (no Ray actors)."""
 
-    launcher: Literal["local", "ray", "kuberay"] = "local"
+    launcher: str = Field("local", json_schema_extra={"examples": ["local", "ray", "kuberay"]})
     workers: int = Field(1, ge=0, le=4096)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -126,6 +139,13 @@ class RunSpec(Spec):
     amp: bool = True
     channels_last: bool = True  # conv networks train in channels_last memory layout (faster; same results)
     address: str | None = None
+
+    @field_validator("launcher")
+    @classmethod
+    def _known_launcher(cls, v: str) -> str:
+        if v not in LAUNCHERS:  # a plug-in launcher (entry point group kdray.launchers) is known too
+            raise ValueError(f"unknown launcher {v!r}; {did_you_mean(v, LAUNCHERS.names())}")
+        return v
 
 
 class InputsSpec(Spec):

@@ -27,7 +27,7 @@ import re
 from typing import Any, Callable, Protocol
 
 from kdray.core.checkpoint import Artifact
-from kdray.core.registry import Registry
+from kdray.core.specs import LAUNCHERS as LAUNCHERS  # the table the spec names launchers from
 from kdray.core.stage import kind_of
 from kdray.core.storage import Storage
 from kdray.engine.spec import PipelineSpec
@@ -62,9 +62,6 @@ class Launcher(Protocol):
         force: bool = False,
     ) -> Artifact | None:
         """Run the stage; return its artifact (local) or ``None`` once the cluster has published it."""
-
-
-LAUNCHERS: Registry = Registry("launcher", group="kdray.launchers")
 
 
 def launcher_for(spec: PipelineSpec, stage: Any) -> str:
