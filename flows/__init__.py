@@ -38,6 +38,12 @@ def main(
     if kind:
         kwargs["kind"] = args.kind
     try:
+        # Bad input is told before Prefect starts (a temporary server takes seconds, and a failed flow
+        # run logs its exception with a traceback): the spec is read and its files checked here too.
+        from kdray.engine.preflight import preflight
+        from kdray.engine.spec import load_pipeline
+
+        preflight(load_pipeline(args.spec_uri, list(args.overrides)), args.spec_uri)
         outcomes = flow(args.spec_uri, overrides=args.overrides, force=args.force, **kwargs)
     except KdrayError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -26,6 +26,7 @@ from kdray.core.stage import STAGE_KINDS
 from kdray.core.storage import Storage
 from kdray.engine import pipeline as kpipeline
 from kdray.engine.launchers import artifact_store, spec_to_json
+from kdray.engine.preflight import preflight
 from kdray.engine.spec import PipelineSpec, load_pipeline, parse_pipeline
 
 RETRY_DELAYS: list[float] = [2, 15]  # seconds before the first and the second retry
@@ -86,6 +87,7 @@ def select_stages(spec: dict[str, Any], kind: str, names: list[str] | None = Non
 def load_spec(spec_uri: str, overrides: list[str]) -> dict[str, Any]:
     """Read and validate the pipeline spec; return it as JSON (a path or a storage URI)."""
     spec = load_pipeline(spec_uri, overrides)
+    preflight(spec, spec_uri)  # files the spec names exist, S3 has credentials: before any stage starts
     get_run_logger().info(f"pipeline {spec.name!r}: " + ", ".join(f"{s.name} ({s.kind})" for s in spec.stages))
     return spec_to_json(spec)
 

@@ -33,10 +33,12 @@ class Net(nn.Module):
 '''
 
 
-def kdray(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def kdray(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None, command: str = "kdray"
+) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # a user's shell sets no RAY_*
     return subprocess.run(
-        [str(BIN / "kdray"), *args],
+        [str(BIN / command), *args],
         cwd=cwd,
         env={**base, **(env or {})},
         capture_output=True,
@@ -127,8 +129,10 @@ def test_validate_names_missing_files_and_s3_without_credentials(tmp_path):
     missing_data = {**DATA, "name": "parquet", "path": "no/such/folder"}
     missing_data.pop("options")
     stage = {"name": "teacher", "kind": "train", "model": {"name": "mlp_64"}, "data": missing_data}
-    error = assert_one_paragraph(kdray(["validate", str(write_spec(tmp_path, [stage]))], cwd=tmp_path))
-    assert "stages.teacher.data.path" in error and "no/such/folder" in error
+    for command, args in (("kdray", ["validate"]), ("kdray", ["run"]), ("kdray-flow", [])):
+        done = kdray([*args, str(write_spec(tmp_path, [stage]))], cwd=tmp_path, command=command)
+        error = assert_one_paragraph(done)
+        assert "stages.teacher.data.path" in error and "no/such/folder" in error, (command, error)
 
     stage = {
         "name": "teacher",

@@ -78,7 +78,8 @@ def preflight(spec: PipelineSpec, source: str = "") -> None:
                 what = "folder or file" if name == "path" else "weights file"
                 raise SpecError(
                     f"{where}{field}: no {what} at {value} (looked for {os.path.abspath(path)})",
-                    hint="Fix the path (a relative path is taken from the folder kdray runs in), "
+                    hint="Fix the path (a relative path in a spec is taken from the spec file's folder, one in an "
+                    "override from the shell's), "
                     + ("or import the data there first (kdray data import)." if name == "path" else "or remove it."),
                 )
     if s3_fields and not _s3_credentials():
