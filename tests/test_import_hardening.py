@@ -82,7 +82,7 @@ def test_a_head_narrower_than_the_data_is_refused_at_validate(tmp_path):
     path.write_text(yaml.safe_dump(doc))
     out = cli("validate", str(path))
     assert out.exit_code == 2, out.output
-    assert "stages[0].model.num_classes" in out.output and "head of 2 classes" in out.output
+    assert "stages[0] (teacher).model.num_classes" in out.output and "head of 2 classes" in out.output
 
 
 def test_evaluating_a_model_with_a_narrower_head_is_one_paragraph(tmp_path):

@@ -139,6 +139,10 @@ def test_missing_data_folder_at_run_time(tmp_path):
     doc["stages"] = [doc["stages"][0]]
     doc["stages"][0]["data"] = {"name": "fashion_mnist", "path": str(tmp_path / "no-data")}
     path = write(tmp_path, yaml.safe_dump(doc))
+    result = runner.invoke(app, ["run", str(path)])  # refused before any stage starts
+    assert result.exit_code == 2, result.output
+    assert "stages.teacher.data.path: no folder or file at" in result.output and "Traceback" not in result.output
+    (tmp_path / "no-data").mkdir()  # there, but without the files: told by the stage that reads it
     result = runner.invoke(app, ["run", str(path)])
     assert result.exit_code == 2, result.output
     assert "no train-images-idx3-ubyte" in result.output and "Traceback" not in result.output

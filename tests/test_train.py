@@ -126,7 +126,8 @@ def test_an_interrupted_in_process_run_resumes_from_its_checkpoint_in_storage(tm
 
 def test_worker_errors_surface_as_user_errors(tmp_path):
     doc = synthetic_pipeline(tmp_path)
-    doc["stages"][0]["data"] = {"name": "fashion_mnist", "path": str(tmp_path / "missing")}
+    (tmp_path / "empty").mkdir()  # a folder that exists (a missing one is refused before any stage starts)
+    doc["stages"][0]["data"] = {"name": "fashion_mnist", "path": str(tmp_path / "empty")}
     from kdray.core.errors import DataError
 
     with pytest.raises(DataError, match="no train-images"):

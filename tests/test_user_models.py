@@ -195,7 +195,7 @@ def test_cli_reports_bad_models_with_exit_2(user_module, tmp_path):
         ({"import": "no_such_pkg.nets:resnet50"}, "cannot import module 'no_such_pkg.nets'"),
         ({"import": f"{user_module}:broken"}, "raised RuntimeError: no GPU weights here"),
         ({"import": f"{user_module}:NoLinear"}, "has no nn.Linear"),
-        ({"name": "cnn_small", "weights": f"file://{tmp_path}/none.safetensors"}, "model.weights: no file at"),
+        ({"name": "cnn_small", "weights": f"file://{tmp_path}/none.safetensors"}, "model.weights: no weights file at"),
     ]:
         doc["stages"][0]["model"] = model
         path = tmp_path / "spec.yaml"

@@ -67,7 +67,7 @@ def _pixel_limit(where: str) -> Iterator[None]:
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise DataError(
                 f"{where} is refused: {e}",
-                hint=f"kdray reads images of at most {MAX_PIXELS:,} pixels; shrink or delete the file.",
+                hint=f"Shrink or delete the file: kdray reads images of at most {MAX_PIXELS:,} pixels.",
             ) from None
 
 

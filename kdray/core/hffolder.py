@@ -137,7 +137,8 @@ def open_folder(uri: str, field: str = "model.hf") -> Folder:
             )
         raise SpecError(
             f"{field}: no {WEIGHTS} or {INDEX} in {store.uri()}",
-            hint="save_pretrained writes model.safetensors (or shards with model.safetensors.index.json).",
+            hint="Save the model with `save_pretrained(folder)`: it writes model.safetensors "
+            "(or shards with model.safetensors.index.json).",
         )
     preprocessor = _json(store, PREPROCESSOR, field) if store.exists(PREPROCESSOR) else None
     return Folder(store.uri(), store, config, files, preprocessor if isinstance(preprocessor, dict) else None)

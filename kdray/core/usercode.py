@@ -31,9 +31,11 @@ def _library_roots() -> tuple[str, ...]:
 
 def is_user_file(filename: str) -> bool:
     """Whether a traceback's file is the user's: not kdray's, not an installed package's, not Python's."""
-    if not filename or filename.startswith("<"):
-        return False
+    if not filename or filename.startswith("<") or not filename.endswith(".py"):
+        return False  # a user's network is Python source; a compiled library's frame (pyarrow's .pxi) is not
     path = os.path.abspath(filename)
+    if not os.path.isfile(path):
+        return False
     return not path.startswith(_KDRAY) and not path.startswith(_library_roots())
 
 

@@ -562,10 +562,9 @@ def _worker_error(e: BaseException, job: Job) -> WorkerError | None:
         first = type(inner).__name__
     elif not first.startswith(type(inner).__name__) and "Error" not in first.split(":")[0]:
         first = f"{type(inner).__name__}: {first}"
-    err = WorkerError(
-        f"stage {job.spec.name!r} failed in a Ray worker: {first[:500]}",
-        hint="The full traces are in the stage's log file named below.",
-    )
+    # transient: a worker that died (out of memory, a node lost, a fault) may not die again, so Prefect's
+    # retries apply (resuming from the last checkpoint); an error in the user's own code is not one of these
+    err = WorkerError(f"stage {job.spec.name!r} failed in a Ray worker: {first[:500]}", transient=True)
     err.details = "".join(traceback.format_exception(type(e), e, e.__traceback__)) + "\n" + str(e)
     return err
 

@@ -218,26 +218,27 @@ def launch_stage(
         return _launch(spec, name, keys, root, store, force=force, log=log, where=where)
     except KdrayError as e:
         if e.details and "The full traceback is in" not in str(e):  # a user's code or a Ray worker failed
-            e.args = (f"{e} The full traceback is in {failure_log(store, e.details)}.",)
+            e.args = (f"{e}{traceback_told(store, e.details)}",)
         raise
     except Exception as e:
         err = from_user_code(e, stage=name)  # the user's code, run here (a teacher cache, an evaluation)
         trace = "".join(traceback.format_exception(type(e), e, e.__traceback__))
         if err is not None:
-            raise KdrayError(f"{err} The full traceback is in {failure_log(store, trace)}.") from None
-        e.add_note(f"stage {name!r} failed; this traceback is also in {failure_log(store, trace)}")
+            raise KdrayError(f"{err}{traceback_told(store, trace)}") from None
+        e.add_note(f"stage {name!r} failed;{traceback_told(store, trace).rstrip('.')}")
         raise
 
 
-def failure_log(store: Storage, text: str) -> str:
-    """Write a failed stage's full traceback beside its artifact (``logs/failure-<UTC time>.log``); its path."""
+def traceback_told(store: Storage, text: str) -> str:
+    """Write a failed stage's full traceback beside its artifact (``logs/failure-<UTC time>.log``) and
+    return the sentence that says where it is (or that `--debug` prints it, if it could not be written)."""
     rel = f"logs/failure-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.log"
     try:
         store.write_bytes(rel, text.encode())
     except Exception:  # the log is a courtesy: never hide the failure behind a second one
-        return "(the log could not be written)"
+        return " The full traceback could not be written beside the artifact; `--debug` prints it."
     uri = store.uri(rel)
-    return uri[len("file://") :] if uri.startswith("file://") else uri
+    return f" The full traceback is in {uri[len('file://') :] if uri.startswith('file://') else uri}."
 
 
 def _launch(
