@@ -540,7 +540,13 @@ def _causes(e: BaseException) -> Iterator[BaseException]:
 
 
 class WorkerError(KdrayError):
-    """A stage that failed inside a Ray worker, told by its real cause; ``details`` holds Ray's full report."""
+    """A stage that failed inside a Ray worker, told by its real cause; ``details`` holds Ray's full report.
+
+    ``transient``: a worker that died (out of memory, a node lost, a fault) may not die again, so an
+    orchestrator's retries apply (the stage resumes from its last checkpoint); an error in the user's own
+    code is a ``UserCodeError`` instead, which is not retried."""
+
+    transient = True
 
 
 def _worker_error(e: BaseException, job: Job) -> WorkerError | None:
@@ -562,9 +568,7 @@ def _worker_error(e: BaseException, job: Job) -> WorkerError | None:
         first = type(inner).__name__
     elif not first.startswith(type(inner).__name__) and "Error" not in first.split(":")[0]:
         first = f"{type(inner).__name__}: {first}"
-    # transient: a worker that died (out of memory, a node lost, a fault) may not die again, so Prefect's
-    # retries apply (resuming from the last checkpoint); an error in the user's own code is not one of these
-    err = WorkerError(f"stage {job.spec.name!r} failed in a Ray worker: {first[:500]}", transient=True)
+    err = WorkerError(f"stage {job.spec.name!r} failed in a Ray worker: {first[:500]}")
     err.details = "".join(traceback.format_exception(type(e), e, e.__traceback__)) + "\n" + str(e)
     return err
 
