@@ -55,6 +55,15 @@ def is_text(meta: dict[str, Any]) -> bool:
     return arrays.is_arrays(meta) and isinstance(meta.get("text"), dict)
 
 
+def is_token_data(spec: Any) -> bool:
+    """Whether a stage's data spec reads a text corpus of token rows (a ``parquet`` dataset of ``--as text``)."""
+    if spec.name != "parquet" or not spec.path:
+        return False
+    from kdray.core.files import read_meta
+
+    return is_text(read_meta(spec.path)[1])
+
+
 # --------------------------------------------------------------------------- tokenizers
 
 

@@ -37,11 +37,9 @@ from kdray.core import data as kdata
 from kdray.core import stream
 from kdray.core.checkpoint import Artifact, bytes_to_state, sha256
 from kdray.core.errors import KdrayError
-from kdray.core.files import read_meta
 from kdray.core.specs import Spec, spec_hash
 from kdray.core.stage import StageContext
 from kdray.core.storage import Storage
-from kdray.core.text import is_text
 from kdray.distill.cache import CACHE_FORMAT, ChunkWriter, cached_meta, chunk_name, given, read_cache_meta
 
 CHUNK_BYTES = 8 << 20  # about 8 MiB a chunk
@@ -53,14 +51,6 @@ class TopKCacheSpec(Spec):
 
     k: int = Field(32, ge=1, le=4096)
     quantize: Literal["none", "fp16", "int8"] = "fp16"
-
-
-def is_token_data(spec: Any) -> bool:
-    """Whether a stage's data is a text corpus of token rows (``kdray data import --as text``)."""
-    if spec.name != "parquet" or not spec.path:
-        return False
-    _, meta = read_meta(spec.path)
-    return is_text(meta)
 
 
 class TopK(nn.Module):

@@ -27,6 +27,7 @@ from kdray.core.method import Method
 from kdray.core.specs import DataSpec, ModelSpec, OptimSpec, Spec, StageBase, spec_hash
 from kdray.core.stage import Job, Shard, StageContext, StageKind, stage_kind
 from kdray.core.storage import Storage
+from kdray.core.text import is_token_data
 from kdray.core.usermodels import build_model
 from kdray.distill.cache import attach_logits, ensure_cache, ensure_stream_cache, read_cache_rows
 from kdray.distill.datafree import synthesize
@@ -37,7 +38,6 @@ from kdray.distill.seqcache import (
     cache_stats,
     ensure_seq_cache,
     is_seq_cache,
-    is_token_data,
     read_topk_rows,
 )
 
