@@ -155,7 +155,7 @@ def load_tokenizer(uri: str) -> Tokenizer:
     if store.exists(TOKENIZER_FILE):
         return from_json(store.read_bytes(TOKENIZER_FILE), store.uri(TOKENIZER_FILE))
     parent, _, name = uri.rstrip("/").rpartition("/")
-    if parent and Storage(parent).exists(name):
+    if parent and name.endswith(".json") and Storage(parent).exists(name):
         return from_json(Storage(parent).read_bytes(name), uri)
     raise DataError(
         f"--tokenizer {uri}: no tokenizer.json there",
