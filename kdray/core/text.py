@@ -59,9 +59,13 @@ def is_token_data(spec: Any) -> bool:
     """Whether a stage's data spec reads a text corpus of token rows (a ``parquet`` dataset of ``--as text``)."""
     if spec.name != "parquet" or not spec.path:
         return False
-    from kdray.core.files import read_meta
-
-    return is_text(read_meta(spec.path)[1])
+    store = Storage(spec.path)
+    if not store.exists("dataset.json"):
+        return False  # the parquet kind says what is missing when the stage reads its data
+    try:
+        return is_text(json.loads(store.read_bytes("dataset.json")))
+    except ValueError:
+        return False
 
 
 # --------------------------------------------------------------------------- tokenizers
@@ -249,7 +253,7 @@ def pack(token_lists: list[list[int]], eos: int | None, seq_len: int) -> np.ndar
 
 
 def _write_split(store: Storage, split: str, x: np.ndarray, shard_rows: int) -> list[str]:
-    shards = []
+    shards: list[str] = []
     for first in range(0, len(x), shard_rows):
         chunk = np.ascontiguousarray(x[first : first + shard_rows], dtype="<i4")
         table = pa.table(
