@@ -228,6 +228,15 @@ def cache_decision(spec: DistillStage) -> tuple[bool, str]:
     return True, f"inputs are deterministic (no random augmentation), so the teacher runs once{how}"
 
 
+def warm_cache(ctx: StageContext, teacher: Artifact) -> None:
+    """Build the stage's teacher cache before its trials run (a sweep): the top-k cache of a causal LM on
+    in-memory text, else the classifier cache of its in-memory training split."""
+    if not is_token_data(ctx.stage.data):
+        ensure_cache(ctx, teacher)
+    elif not ctx.stage.data.stream and not any(t.name == "weighted_output_mse" for t in ctx.stage.losses):
+        ensure_seq_cache(ctx, teacher, ctx.stage.teacher_topk or TopKCacheSpec())
+
+
 def check_teacher(ctx: StageContext, teacher: Artifact, student_kwargs: dict[str, Any]) -> None:
     record = teacher.manifest.get("model")
     if not record:
