@@ -197,7 +197,13 @@ def test_cache_encoding_round_trips(quantize, tol):
 # --------------------------------------------------------------------------- stages
 
 
-def lm_pipeline(tmp_path, data, *stages, workers=0):
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """One storage root for the stage tests: the teacher trains once, the second test finds it cached."""
+    return tmp_path_factory.mktemp("runs")
+
+
+def lm_pipeline(runs, data, *stages, workers=0):
     teacher = {
         "name": "teacher",
         "kind": "train",
@@ -207,7 +213,7 @@ def lm_pipeline(tmp_path, data, *stages, workers=0):
     }
     return {
         "name": "lm",
-        "storage": {"uri": f"file://{tmp_path}/runs"},
+        "storage": {"uri": f"file://{runs}"},
         "run": {"workers": workers},
         "stages": [teacher, *stages],
     }
@@ -226,7 +232,7 @@ def student(name, model=None, losses=None, data=None, **kw):
     }
 
 
-def test_teacher_topk_cache_students_hf_models_and_the_report(tmp_path, text_data):
+def test_teacher_topk_cache_students_hf_models_and_the_report(runs, text_data):
     data = {"name": "parquet", "path": text_data}
     gpt2 = {
         "hf_config": {"model_type": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": SEQ},
@@ -245,7 +251,7 @@ def test_teacher_topk_cache_students_hf_models_and_the_report(tmp_path, text_dat
         "task": "causal_lm",
     }
     doc = lm_pipeline(
-        tmp_path,
+        runs,
         text_data,
         student("kd", data=data, teacher_topk={"k": 16, "quantize": "int8"}),
         student(
@@ -283,15 +289,16 @@ def test_teacher_topk_cache_students_hf_models_and_the_report(tmp_path, text_dat
         read_topk_rows(cache, 0, 4, expect_rows=meta["rows"], expect_fingerprint=meta["data_fingerprint"])
 
 
-def test_streamed_cache_by_ray_data_and_a_ray_train_student(tmp_path, text_data, ray_local):
+def test_streamed_cache_by_ray_data_and_a_ray_train_student(runs, text_data, ray_local):
     streamed = {"name": "parquet", "path": text_data, "stream": True}
     doc = lm_pipeline(
-        tmp_path,
+        runs,
         text_data,
         student("kd", data=streamed, teacher_topk={"k": 8, "quantize": "fp16"}, run={"workers": 1}),
     )
     logs: list[str] = []
     out = {o.stage: o for o in run_pipeline(parse_pipeline(doc), log=logs.append, max_concurrent=1)}
+    assert out["teacher"].status == "cached"  # trained by the test before
     manifest = open_artifact(out["kd"].uri).manifest
     assert "Ray Data batch inference" in manifest["teacher"]["cache_reason"]
     assert manifest["teacher"]["cache_topk"] == {**manifest["teacher"]["cache_topk"], "k": 8, "bytes_per_token": 32}

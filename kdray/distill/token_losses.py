@@ -102,7 +102,8 @@ class TokenDivergence(DistillLoss):
 
 @register("token_kl")
 class TokenKL(TokenDivergence):
-    """Forward KL per token (Hinton's soft targets at every position; the usual offline LM distillation).
+    """Forward KL per token (Hinton et al. 2015's soft targets at every position, as word-level KD in
+    Kim & Rush 2016; the usual offline LM distillation).
 
     ``L = T² · (1/|M|) Σ_{(i,t)∈M} KL(p_T,it ‖ p_S,it)`` with ``p = softmax(z/T)`` over the vocabulary,
     or over the teacher's top-k (+ tail bucket), and ``M`` the positions whose next token is real.
@@ -123,7 +124,7 @@ class TokenKL(TokenDivergence):
 
 @register("token_reverse_kl")
 class TokenReverseKL(TokenDivergence):
-    """Reverse KL per token (as in MiniLLM and GKD with β = 1): ``KL(p_S ‖ p_T)``.
+    """Reverse KL per token (Gu et al. 2024, MiniLLM; GKD's β = 1): ``KL(p_S ‖ p_T)``.
 
     ``L = T² · (1/|M|) Σ_{(i,t)∈M} KL(p_S,it ‖ p_T,it)``, same buckets and masking as ``token_kl``.
     Mode-seeking: the student puts its mass where the teacher's is largest rather than covering its tail.
