@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import sysconfig
 from pathlib import Path
@@ -272,12 +273,13 @@ def test_teacher_topk_cache_students_hf_models_and_the_report(runs, text_data):
     assert sum("building teacher top-k cache" in m for m in logs) == 1 and any("top-k cache hit" in m for m in logs)
     assert kd["teacher"]["cache_topk"]["bytes_per_token"] == 16 * 3 + 4
     assert llama_kd["model"]["hf"]["task"] == "causal_lm"
-    for m in (kd, llama_kd):
-        assert m["metrics"]["val_loss"] < 6.0 and m["metrics"]["train_acc"] is None
+    for m in (kd, llama_kd):  # learned: well below the uniform guess's log(384) = 5.95 nats a token
+        assert m["metrics"]["val_loss"] < math.log(384) - 0.5 and m["metrics"]["train_acc"] is None
     report = open_artifact(out["report"].uri).read_json("report.json")
     rows = {r["stage"]: r for r in report["models"]}
-    for r in rows.values():
-        assert 1 < r["perplexity"] < 384 and r["tokens_per_s"] > 0 and isinstance(r["sample"], str) and r["sample"]
+    for r in rows.values():  # the uniform guess has perplexity 384
+        assert 1 < r["perplexity"] < 384 / 2 and r["tokens_per_s"] > 0 and isinstance(r["sample"], str) and r["sample"]
+    assert rows["teacher"]["perplexity"] < min(rows[s]["perplexity"] for s in ("kd", "kd-llama", "gpt"))
     assert rows["kd"]["teacher"] == "teacher" and 0 <= rows["kd"]["agreement"] <= 1
     assert "## Samples" in open_artifact(out["report"].uri).read_bytes("report.md").decode()
     # a corrupt chunk is refused, naming the file
@@ -302,7 +304,7 @@ def test_streamed_cache_by_ray_data_and_a_ray_train_student(runs, text_data, ray
     manifest = open_artifact(out["kd"].uri).manifest
     assert "Ray Data batch inference" in manifest["teacher"]["cache_reason"]
     assert manifest["teacher"]["cache_topk"] == {**manifest["teacher"]["cache_topk"], "k": 8, "bytes_per_token": 32}
-    assert manifest["metrics"]["val_loss"] < 6.0
+    assert manifest["metrics"]["val_loss"] < math.log(384) - 0.5
     # the streamed cache holds every training-shard row (validation documents included), in row order
     meta = json.loads(Storage(manifest["teacher"]["cache"]).read_bytes("meta.json"))
     assert meta["rows"] == json.loads(Path(text_data, "dataset.json").read_text())["splits"]["train"]["rows"]
