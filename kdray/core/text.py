@@ -31,7 +31,7 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -362,16 +362,3 @@ def import_text(
         )
     out.write_bytes("dataset.json", json.dumps(meta, indent=2).encode())  # last: the commit point
     return meta
-
-
-def iter_stdlib_modules(limit: int | None = None) -> Iterator[Path]:
-    """The standard library's own ``.py`` files outside its test packages (a real corpus found at run time)."""
-    import sysconfig
-
-    root = Path(sysconfig.get_paths()["stdlib"])
-    found = 0
-    for path in sorted(root.glob("*.py")):
-        if limit is not None and found >= limit:
-            return
-        found += 1
-        yield path
