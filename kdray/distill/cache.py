@@ -214,8 +214,9 @@ class ChunkWriter:
     values, ``kdray.distill.seqcache``), each stored under its own name in the chunk; ``chunk_rows``
     sizes the chunks."""
 
-    def __init__(self, store: Storage, rows: int, task: Task, chunk_rows: int = CHUNK_ROWS):
-        self.store, self.rows, self.task, self.chunk_rows = store, rows, task, chunk_rows
+    def __init__(self, store: Storage, rows: int, task: Task, chunk_rows: int | None = None):
+        self.store, self.rows, self.task = store, rows, task
+        self.chunk_rows = chunk_rows or CHUNK_ROWS  # read when built, not when defined
         self.parts: list[dict[str, torch.Tensor]] = []
         self.held = self.next_id = 0
         self.chunks: dict[str, str] = {}
