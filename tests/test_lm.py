@@ -308,3 +308,27 @@ def test_streamed_cache_by_ray_data_and_a_ray_train_student(runs, text_data, ray
     # the streamed cache holds every training-shard row (validation documents included), in row order
     meta = json.loads(Storage(manifest["teacher"]["cache"]).read_bytes("meta.json"))
     assert meta["rows"] == json.loads(Path(text_data, "dataset.json").read_text())["splits"]["train"]["rows"]
+
+
+def test_a_causal_lm_folder_loads_its_weights_reads_padding_and_must_fit_the_rows(tmp_path):
+    import transformers
+
+    from kdray.core.specs import ModelSpec
+    from kdray.core.usermodels import build_model
+
+    config = transformers.GPT2Config(vocab_size=300, n_layer=1, n_embd=32, n_head=2, n_positions=SEQ)
+    torch.manual_seed(0)
+    original = transformers.GPT2LMHeadModel(config).eval()
+    original.save_pretrained(tmp_path / "gpt2")  # config.json (architectures: GPT2LMHeadModel) + safetensors
+    kwargs = {"num_classes": 300, "in_channels": SEQ, "image_size": 1}
+    model = build_model(ModelSpec(hf=str(tmp_path / "gpt2")), kwargs).eval()  # no task: the architecture says
+    x = torch.randint(0, 300, (2, SEQ))
+    x[1, 20:] = PAD
+    with torch.no_grad():
+        got = model(x)
+        want = original(x.clamp(min=0)).logits
+    assert torch.allclose(got, want, atol=1e-5)  # its own weights; padding read as id 0
+    with pytest.raises(KdrayError, match="at most 32 positions but the data's rows hold 64"):
+        build_model(ModelSpec(hf=str(tmp_path / "gpt2")), {**kwargs, "in_channels": 64})
+    with pytest.raises(KdrayError, match="vocabulary has 300 ids but the data's tokenizer 512"):
+        build_model(ModelSpec(hf=str(tmp_path / "gpt2")), {**kwargs, "num_classes": 512})

@@ -33,6 +33,7 @@ from kdray.core.models.hf import (
     TASKS,
     build_from_config,
     check_remote_code,
+    check_vocab,
     code_folder,
     make_config,
     pad_ids,
@@ -247,6 +248,8 @@ def build_from_folder(
             code=folder.code(),
             field=field,
         )
+    if task == "causal_lm":
+        check_vocab(folder.config, num_classes, field)
     with code_folder(folder.config, folder.code()) as where:
         config, note = make_config(folder.config, num_classes, field, code_path=where, task=task)
     tf = transformers()

@@ -113,16 +113,21 @@ def make_config(
 
 
 def _vocab(cfg: Any, vocab: int | None, field: str) -> tuple[Any, str | None]:
-    """A causal LM's config for a text dataset of ``vocab`` ids: its ``vocab_size`` set (a fresh config) or checked."""
+    """A fresh causal LM's config for a text dataset of ``vocab`` ids: its ``vocab_size`` set."""
     if vocab and getattr(cfg, "vocab_size", vocab) != vocab:
-        if getattr(cfg, "_name_or_path", ""):  # a folder's trained embeddings cannot change vocabulary
-            raise SpecError(
-                f"{field}: the model's vocabulary has {cfg.vocab_size} ids but the data's tokenizer {vocab}",
-                hint="Import the corpus with the model's own tokenizer (kdray data import --as text --tokenizer "
-                "FOLDER/tokenizer.json).",
-            )
         cfg.vocab_size = vocab
     return cfg, None
+
+
+def check_vocab(config: dict[str, Any], vocab: int | None, field: str) -> None:
+    """A causal LM folder's trained embeddings fix its vocabulary: it must be the text dataset's."""
+    size = config.get("vocab_size")
+    if vocab and isinstance(size, int) and size != vocab:
+        raise SpecError(
+            f"{field}: the model's vocabulary has {size} ids but the data's tokenizer {vocab}",
+            hint="Import the corpus with the model's own tokenizer (kdray data import SRC DEST --as text "
+            "--tokenizer FOLDER/tokenizer.json).",
+        )
 
 
 def pad_ids(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -204,6 +209,20 @@ def transformers_task(model: nn.Module) -> str:
     if name.endswith("ForCausalLM") or name == "GPT2LMHeadModel":
         return "causal_lm"
     return "sequence_classification" if name.endswith("ForSequenceClassification") else "image_classification"
+
+
+def check_positions(model: nn.Module, length: int | None, field: str = "model") -> None:
+    """A causal LM must read a whole row of the text dataset: its positions against the rows' ``length``."""
+    if not length or transformers_task(model) != "causal_lm":
+        return
+    cfg = getattr(model, "config", None)
+    n = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+    if isinstance(n, int) and n < length:
+        raise SpecError(
+            f"{field}: the model reads at most {n} positions but the data's rows hold {length} tokens",
+            hint=f"Give it {length} positions or more (n_positions, or max_position_embeddings, in {field}.hf_config), "
+            f"or import the corpus with --seq-len {n} or less.",
+        )
 
 
 def model_config(model: nn.Module) -> dict[str, Any]:
