@@ -616,8 +616,17 @@ def data_import(
     seed: int = typer.Option(0, "--seed", help="seed of the held-out test rows"),
     class_names: Optional[str] = typer.Option(None, "--class-names", help="comma-separated, for IDX and .npz"),
     as_: Optional[str] = typer.Option(
-        None, "--as", help="images or arrays (.npz only; default: images when it holds pixels, else arrays)"
+        None, "--as", help="images, arrays (.npz only; default: images when it holds pixels, else arrays) or text"
     ),
+    tokenizer: str = typer.Option(
+        "bpe", "--tokenizer", help="--as text: bpe (trained here), bytes or a tokenizer.json"
+    ),
+    vocab_size: int = typer.Option(1024, "--vocab-size", min=260, help="--as text with bpe: the vocabulary size"),
+    seq_len: int = typer.Option(128, "--seq-len", min=2, help="--as text: tokens a packed row"),
+    suffix: list[str] = typer.Option([".py"], "--suffix", help="--as text: the file endings of a folder's documents"),
+    exclude: list[str] = typer.Option([], "--exclude", help="--as text: leave out paths matching this glob"),
+    text_field: str = typer.Option("text", "--text-field", help="--as text: a .jsonl line's text field"),
+    val_fraction: float = typer.Option(0.1, "--val-fraction", min=0.0, max=0.5, help="--as text: validation documents"),
 ) -> None:
     """Convert SRC into Parquet shards with a dataset.json (classes, counts, mean/std, fingerprint) under DEST."""
     from kdray.core.files import import_dataset
@@ -635,6 +644,16 @@ def data_import(
         class_names=class_names.split(",") if class_names else None,
         log=lambda m: typer.echo(m, err=True),
         meter=progress.meter(lambda m: typer.echo(m, err=True)),  # a live bar on a terminal, else plain lines
+        text={
+            "tokenizer": tokenizer,
+            "vocab_size": vocab_size,
+            "seq_len": seq_len,
+            "suffixes": tuple(suffix),
+            "exclude": tuple(exclude),
+            "text_field": text_field,
+            "test_fraction": test_fraction,
+            "val_fraction": val_fraction,
+        },
     )
     size = meta.get("image_size")  # array shards (--as arrays) record a dtype and shape instead
     rows = f"{meta['dtype']} {meta['shape']}" if "dtype" in meta else f"{meta['channels']}x{size}x{size}"

@@ -55,6 +55,12 @@ EXAMPLES = {
     ),
     "rkd": dict(student="mlp_32", teacher="cnn_small", params={}),
     "dkd": dict(student="mlp_32", teacher="cnn_small", params={"temperature": 2.0}),
+    # causal LMs on token rows (kdray.distill.token_losses): logits [N, T, vocab]
+    "token_kl": dict(student="lm_tiny", teacher="lm_tiny", params={"temperature": 2.0}, tokens=True),
+    "token_reverse_kl": dict(student="lm_tiny", teacher="lm_tiny", params={"top_k": 4}, tokens=True),
+    "token_jsd": dict(
+        student="lm_tiny", teacher="lm_tiny", params={"beta": 0.3, "top_k": 4, "tail": False}, tokens=True
+    ),
 }
 
 
@@ -87,9 +93,10 @@ def test_registered_loss_is_documented_and_builds(name):
 def test_a_few_steps_reduce_each_loss(name):
     torch.manual_seed(0)
     ex = EXAMPLES[name]
-    student = create_model(ex["student"], num_classes=10, image_size=8)
-    teacher = create_model(ex["teacher"], num_classes=10, image_size=8).eval() if ex["teacher"] else None
-    x = torch.randn(4, 1, 8, 8)
+    size = {"in_channels": 8} if ex.get("tokens") else {"image_size": 8}  # token rows of 8, or 8x8 images
+    student = create_model(ex["student"], num_classes=10, **size)
+    teacher = create_model(ex["teacher"], num_classes=10, **size).eval() if ex["teacher"] else None
+    x = torch.randint(0, 10, (4, 8)) if ex.get("tokens") else torch.randn(4, 1, 8, 8)
     batch = {"x": x, "y": torch.tensor([1, 3, -1, 7]), "w": torch.tensor([1.0, 0.5, 2.0, 0.0])}
     loss_fn = build_loss(name, **ex["params"])
     loss_fn.setup(student, teacher, x)

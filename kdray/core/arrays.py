@@ -330,7 +330,15 @@ def read_split(store: Storage, meta: dict[str, Any], split: str, meta_uri: str) 
         std,
         f"{meta['fingerprint']}-{split}",
         tuple(meta["classes"]),
+        held_out=held_out(meta, split, len(x)),
     )
+
+
+def held_out(meta: dict[str, Any], split: str, rows: int) -> torch.Tensor | None:
+    """The rows a dataset holds out for validation itself (``held_out_from``: a text corpus's validation
+    documents come last in its training split, ``kdray.core.text``), or None."""
+    start = meta["splits"][split].get("held_out_from")
+    return None if start is None else torch.arange(rows) >= int(start)
 
 
 def decode_batch(

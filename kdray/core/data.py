@@ -65,6 +65,9 @@ class Split:
     # data.transforms still to apply to each training batch (the random ones and those after them;
     # ``load(..., augment=True)``): the batch source applies them on CPU, per epoch, before normalising
     augment: tuple[TransformSpec, ...] = ()
+    # rows the dataset itself holds out for validation (a text corpus's validation documents,
+    # kdray.core.text): when set, they are the validation split, whatever val_fraction says
+    held_out: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.y)
@@ -330,7 +333,11 @@ def select(split: Split, spec: Any, part: str) -> Split:
         x, y, k = x[keep], remap[y[keep]], len(spec.classes)
         names = tuple(names[c] for c in spec.classes) if names else ()
     if part != "test":
-        in_val = validation_rows(y, k, spec.val_fraction, spec.val_size, spec.seed)
+        in_val = (
+            split.held_out
+            if split.held_out is not None and spec.classes is None
+            else validation_rows(y, k, spec.val_fraction, spec.val_size, spec.seed)
+        )
         x, y = (x[in_val], y[in_val]) if part == "val" else (x[~in_val], y[~in_val])
     gen = torch.Generator().manual_seed(spec.seed)
     limit = {"train": spec.limit, "val": None, "test": spec.test_limit}[part]
@@ -345,7 +352,7 @@ def select(split: Split, spec: Any, part: str) -> Split:
         f"{split.fingerprint}|{spec.classes}|{limit}|{spec.labels_per_class}|"
         f"{spec.label_fraction}|{spec.drop_unlabelled}|{spec.seed}|{part}|{spec.val_fraction}|{spec.val_size}".encode()
     ).hexdigest()[:16]
-    return replace(split, x=x, y=y, num_classes=k, fingerprint=tag, class_names=names)
+    return replace(split, x=x, y=y, num_classes=k, fingerprint=tag, class_names=names, held_out=None)
 
 
 def validation_rows(y: torch.Tensor, num_classes: int, fraction: float, size: int | None, seed: int) -> torch.Tensor:

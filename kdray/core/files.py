@@ -337,15 +337,21 @@ def import_dataset(
     class_names: list[str] | None = None,
     log: Log = print,
     meter: Meter | None = None,
+    text: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write ``src`` as Parquet shards under ``dest`` (any storage URI); ``dataset.json`` last. Returns it.
 
     ``as_`` is ``images`` (PNG shards), ``arrays`` (raw array shards of an ``.npz``, ``kdray.core.arrays``)
-    or None: arrays when the ``.npz`` does not hold pixels (``arrays.holds_pixels``), else images.
+    or None: arrays when the ``.npz`` does not hold pixels (``arrays.holds_pixels``), else images;
+    ``text`` tokenizes a corpus (``kdray.core.text.import_text``, whose keywords ``text`` holds).
     ``meter`` shows the images converted of the total, the shards written, the rate and the ETA
     (``kdray.core.meter``; by default plain lines through ``log``)."""
+    if as_ == "text":  # a text corpus -> token-id rows (kdray.core.text)
+        from kdray.core.text import import_text
+
+        return import_text(src, dest, seed=seed, shard_rows=shard_rows, log=log, meter=meter, **(text or {}))
     if as_ not in (None, "images", "arrays"):
-        raise DataError(f"--as {as_!r}: give images or arrays (or leave it out to choose from the data)")
+        raise DataError(f"--as {as_!r}: give images, arrays or text (or leave it out to choose from the data)")
     loaded = None
     if src.endswith(".npz") and Path(src.removeprefix("file://")).is_file():
         loaded = arrays.read_npz(Path(src.removeprefix("file://")), test_fraction, seed)

@@ -33,8 +33,10 @@ from kdray.core.models.hf import (
     TASKS,
     build_from_config,
     check_remote_code,
+    check_vocab,
     code_folder,
     make_config,
+    pad_ids,
     task_of,
     transformers,
 )
@@ -247,8 +249,10 @@ def build_from_folder(
             code=folder.code(),
             field=field,
         )
+    if task == "causal_lm":
+        check_vocab(folder.config, num_classes, field)
     with code_folder(folder.config, folder.code()) as where:
-        config, note = make_config(folder.config, num_classes, field, code_path=where)
+        config, note = make_config(folder.config, num_classes, field, code_path=where, task=task)
     tf = transformers()
     auto = getattr(tf, TASKS[task])
     with folder.local() as path, quiet(tf):
@@ -287,6 +291,8 @@ def build_from_folder(
     if note:
         message = f"{field} {folder.uri}: {note} ({', '.join(k for k, _, _ in head)})"
         log(message) if log else print(message, flush=True)
+    if task == "causal_lm":
+        model.register_forward_pre_hook(pad_ids)  # padded token rows (kdray.core.text)
     return adopt(model, classifier, spec_field)
 
 

@@ -27,11 +27,14 @@ class Outputs:
         logits: ``[N, K]`` class scores.
         features: module path -> that module's output (``[N, C, H, W]``, ``[N, L, D]`` or ``[N, D]``).
         embedding: ``model.embed(x)``, ``[N, D]``; ``None`` when not asked for (or a cached teacher).
+        topk_ids: a causal LM teacher's top-k token ids ``[N, T, k]`` from a sequence cache; ``logits``
+            then holds their log-probabilities ``[N, T, k]`` (``kdray.distill.seqcache``).
     """
 
     logits: torch.Tensor
     features: dict[str, torch.Tensor] = field(default_factory=dict)
     embedding: torch.Tensor | None = None
+    topk_ids: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------

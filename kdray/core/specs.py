@@ -175,7 +175,7 @@ class InputsSpec(Spec):
         return {k: v for k, v in handler(self).items() if v is not None}
 
 
-HF_TASKS = Literal["image_classification", "sequence_classification"]
+HF_TASKS = Literal["image_classification", "sequence_classification", "causal_lm"]
 
 
 class ModelSpec(Entry):

@@ -137,6 +137,7 @@ def plan(spec: Any) -> StreamPlan:
         *array_shards.mean_std(meta),
         f"{meta['fingerprint']}-train",
         tuple(meta["classes"]),
+        held_out=array_shards.held_out(meta, "train", len(labels)),
     )
     return StreamPlan(
         store,

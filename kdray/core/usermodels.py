@@ -19,7 +19,7 @@ from kdray.core.checkpoint import MANIFEST, bytes_to_state, load_state_checked, 
 from kdray.core.errors import StorageError
 from kdray.core.hffolder import build_from_folder, open_folder
 from kdray.core.models import adopt, build_user_model, create_model
-from kdray.core.models.hf import build_from_config
+from kdray.core.models.hf import build_from_config, check_positions
 from kdray.core.models.inputs import with_inputs
 from kdray.core.specs import ModelSpec
 from kdray.core.storage import Storage
@@ -87,6 +87,8 @@ def build_model(spec: ModelSpec, kwargs: dict[str, Any], weights: bool = True, f
         model = build_user_model(spec.import_, kwargs, spec.classifier, field)
     else:
         model = adopt(create_model(spec.label, **kwargs), spec.classifier, field)
+    if spec.hf is not None or spec.hf_config is not None:  # a causal LM reads a text dataset's whole rows
+        check_positions(model, kwargs.get("in_channels"), f"{field}.hf_config" if spec.hf_config else f"{field}.hf")
     if view:
         model = with_inputs(model, view)
     if weights and spec.weights:

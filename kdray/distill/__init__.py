@@ -4,4 +4,4 @@
 once), ``datafree`` (inputs synthesised from the teacher's BatchNorm statistics).
 """
 
-from kdray.distill import stage  # noqa: F401  (registers the stage kind)
+from kdray.distill import stage, token_losses  # noqa: F401  (registers the stage kind and the token-level losses)

@@ -240,11 +240,16 @@ def stream_cache_key(teacher: Artifact, spec: Any, meta: dict[str, Any]) -> str:
 
 
 class ChunkWriter:
-    """Takes (row ids, logits) batches in row-id order and writes each chunk as soon as it is complete."""
+    """Takes (row ids, logits) batches in row-id order and writes each chunk as soon as it is complete.
 
-    def __init__(self, store: Storage, rows: int, task: Task):
+    ``logits`` may also be a dict of named tensors of one row count (a sequence cache's top-k ids and
+    values, ``kdray.distill.seqcache``), each stored under its own name in the chunk; ``chunk_rows``
+    sizes the chunks."""
+
+    def __init__(self, store: Storage, rows: int, task: Task, chunk_rows: int | None = None):
         self.store, self.rows, self.task = store, rows, task
-        self.parts: list[torch.Tensor] = []
+        self.chunk_rows = chunk_rows or CHUNK_ROWS  # read when built, not when defined
+        self.parts: list[dict[str, torch.Tensor]] = []
         self.held = self.next_id = 0
         self.chunks: dict[str, str] = {}
         self.width: int | None = None
@@ -252,25 +257,29 @@ class ChunkWriter:
     def __call__(self, ids: Any, logits: Any) -> None:
         if len(ids) and (int(ids[0]) != self.next_id or int(ids[-1]) != self.next_id + len(ids) - 1):
             raise KdrayError(f"teacher cache at {self.store.uri()}: rows arrived out of order at row {self.next_id}")
-        out = torch.as_tensor(logits).float()
-        if not bool(torch.isfinite(out).all()):
+        named = logits if isinstance(logits, dict) else {"logits": torch.as_tensor(logits).float()}
+        named = {k: torch.as_tensor(v) for k, v in named.items()}
+        if not all(bool(torch.isfinite(v).all()) for v in named.values() if v.is_floating_point()):
             raise KdrayError(
                 f"the teacher's outputs for rows {self.next_id:,}-{self.next_id + len(ids):,} are NaN or infinite: "
                 f"refusing to cache them at {self.store.uri()}",
                 hint="Check the teacher artifact (rerun its stage with --force) and the inputs.",
             )
-        self.width = int(out.shape[1]) if out.ndim == 2 else None  # the teacher's real output width
-        self.parts.append(out)
+        out = named.get("logits")
+        if out is not None and out.ndim == 2:
+            self.width = int(out.shape[1])  # the teacher's real output width
+        self.parts.append(named)
         self.held += len(ids)
         self.next_id += len(ids)
-        while self.held >= CHUNK_ROWS or (self.held and self.next_id == self.rows):
-            held = torch.cat(self.parts)
-            chunk, rest = held[:CHUNK_ROWS], held[CHUNK_ROWS:]
-            start = self.next_id - len(held)
-            data = state_to_bytes({"logits": chunk})
+        while self.held >= self.chunk_rows or (self.held and self.next_id == self.rows):
+            held = {k: torch.cat([p[k] for p in self.parts]) for k in self.parts[0]}
+            start = self.next_id - self.held
+            data = state_to_bytes({k: v[: self.chunk_rows].contiguous() for k, v in held.items()})
             self.store.write_bytes(chunk_name(start), data)
             self.chunks[chunk_name(start)] = sha256(data)
-            self.parts, self.held = ([rest] if len(rest) else []), len(rest)
+            rest = {k: v[self.chunk_rows :] for k, v in held.items()}
+            self.held = max(self.held - self.chunk_rows, 0)
+            self.parts = [rest] if self.held else []
         self.task.update(self.next_id, f"{len(self.chunks)} chunk(s) written")
 
     def finish(self, meta: dict[str, Any], seconds: float) -> dict[str, Any]:
@@ -278,7 +287,7 @@ class ChunkWriter:
             raise KdrayError(f"teacher cache at {self.store.uri()}: {self.next_id:,} of {self.rows:,} rows came back")
         if self.width is not None:
             meta = {**meta, "num_classes": self.width}
-        meta = {**meta, "rows": self.rows, "chunks": self.chunks, "chunk_rows": CHUNK_ROWS, "format": CACHE_FORMAT}
+        meta = {**meta, "rows": self.rows, "chunks": self.chunks, "chunk_rows": self.chunk_rows, "format": CACHE_FORMAT}
         self.store.write_bytes("meta.json", json.dumps({**meta, "seconds": round(seconds, 3)}, indent=2).encode())
         return meta
 

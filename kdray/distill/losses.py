@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field
 
+from kdray.core import lm
 from kdray.core.errors import KdrayError
 from kdray.core.hooks import Outputs, forward_with_features, resolve_modules
 from kdray.core.registry import Entry, Registry, check_params
@@ -157,7 +158,9 @@ class CrossEntropy(DistillLoss):
 
     Shapes: student logits ``[N, K]``, ``batch["y"]`` ``[N]`` (``-1`` = unlabelled, ignored).
     Reduction: mean over labelled rows; a batch with no labelled row gives 0 (still connected to
-    the student's graph). Per-sample weights ``batch["w"]`` are not used.
+    the student's graph). Per-sample weights ``batch["w"]`` are not used. A causal LM's logits
+    ``[N, T, V]`` are scored against the next tokens of ``batch["x"]`` (mean over real tokens,
+    ``kdray.core.lm``; label smoothing does not apply).
 
     Args:
         label_smoothing: ε in [0, 1).
@@ -171,6 +174,8 @@ class CrossEntropy(DistillLoss):
 
     def forward(self, student: Outputs, teacher: Outputs | None, batch: dict) -> torch.Tensor:
         logits = student.logits.float()
+        if lm.is_sequence(logits):
+            return lm.next_token_nll(logits, batch["x"])
         y = self._labels(logits, batch)
         keep = y >= 0
         if not bool(keep.any()):
@@ -220,7 +225,10 @@ class WeightedOutputMSE(DistillLoss):
     * ``column``: ``batch["w"]`` ``[N]``, a per-sample weight column from the data set.
 
     Shapes: logits ``[N, K]``. Reduction: the weighted mean over rows of the squared L2 distance
-    summed over the K classes; all-zero weights give 0.
+    summed over the K classes; all-zero weights give 0. A causal LM's logits ``[N, T, V]`` are
+    regressed per token: every position whose next token is real is a row (``class_table`` reads
+    that next token as its class, ``column`` gives each of a row's tokens the row's weight); this
+    needs the teacher's full logits (online, or ``teacher_cache: off``), not a top-k cache.
 
     Args:
         target: "logits" or "probs".
@@ -296,8 +304,22 @@ class WeightedOutputMSE(DistillLoss):
         return self.class_weights.to(s_logits.device)[idx]  # type: ignore[index]  # torch: Module.__getattr__
 
     def forward(self, student: Outputs, teacher: Outputs | None, batch: dict) -> torch.Tensor:
-        t_logits = self._teacher(teacher).logits.detach().float()
+        t_out = self._teacher(teacher)
+        t_logits = t_out.logits.detach().float()
         s_logits = student.logits.float()
+        if lm.is_sequence(s_logits):  # per token: each real next-token position is a row
+            if t_out.topk_ids is not None:
+                raise KdrayError(
+                    "loss 'weighted_output_mse' regresses the teacher's full logits, but the teacher comes from a "
+                    "top-k sequence cache",
+                    hint="Set teacher_cache: off for this stage (the teacher then runs online), or use token_kl.",
+                )
+            mask = lm.token_mask(batch["x"])
+            steps = mask.shape[1]
+            rows = {"y": lm.targets(batch["x"])[mask]}
+            if "w" in batch:
+                rows["w"] = batch["w"][:, None].expand(mask.shape)[mask]
+            s_logits, t_logits, batch = s_logits[:, :steps][mask], t_logits[:, :steps][mask], rows
         self._same_logits(s_logits, t_logits)
         if self.target == "probs":
             f_s = F.softmax(s_logits / self.temperature, -1)

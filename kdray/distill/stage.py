@@ -19,7 +19,7 @@ import torch.nn as nn
 from pydantic import Field, field_validator
 
 from kdray.core import data as kdata
-from kdray.core import transforms
+from kdray.core import lm, transforms
 from kdray.core.checkpoint import Artifact, bytes_to_state, open_artifact, state_to_bytes
 from kdray.core.errors import KdrayError
 from kdray.core.hooks import Outputs, forward_with_features
@@ -27,10 +27,19 @@ from kdray.core.method import Method
 from kdray.core.specs import DataSpec, ModelSpec, OptimSpec, Spec, StageBase, spec_hash
 from kdray.core.stage import Job, Shard, StageContext, StageKind, stage_kind
 from kdray.core.storage import Storage
+from kdray.core.text import is_token_data
 from kdray.core.usermodels import build_model
 from kdray.distill.cache import attach_logits, ensure_cache, ensure_stream_cache, read_cache_rows
 from kdray.distill.datafree import synthesize
 from kdray.distill.losses import LossTerm
+from kdray.distill.seqcache import (
+    TopKCacheSpec,
+    attach_topk,
+    cache_stats,
+    ensure_seq_cache,
+    is_seq_cache,
+    read_topk_rows,
+)
 
 
 class DataFreeSpec(Spec):
@@ -58,6 +67,8 @@ class DistillStage(StageBase):
     )
     teacher_cache: Literal["auto", "on", "off"] = "auto"
     data_free: DataFreeSpec | None = None
+    # a causal LM on a text dataset: what its teacher cache keeps (top-k per position; absent from the key when unset)
+    teacher_topk: TopKCacheSpec | None = Field(None, exclude_if=lambda v: v is None)
 
     @field_validator("losses")
     @classmethod
@@ -86,6 +97,7 @@ class Distill(Method):
         teacher: nn.Module | None,
         cached_logits: torch.Tensor | None = None,
         cache_start: int = 0,
+        cached_ids: torch.Tensor | None = None,
     ):
         super().__init__(model)
         self.names = [name for name, _, _ in terms]
@@ -93,6 +105,7 @@ class Distill(Method):
         self.terms = nn.ModuleList(term for _, _, term in terms)  # projections train with the student
         self.teacher = self.keep_frozen("teacher", teacher) if teacher is not None else None
         self.cached_logits, self.cache_start = cached_logits, cache_start
+        self.cached_ids = cached_ids  # a causal LM teacher's top-k ids (cached_logits: their log-probabilities)
         self.student_layers = tuple(dict.fromkeys(p for t in self.terms for p in t.student_layers))  # type: ignore[union-attr]  # torch: Module.__getattr__
         self.teacher_layers = tuple(dict.fromkeys(p for t in self.terms for p in t.teacher_layers))  # type: ignore[union-attr]  # torch: Module.__getattr__
         self.embedding = any(t.needs_embedding for t in self.terms)
@@ -102,13 +115,17 @@ class Distill(Method):
         super().to_device(device)
         if self.cached_logits is not None:
             self.cached_logits = self.cached_logits.to(device)
+        if self.cached_ids is not None:
+            self.cached_ids = self.cached_ids.to(device)
         return self
 
     def teacher_outputs(self, batch: dict[str, Any]) -> Outputs:
         if "teacher_logits" in batch:  # streamed data with a cache: the pipeline attached them
-            return Outputs(logits=batch["teacher_logits"])
+            return Outputs(logits=batch["teacher_logits"], topk_ids=batch.get("teacher_topk_ids"))
         if self.cached_logits is not None:
-            return Outputs(logits=self.cached_logits[batch["index"].to(self.cached_logits.device) - self.cache_start])
+            rows = batch["index"].to(self.cached_logits.device) - self.cache_start
+            ids = self.cached_ids[rows] if self.cached_ids is not None else None
+            return Outputs(logits=self.cached_logits[rows], topk_ids=ids)
         with torch.no_grad():
             return forward_with_features(self.teacher, batch["x"], self.teacher_layers, self.embedding, "teacher")  # type: ignore[arg-type]  # torch: Module.__getattr__
 
@@ -117,7 +134,8 @@ class Distill(Method):
         teacher = self.teacher_outputs(batch) if self.needs_teacher else None
         parts = {name: term(student, teacher, batch) for name, term in zip(self.names, self.terms)}
         loss = sum(w * v for w, v in zip(self.weights, parts.values()))
-        return {"loss": loss, "logits": student.logits, **{k: v.detach() for k, v in parts.items()}}
+        scored = {} if lm.is_sequence(student.logits) else {"logits": student.logits}  # no per-row accuracy for an LM
+        return {"loss": loss, **scored, **{k: v.detach() for k, v in parts.items()}}
 
 
 def build_terms(spec: DistillStage) -> list[tuple[str, float, nn.Module]]:
@@ -210,6 +228,15 @@ def cache_decision(spec: DistillStage) -> tuple[bool, str]:
     return True, f"inputs are deterministic (no random augmentation), so the teacher runs once{how}"
 
 
+def warm_cache(ctx: StageContext, teacher: Artifact) -> None:
+    """Build the stage's teacher cache before its trials run (a sweep): the top-k cache of a causal LM on
+    in-memory text, else the classifier cache of its in-memory training split."""
+    if not is_token_data(ctx.stage.data):
+        ensure_cache(ctx, teacher)
+    elif not ctx.stage.data.stream and not any(t.name == "weighted_output_mse" for t in ctx.stage.losses):
+        ensure_seq_cache(ctx, teacher, ctx.stage.teacher_topk or TopKCacheSpec())
+
+
 def check_teacher(ctx: StageContext, teacher: Artifact, student_kwargs: dict[str, Any]) -> None:
     record = teacher.manifest.get("model")
     if not record:
@@ -241,8 +268,17 @@ class DistillKind(StageKind):
         job = ctx.job()
         check_teacher(ctx, teacher, job.extras["model_kwargs"])
         use_cache, why = cache_decision(ctx.stage)
+        tokens = is_token_data(ctx.stage.data)  # a causal LM: the cache keeps the teacher's top-k per position
+        full = [t.name for t in ctx.stage.losses if t.name == "weighted_output_mse"]
+        if tokens and use_cache and full:
+            use_cache, why = (
+                False,
+                f"running the teacher online: {full[0]} regresses full logits, a top-k cache holds k",
+            )
         ctx.log(f"[{ctx.stage.name}] teacher cache {'on' if use_cache else 'off'}: {why}")
-        if use_cache:
+        if use_cache and tokens:
+            job.extras["teacher_cache"] = ensure_seq_cache(ctx, teacher, ctx.stage.teacher_topk or TopKCacheSpec())
+        elif use_cache:
             build = ensure_stream_cache if ctx.stage.data.stream else ensure_cache
             job.extras["teacher_cache"] = build(ctx, teacher)
         if ctx.stage.data_free is not None:
@@ -251,13 +287,22 @@ class DistillKind(StageKind):
         return ctx.publish(
             job,
             result,
-            extra={"teacher": {"uri": teacher.uri, "cache": job.extras.get("teacher_cache"), "cache_reason": why}},
+            extra={
+                "teacher": {
+                    "uri": teacher.uri,
+                    "cache": job.extras.get("teacher_cache"),
+                    "cache_reason": why,
+                    **({"cache_topk": cache_stats(job.extras["teacher_cache"])} if tokens and use_cache else {}),
+                }
+            },
         )
 
     def stream_columns(self, job: Job) -> Any:
         """With a cache of streamed data, each training batch gets its rows' ``teacher_logits`` in Ray Data."""
         cache_uri = job.extras.get("teacher_cache")
-        return functools.partial(attach_logits, store=Storage(cache_uri)) if cache_uri else None
+        if not cache_uri:
+            return None
+        return functools.partial(attach_topk if is_seq_cache(cache_uri) else attach_logits, store=Storage(cache_uri))
 
     def method(self, job: Job, shard: Shard) -> Distill:
         spec = job.spec
@@ -268,17 +313,19 @@ class DistillKind(StageKind):
         example = shard.x[shard.rows[:8]]
         for _, _, term in terms:
             term.setup(student, teacher, example)  # type: ignore[operator]  # projections exist before the optimiser
-        cached, start = None, 0
+        cached, ids, start = None, None, 0
         if cache_uri and not spec.data.stream:  # streamed: each batch brings its logits (stream_columns)
             start, stop = int(shard.rows[0]), int(shard.rows[-1]) + 1
-            cached = read_cache_rows(
+            read = read_topk_rows if is_seq_cache(cache_uri) else read_cache_rows
+            got = read(
                 Storage(cache_uri),
                 start,
                 stop,
                 expect_rows=len(shard.train),
                 expect_fingerprint=shard.train.fingerprint,
             )
-        return Distill(student, terms, teacher, cached, start)
+            ids, cached = got if isinstance(got, tuple) else (None, got)
+        return Distill(student, terms, teacher, cached, start, ids)
 
     def data(self, job: Job) -> tuple[kdata.Split, kdata.Split]:
         """Data-free: train on the synthesised inputs (already normalised), validate on the real validation split."""

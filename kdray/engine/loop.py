@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from kdray.core import lm
 from kdray.core.checkpoint import bytes_to_state, state_to_bytes
 from kdray.core.errors import KdrayError
 from kdray.core.method import Method
@@ -68,13 +69,18 @@ def autocast(device: torch.device, enabled: bool):
 def evaluate_model(
     model: nn.Module, val_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device
 ) -> tuple[float, float, int]:
-    """(summed loss, correct, count) over the labelled rows of (x, y) batches; the caller all-reduces across ranks."""
+    """(summed loss, correct, count) over the labelled rows of (x, y) batches; the caller all-reduces across ranks.
+    A causal LM's (logits ``[N, T, V]``) are summed over its real next tokens (``val_loss``: mean NLL per token)."""
     was_training = model.training
     model.eval()
     loss = correct = count = 0.0
     for xb, yb in val_batches:
         xb, yb = xb.to(device), yb.to(device)
         logits = model(xb).float()
+        if lm.is_sequence(logits):
+            nll, top1, _, n = lm.score(logits, xb)
+            loss, correct, count = loss + nll, correct + top1, count + n
+            continue
         keep = yb >= 0
         loss += float(nn.functional.cross_entropy(logits[keep], yb[keep], reduction="sum")) if keep.any() else 0.0
         correct += float((logits.argmax(1)[keep] == yb[keep]).sum())

@@ -45,8 +45,7 @@ from kdray.core.errors import SpecError
 from kdray.core.specs import Spec, spec_hash
 from kdray.core.stage import StageContext
 from kdray.core.storage import Storage
-from kdray.distill.cache import ensure_cache
-from kdray.distill.stage import cache_decision
+from kdray.distill.stage import cache_decision, warm_cache
 from kdray.engine import pareto
 from kdray.engine.driver import ensure_ray, on_epoch
 from kdray.engine.export import ExportError, export_artifact
@@ -564,7 +563,7 @@ def _warm_teacher_cache(spec: PipelineSpec, trial_names: list[str], log: Callabl
         if not use or (stage.teacher, json.dumps(stage.data.model_dump(mode="json"))) in done:
             continue
         parents = parent_artifacts(spec, stage, keys, root)
-        ensure_cache(StageContext(spec, stage, keys[name], root, root, parents, log), parents[stage.teacher])
+        warm_cache(StageContext(spec, stage, keys[name], root, root, parents, log), parents[stage.teacher])
         done.add((stage.teacher, json.dumps(stage.data.model_dump(mode="json"))))
 
 

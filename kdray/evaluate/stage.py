@@ -25,10 +25,12 @@ from kdray.core.metrics import metrics_for, predict
 from kdray.core.models import count_parameters
 from kdray.core.specs import DataSpec, StageBase
 from kdray.core.stage import StageContext, StageKind, stage_kind
+from kdray.core.text import is_token_data
 from kdray.evaluate.exported import onnx_scores
 from kdray.evaluate.figures import LEGEND, ratio, speed, spread
 from kdray.evaluate.html import plot_comparison, render_html
 from kdray.evaluate.latency import as_row, distinct, model_latency
+from kdray.evaluate.lm import lm_report
 
 
 class EvaluateStage(StageBase):
@@ -65,6 +67,8 @@ def evaluated_data(stage: EvaluateStage, parents: dict[str, Artifact]) -> DataSp
 def evaluate_stage(ctx: Any) -> tuple[dict[str, Any], dict[str, bytes]]:
     spec = data_spec_for(ctx)
     test = kdata.load(spec, "test")
+    if is_token_data(spec):  # causal LMs on a text corpus: perplexity, tokens/s, samples
+        return lm_report(ctx, spec, test)
     x = kdata.normalize(test.x, test)
     rows, logits_by_stage = [], {}
     for ref in ctx.stage.models:

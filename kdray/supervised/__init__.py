@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 from pydantic import Field
 
+from kdray.core import lm
 from kdray.core.checkpoint import Artifact
 from kdray.core.method import Method, labelled_cross_entropy
 from kdray.core.specs import DataSpec, ModelSpec, OptimSpec, StageBase
@@ -26,7 +27,8 @@ class TrainStage(StageBase):
 
 
 class Supervised(Method):
-    """Cross-entropy on labelled examples (label -1 is ignored); optional label smoothing."""
+    """Cross-entropy on labelled examples (label -1 is ignored); optional label smoothing. A causal LM
+    (logits ``[N, T, V]``) learns its rows' next tokens instead (``kdray.core.lm``)."""
 
     def __init__(self, model: nn.Module, label_smoothing: float = 0.0):
         super().__init__(model)
@@ -34,6 +36,8 @@ class Supervised(Method):
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         logits = self.model(batch["x"])
+        if lm.is_sequence(logits):  # a causal LM on token rows: next-token loss (no per-row accuracy)
+            return {"loss": lm.next_token_nll(logits, batch["x"])}
         return {"loss": labelled_cross_entropy(logits, batch["y"], self.label_smoothing), "logits": logits}
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch.nn as nn
 
 from kdray.core.errors import SpecError
-from kdray.core.models import cnn, mlp, rnn, transformer  # noqa: F401  (importing a family registers it)
+from kdray.core.models import causal, cnn, mlp, rnn, transformer  # noqa: F401  (importing a family registers it)
 from kdray.core.models.base import MODELS, Classifier
 from kdray.core.models.hf import from_record as transformers_from_record
 from kdray.core.models.inputs import with_inputs

@@ -25,6 +25,7 @@ from kdray.core.models.user import adopt
 TASKS = {
     "image_classification": "AutoModelForImageClassification",
     "sequence_classification": "AutoModelForSequenceClassification",
+    "causal_lm": "AutoModelForCausalLM",  # next-token logits [N, T, vocab] over a text dataset's token rows
 }
 
 
@@ -46,6 +47,8 @@ def task_of(config: dict[str, Any], task: str | None, field: str = "model") -> s
     if task:
         return task
     for arch in config.get("architectures") or []:
+        if str(arch).endswith("ForCausalLM") or str(arch) == "GPT2LMHeadModel":
+            return "causal_lm"
         if str(arch).endswith("ForSequenceClassification"):
             return "sequence_classification"
         if str(arch).endswith("ForImageClassification"):
@@ -59,7 +62,7 @@ def task_of(config: dict[str, Any], task: str | None, field: str = "model") -> s
         return "image_classification" if image else "sequence_classification"
     raise SpecError(
         f"{field}: cannot tell whether model_type {model_type!r} classifies images or token sequences",
-        hint=f"Set {field}.task to image_classification or sequence_classification.",
+        hint=f"Set {field}.task to image_classification, sequence_classification or causal_lm.",
     )
 
 
@@ -78,14 +81,19 @@ def code_folder(config: dict[str, Any], code: dict[str, str]) -> Iterator[str | 
 
 
 def make_config(
-    config: dict[str, Any], num_classes: int | None, field: str = "model", code_path: str | None = None
+    config: dict[str, Any],
+    num_classes: int | None,
+    field: str = "model",
+    code_path: str | None = None,
+    task: str | None = None,
 ) -> tuple[Any, str | None]:
     """A transformers config from its dict (or, with ``code_path``, the folder's own config class), with
     ``num_labels`` set to ``num_classes``; and a note when that changed the folder's label count (the
-    classification head is then new)."""
+    classification head is then new). For ``causal_lm`` the classes are the vocabulary: ``vocab_size``."""
     tf = transformers()
+    fit = (lambda cfg, n: _vocab(cfg, n, field)) if task == "causal_lm" else _labels
     if code_path is not None:  # trust_remote_code was checked: the folder's own config class
-        return _labels(tf.AutoConfig.from_pretrained(code_path, trust_remote_code=True), num_classes)
+        return fit(tf.AutoConfig.from_pretrained(code_path, trust_remote_code=True), num_classes)
     doc = dict(config)
     model_type = doc.pop("model_type", None)
     if not model_type:
@@ -101,7 +109,32 @@ def make_config(
         )
     for key in ("transformers_version", "architectures"):
         doc.pop(key, None)
-    return _labels(tf.CONFIG_MAPPING[model_type].from_dict(doc), num_classes)
+    return fit(tf.CONFIG_MAPPING[model_type].from_dict(doc), num_classes)
+
+
+def _vocab(cfg: Any, vocab: int | None, field: str) -> tuple[Any, str | None]:
+    """A fresh causal LM's config for a text dataset of ``vocab`` ids: its ``vocab_size`` set."""
+    if vocab and getattr(cfg, "vocab_size", vocab) != vocab:
+        cfg.vocab_size = vocab
+    return cfg, None
+
+
+def check_vocab(config: dict[str, Any], vocab: int | None, field: str) -> None:
+    """A causal LM folder's trained embeddings fix its vocabulary: it must be the text dataset's."""
+    size = config.get("vocab_size")
+    if vocab and isinstance(size, int) and size != vocab:
+        raise SpecError(
+            f"{field}: the model's vocabulary has {size} ids but the data's tokenizer {vocab}",
+            hint="Import the corpus with the model's own tokenizer (kdray data import SRC DEST --as text "
+            "--tokenizer FOLDER/tokenizer.json).",
+        )
+
+
+def pad_ids(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A causal LM's forward pre-hook: token ids as int64, padding (``-1``) read as id 0 (kdray.core.text)."""
+    if args and hasattr(args[0], "clamp") and not args[0].is_floating_point():
+        return (args[0].long().clamp(min=0), *args[1:])
+    return args
 
 
 def _labels(cfg: Any, num_classes: int | None) -> tuple[Any, str | None]:
@@ -131,7 +164,10 @@ def build_transformers(config: Any, task: str, *, trust_remote_code: bool = Fals
     tf = transformers()
     auto = getattr(tf, TASKS[task])
     try:
-        return auto.from_config(config, trust_remote_code=trust_remote_code)
+        model = auto.from_config(config, trust_remote_code=trust_remote_code)
+        if task == "causal_lm":
+            model.register_forward_pre_hook(pad_ids)
+        return model
     except ValueError as e:  # a model type without a class for this task
         raise SpecError(
             f"{field}: transformers has no {task.replace('_', ' ')} model for {type(config).__name__} ({e})",
@@ -160,7 +196,7 @@ def build_from_config(
         )
     task = task_of(config, task, spec_field)
     with code_folder(config, code or {}) as where:
-        cfg, _ = make_config(config, num_classes, field, code_path=where)
+        cfg, _ = make_config(config, num_classes, field, code_path=where, task=task)
         model = build_transformers(cfg, task, trust_remote_code=trust_remote_code, field=field)
     return adopt(model, classifier, spec_field)
 
@@ -170,7 +206,23 @@ def transformers_task(model: nn.Module) -> str:
     from kdray.core.models.outputs import original_class
 
     name = original_class(model).__name__
+    if name.endswith("ForCausalLM") or name == "GPT2LMHeadModel":
+        return "causal_lm"
     return "sequence_classification" if name.endswith("ForSequenceClassification") else "image_classification"
+
+
+def check_positions(model: nn.Module, length: int | None, field: str = "model") -> None:
+    """A causal LM must read a whole row of the text dataset: its positions against the rows' ``length``."""
+    if not length or transformers_task(model) != "causal_lm":
+        return
+    cfg = getattr(model, "config", None)
+    n = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+    if isinstance(n, int) and n < length:
+        raise SpecError(
+            f"{field}: the model reads at most {n} positions but the data's rows hold {length} tokens",
+            hint=f"Give it {length} positions or more (n_positions, or max_position_embeddings, in {field}.hf_config), "
+            f"or import the corpus with --seq-len {n} or less.",
+        )
 
 
 def model_config(model: nn.Module) -> dict[str, Any]:
