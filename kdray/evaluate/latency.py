@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 import torch
 
+from kdray.core.models import count_parameters
+
 WARMUP_RUNS = 3
 WARMUP_S = 0.05
 MIN_TIME_S = 0.2
@@ -65,3 +67,17 @@ def distinct(a: dict[str, Any], b: dict[str, Any]) -> bool:
         return a["latency_p75_ms"] < b["latency_p25_ms"] or b["latency_p75_ms"] < a["latency_p25_ms"]
     except KeyError:
         return True
+
+
+def model_row(ref: str, art: Any, model: torch.nn.Module, x: torch.Tensor, batch: int, runs: int) -> dict[str, Any]:
+    """The fields every evaluate report row has, whatever the task: which artifact, its size, its latency."""
+    return {
+        "stage": ref,
+        "uri": art.uri,
+        "kind": art.manifest["kind"],
+        "model": art.manifest["model"]["name"],
+        "parameters": count_parameters(model),
+        "bytes": art.manifest["weights"]["bytes"],
+        **as_row(model_latency(model, x, batch, runs)),
+        "latency_batch": min(batch, len(x)),
+    }

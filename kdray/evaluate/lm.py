@@ -21,9 +21,8 @@ import torch
 
 from kdray.core import lm
 from kdray.core.files import read_meta
-from kdray.core.models import count_parameters
 from kdray.core.text import dataset_tokenizer
-from kdray.evaluate.latency import as_row, model_latency
+from kdray.evaluate.latency import model_row
 
 PROMPT = 32
 SAMPLE_TOKENS = 48
@@ -71,15 +70,8 @@ def lm_report(ctx: Any, spec: Any, test: Any) -> tuple[dict[str, Any], dict[str,
         sample = lm.generate(model, prompt, SAMPLE_TOKENS, max_len=x.shape[1], seed=ctx.run.seed)
         rows.append(
             {
-                "stage": ref,
-                "uri": art.uri,
-                "kind": art.manifest["kind"],
-                "model": art.manifest["model"]["name"],
+                **model_row(ref, art, model, x, ctx.stage.latency_batch, ctx.stage.latency_batches),
                 **scores,
-                "parameters": count_parameters(model),
-                "bytes": art.manifest["weights"]["bytes"],
-                **as_row(model_latency(model, x, ctx.stage.latency_batch, ctx.stage.latency_batches)),
-                "latency_batch": min(ctx.stage.latency_batch, len(x)),
                 "sample": tokenizer.decode(sample),
                 "cache_topk": (art.manifest.get("teacher") or {}).get("cache_topk"),
             }

@@ -22,14 +22,13 @@ from kdray.core import data as kdata
 from kdray.core.checkpoint import Artifact, write_artifact
 from kdray.core.errors import KdrayError
 from kdray.core.metrics import metrics_for, predict
-from kdray.core.models import count_parameters
 from kdray.core.specs import DataSpec, StageBase
 from kdray.core.stage import StageContext, StageKind, stage_kind
 from kdray.core.text import is_token_data
 from kdray.evaluate.exported import onnx_scores
 from kdray.evaluate.figures import LEGEND, ratio, speed, spread
 from kdray.evaluate.html import plot_comparison, render_html
-from kdray.evaluate.latency import as_row, distinct, model_latency
+from kdray.evaluate.latency import distinct, model_row
 from kdray.evaluate.lm import lm_report
 
 
@@ -78,15 +77,8 @@ def evaluate_stage(ctx: Any) -> tuple[dict[str, Any], dict[str, bytes]]:
         logits = predict(model, x, ctx.stage.batch_size)
         logits_by_stage[ref] = logits
         row = {
-            "stage": ref,
-            "uri": art.uri,
-            "kind": art.manifest["kind"],
-            "model": art.manifest["model"]["name"],
+            **model_row(ref, art, model, x, ctx.stage.latency_batch, ctx.stage.latency_batches),
             **metrics_for(logits, test.y),
-            "parameters": count_parameters(model),
-            "bytes": art.manifest["weights"]["bytes"],
-            **as_row(model_latency(model, x, ctx.stage.latency_batch, ctx.stage.latency_batches)),
-            "latency_batch": min(ctx.stage.latency_batch, len(x)),
             "selection": selection_note(art.manifest),
         }
         if "onnx" in ctx.stage.exported:
