@@ -496,7 +496,7 @@ def test_run_address_joins_a_running_cluster_with_token_auth_and_leaves_it_runni
 @pytest.mark.slow
 def test_ray_launcher_runs_a_stage_as_a_ray_job(ray_cluster, tmp_path, monkeypatch):
     """Submit, Ctrl-C (the job is stopped), submit again (attempt 2), stream logs, then cached runs."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobStatus
 
     secret = "kdray-test-secret-value-123"
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "kdray-test-access-key")
@@ -507,7 +507,7 @@ def test_ray_launcher_runs_a_stage_as_a_ray_job(ray_cluster, tmp_path, monkeypat
     spec = spec_of(tmp_path, workers=1, epochs=1, launcher="ray", address=ray_cluster)
     key = plan(spec)["teacher"]
     first = submission_id("synth", "teacher", key)
-    client = JobSubmissionClient(ray_cluster)
+    client = RayJobLauncher().client(ray_cluster)  # with the cluster's token, as kdray's own client has it
 
     def interrupt(msg: str) -> None:
         if "submitted Ray job" in msg:
@@ -523,7 +523,9 @@ def test_ray_launcher_runs_a_stage_as_a_ray_job(ray_cluster, tmp_path, monkeypat
     lines: list[str] = []
     (outcome,) = run_pipeline(spec, log=lines.append)
     text = "\n".join(lines)
-    assert outcome.status == "ran" and outcome.key == key
+    assert outcome.status == "ran" and outcome.key == key, (
+        f"the stopped job {first} must not have published; its log:\n{client.get_job_logs(first)[-3000:]}"
+    )
     assert f"Ray job {first} ended STOPPED; submitting attempt 2" in text
     assert f"submitted Ray job {first}-r2" in text
     assert text.index(f"Ray job {first}-r2: RUNNING after ") < text.index(f"Ray job {first}-r2: SUCCEEDED after ")

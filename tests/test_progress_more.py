@@ -111,22 +111,37 @@ def npz(tmp_path: Path) -> Path:
     return path
 
 
-def import_args(npz: Path, dest: str) -> list[str]:
-    return [*KDRAY, "data", "import", str(npz), dest, "--shard-rows", "500"]
+# The live bar redraws a few times a second: an import must last a few seconds for a bar part-way
+# through it to be drawn at all (3,000 images took 0.5 s on CI, all of it before the first redraw).
+LIVE_IMAGES = 48_000
 
 
-def test_data_import_shows_a_live_bar_in_a_terminal_and_no_colours_with_no_color(tmp_path, npz):
-    raw = in_terminal(import_args(npz, str(tmp_path / "a")), tmp_path)
+@pytest.fixture
+def big_npz(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    path = tmp_path / "many.npz"
+    x = rng.integers(0, 256, (LIVE_IMAGES, 28, 28), dtype=np.uint8)
+    np.savez(path, x=x, y=rng.integers(0, 10, LIVE_IMAGES))
+    return path
+
+
+def import_args(npz: Path, dest: str, shard_rows: int = 500) -> list[str]:
+    return [*KDRAY, "data", "import", str(npz), dest, "--shard-rows", str(shard_rows)]
+
+
+def test_data_import_shows_a_live_bar_in_a_terminal_and_no_colours_with_no_color(tmp_path, npz, big_npz):
+    raw = in_terminal(import_args(big_npz, str(tmp_path / "a"), shard_rows=1_600), tmp_path)
     text = ANSI.sub("", raw)
-    bars = re.findall(rf"data import .*? (\d+)/{IMAGES} images  (\S+) images/s  (\d+) shard\(s\) written  ETA", text)
+    bars = re.findall(rf"data import .*? (\d+)/{LIVE_IMAGES} images  (\S+) images/s  (\d+) shard\(s\) written  ETA", text)  # fmt: skip
     assert bars, text[-3000:]
-    assert any(0 < int(done) < IMAGES for done, *_ in bars), "a bar part-way through the import"
+    assert any(0 < int(done) < LIVE_IMAGES for done, *_ in bars), "a bar part-way through the import"
     assert any(int(shards) > 0 for *_, shards in bars), "the shards written so far"
-    final = r"data import: 3,000/3,000 images done in \d+:\d\d  \S+ images/s  7 shard\(s\) written"
+    final = r"data import: 48,000/48,000 images done in \d+:\d\d  \S+ images/s  30 shard\(s\) written"
     assert re.search(final, text), text[-2000:]
-    assert "train: 2,400 images in 5 shard(s)" in text and "test: 600 images in 2 shard(s)" in text
+    assert "train: 38,400 images in 24 shard(s)" in text and "test: 9,600 images in 6 shard(s)" in text
     assert colours(raw), "a terminal gets colours"
 
+    final = r"data import: 3,000/3,000 images done in \d+:\d\d  \S+ images/s  7 shard\(s\) written"
     plain = in_terminal(import_args(npz, str(tmp_path / "b")), tmp_path, {"NO_COLOR": "1"})
     assert "\x1b[" in plain and re.search(final, ANSI.sub("", plain)), "still a live display"
     assert not colours(plain), f"NO_COLOR: no colour codes, found {colours(plain)}"
