@@ -15,6 +15,9 @@ the process to its exit:
 Pipelines of 1 and of 2 independent ``train`` stages (seeds 0 and 1, run one after the other): the
 one-stage overhead is ``T(ray, 1) - T(local, 1)``, a further stage's ``(T(ray, 2) - T(ray, 1)) -
 (T(local, 2) - T(local, 1))``. The cases alternate within each round so a noisy neighbour hits all.
+
+``--variant KEY=VALUE`` runs each Ray mode a second time with that environment variable set (for
+``cluster``, a second cluster started with it), as ``<mode>+``: an A/B of one Ray setting in one run.
 """
 
 from __future__ import annotations
@@ -72,36 +75,41 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--modes", nargs="+", default=["local", "embedded", "cluster"])
+    ap.add_argument("--variant", help="KEY=VALUE: also run each Ray mode with this environment variable")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
 
     tmp = tempfile.mkdtemp(prefix="kdray-bench-runstart-")
-    env = dict(os.environ, KDRAY_CLUSTER_FILE=os.path.join(tmp, "cluster.json"), NO_COLOR="1")
-    if "cluster" in args.modes:
-        up = subprocess.run([*KDRAY, "cluster", "up"], env=env, capture_output=True, text=True)
+    env = dict(os.environ, NO_COLOR="1")
+    envs = {mode: dict(env, KDRAY_CLUSTER_FILE=os.path.join(tmp, "none.json")) for mode in args.modes}
+    if args.variant:
+        key, _, value = args.variant.partition("=")
+        for mode in [m for m in args.modes if m != "local"]:
+            envs[f"{mode}+"] = dict(envs[mode], **{key: value})
+    clusters = [m for m in envs if m.startswith("cluster")]
+    for mode in clusters:
+        envs[mode]["KDRAY_CLUSTER_FILE"] = os.path.join(tmp, f"{mode}.json")
+        up = subprocess.run([*KDRAY, "cluster", "up"], env=envs[mode], capture_output=True, text=True)
         if up.returncode != 0:
             sys.exit(f"kdray cluster up failed:\n{up.stderr}")
     times: dict[str, list[float]] = {}
     try:
         for r in range(args.rounds):
-            for mode in args.modes:
+            for mode, run_env in envs.items():
                 for stages in (1, 2):
                     folder = tempfile.mkdtemp(dir=tmp, prefix=f"r{r}-{mode}-{stages}-")
                     spec = spec_file(folder, 0 if mode == "local" else 1, stages, args.limit, args.model)
-                    run_env = env if mode == "cluster" else {k: v for k, v in env.items() if k != "KDRAY_CLUSTER_FILE"}
-                    if mode == "embedded":  # no cluster file: the command starts its own
-                        run_env["KDRAY_CLUSTER_FILE"] = os.path.join(tmp, "none.json")
                     seconds = timed_run(spec, run_env)
                     times.setdefault(f"{mode}/{stages}", []).append(seconds)
                     print(json.dumps({"round": r, "mode": mode, "stages": stages, "s": round(seconds, 2)}), flush=True)
     finally:
-        if "cluster" in args.modes:
-            subprocess.run([*KDRAY, "cluster", "down"], env=env, capture_output=True, text=True)
+        for mode in clusters:
+            subprocess.run([*KDRAY, "cluster", "down"], env=envs[mode], capture_output=True, text=True)
 
     med = {k: statistics.median(v) for k, v in times.items()}
     summary: dict = {"median_s": {k: round(v, 2) for k, v in med.items()}}
     if "local/1" in med:
-        for mode in args.modes:
+        for mode in envs:
             if mode == "local":
                 continue
             one = [a - b for a, b in zip(times[f"{mode}/1"], times["local/1"])]
