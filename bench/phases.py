@@ -24,7 +24,7 @@ import time
 from datetime import datetime
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from runstart import KDRAY, spec_file  # noqa: E402  (the same pipelines as bench/runstart.py)
+from runstart import KDRAY, spec_file  # the same pipelines as bench/runstart.py
 
 STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
 KEEP = ("Requesting resources", "PlacementGroupCleaner launched", "worker actors created", "Train context initialized")
@@ -87,7 +87,9 @@ def main() -> None:
     try:
         spec = spec_file(tmp, 1, args.stages, args.limit, "cnn_small")
         t0 = time.time()
-        proc = subprocess.Popen([*KDRAY, "run", spec, "--max-concurrent", "1"], env=env, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [*KDRAY, "run", spec, "--max-concurrent", "1"], env=env, stderr=subprocess.PIPE, text=True
+        )
         _, err = proc.communicate()
         t1 = time.time()
         if proc.returncode != 0:
