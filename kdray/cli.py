@@ -803,6 +803,35 @@ def plain_help(command: Any) -> None:
         plain_help(sub)
 
 
+cluster_app = typer.Typer(no_args_is_help=True, help="A local Ray cluster that every kdray command here joins.")
+app.add_typer(cluster_app, name="cluster")
+
+
+@cluster_app.command("up")
+@guarded
+def cluster_up(cpus: Optional[int] = typer.Option(None, "--cpus", min=1, help="CPUs it offers (default: all)")) -> None:
+    """Start a Ray cluster on this machine that `kdray run` (and flows) join instead of starting their own."""
+    from kdray.engine import cluster
+    from kdray.engine.driver import RAY_ENV
+
+    doc, started = cluster.up(RAY_ENV, cpus)
+    typer.echo(
+        f"Ray cluster {'up' if started else 'already up'} at {doc['address']} ({doc['cpus']} CPUs, "
+        f"auth {doc.get('auth_mode', 'token')}), recorded in {cluster.cluster_file()}: kdray commands on this "
+        "machine join it (a stage's run.address still wins). Stop it with: kdray cluster down"
+    )
+
+
+@cluster_app.command("down")
+@guarded
+def cluster_down() -> None:
+    """Stop the cluster `kdray cluster up` started (only its processes)."""
+    from kdray.engine import cluster
+
+    doc = cluster.down()
+    typer.echo(f"Ray cluster at {doc['address']} stopped." if doc else "No kdray cluster is recorded here.")
+
+
 def main() -> None:
     global DEBUG
     if "--debug" in sys.argv[1:]:

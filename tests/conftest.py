@@ -6,7 +6,8 @@ test that needs a special setting sets it for itself and says why.
 
 Prefect's only: its home (database, settings) in a temporary folder, so tests never read or write a
 user's ``~/.prefect``; no analytics; the ephemeral server's start-up bounded as ``kdray-flow`` bounds
-it for users (``flows/pipeline.py``).
+it for users (``flows/pipeline.py``). And kdray's record of a ``kdray cluster up`` cluster
+(``KDRAY_CLUSTER_FILE``) is in the temporary folder too, so the suite never joins a user's cluster.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ for key, value in {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "KDRAY_CLUSTER_FILE": os.path.join(_TMP, "cluster.json"),  # never join a `kdray cluster up` of the user
 }.items():
     os.environ.setdefault(key, value)
 

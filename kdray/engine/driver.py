@@ -33,7 +33,7 @@ from kdray.core.specs import RunSpec
 from kdray.core.stage import FitResult, Job, kind_of
 from kdray.core.storage import Storage
 from kdray.core.usercode import from_user_code
-from kdray.engine import diagnostics, progress, reaper
+from kdray.engine import cluster, diagnostics, progress, reaper
 from kdray.engine.datasets import stream_cpus, stream_datasets, streams
 from kdray.engine.loop import train
 from kdray.engine.rayauth import token_auth_if_token_available
@@ -278,8 +278,9 @@ def _ensure_ray(run: RunSpec) -> None:
     ray_worker_log.addFilter(_NotMainThreadNotice())
     # a light module: the hook runs in every Ray worker process, Ray Train's controller included
     runtime_env = {"worker_process_setup_hook": "kdray.engine.raylogs.quiet_ray_logs"}
-    if run.address:
-        _join_cluster(run.address, runtime_env)
+    shared = None if run.address or os.environ.get("RAY_ADDRESS") else cluster.running()  # `kdray cluster up`
+    if run.address or shared:
+        _join_cluster(run.address or (shared or {})["address"], runtime_env)
     else:
         address = None if os.environ.get("RAY_ADDRESS") else "local"  # a parent's cluster, else a new one
         with embedded_cluster_env():
