@@ -88,6 +88,7 @@ class RayJobLauncher:
     poll_s = 1.0  # seconds between status/log polls
     probe_timeout_s = 5.0  # an unreachable dashboard fails after this long
     max_api_errors = 5  # consecutive failed polls before giving up (the job keeps running)
+    stop_timeout_s = 20.0  # Ctrl-C waits this long for the stopped job to end (Ray kills it after 3 s)
 
     def __init__(self, poll_s: float | None = None, probe_timeout_s: float | None = None):
         self.poll_s = poll_s if poll_s is not None else type(self).poll_s
@@ -125,13 +126,35 @@ class RayJobLauncher:
                 log(f"[{spec.name}] submitted Ray job {job} to {url}: {WORKER_COMMAND} {stage_uri}")
             self._follow(client, str(job), log, f"[{spec.name}] Ray job {job}")
         except KeyboardInterrupt:
-            try:
-                client.stop_job(job)
-                log(f"interrupted: stopped Ray job {job}")
-            except Exception as e:  # the interrupt matters more than a failed stop
-                log(f"interrupted: could not stop Ray job {job} ({redact(str(e))}); stop it with `ray job stop {job}`")
+            self._stop(client, str(job), log)
             raise
         return None
+
+    def _stop(self, client: Any, job: str, log: Log) -> None:
+        """Ctrl-C: stop the job and wait, at most ``stop_timeout_s``, until Ray says it ended.
+
+        A job that is still setting up has no supervisor to take the stop yet (Ray's ``stop_job``
+        answers False then), so the stop is sent again each poll until the job is over. The line
+        logged says how it ended: a job that finished before the stop reached it is not "stopped".
+        """
+        deadline = time.monotonic() + self.stop_timeout_s
+        try:
+            while not (status := client.get_job_status(job)).is_terminal():
+                if time.monotonic() > deadline:
+                    log(
+                        f"interrupted: Ray job {job} is still {status.value} {self.stop_timeout_s:.0f} s after "
+                        f"the stop; stop it with `ray job stop {job}`"
+                    )
+                    return
+                client.stop_job(job)
+                time.sleep(self.poll_s)
+        except Exception as e:  # the interrupt matters more than a failed stop
+            log(f"interrupted: could not stop Ray job {job} ({redact(str(e))}); stop it with `ray job stop {job}`")
+            return
+        if status.value == "STOPPED":
+            log(f"interrupted: stopped Ray job {job}")
+        else:
+            log(f"interrupted: Ray job {job} had already ended {status.value} when the stop reached it")
 
     # ------------------------------------------------------------------ pieces
 
