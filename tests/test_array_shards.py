@@ -17,6 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import quiet
+from helpers.datasets import CLASSES, VOCAB, T, write_tokens
 from typer.testing import CliRunner
 
 from kdray.cli import app
@@ -31,27 +33,6 @@ from kdray.engine.pipeline import run_pipeline
 from kdray.engine.spec import parse_pipeline
 
 runner = CliRunner()
-CLASSES, T, VOCAB = 4, 12, 16  # tokens 0..11 are noise; 12 + c marks class c
-
-
-def quiet(_msg: str) -> None:
-    pass
-
-
-def token_task(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """int64 [n, T] sequences of noise tokens with the class's marker token at three random positions."""
-    y = np.arange(n) % CLASSES
-    x = rng.integers(0, 12, size=(n, T)).astype(np.int64)
-    for i in range(n):
-        x[i, rng.choice(T, size=3, replace=False)] = 12 + y[i]
-    return x, y
-
-
-def write_tokens(path: Path, train: int = 400, test: int = 120) -> Path:
-    rng = np.random.default_rng(0)
-    (xt, yt), (xs, ys) = token_task(train, rng), token_task(test, rng)
-    np.savez(path, x_train=xt, y_train=yt, x_test=xs, y_test=ys, class_names=["a", "b", "c", "d"])
-    return path
 
 
 def pipeline(tmp_path: Path, data: dict, *, workers: int = 0, epochs: int = 6, name: str = "tokens", **model) -> dict:

@@ -12,8 +12,8 @@ import json
 import threading
 
 import pytest
-from conftest import synthetic_pipeline
-from s3server import SeaweedS3, weed_binary
+from helpers import synthetic_pipeline
+from helpers.s3server import SeaweedS3, weed_binary
 
 from kdray.core.checkpoint import read_artifact
 from kdray.core.errors import KdrayError

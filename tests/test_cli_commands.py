@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import yaml
-from conftest import synthetic_pipeline
+from helpers import synthetic_pipeline
 from typer.testing import CliRunner
 
 from kdray.cli import app

@@ -2,36 +2,16 @@
 
 from __future__ import annotations
 
-import gzip
-import struct
-
 import numpy as np
 import pytest
 import torch
-from conftest import needs_fmnist
+from helpers import needs_fmnist
+from helpers.datasets import write_fake_fmnist
 
 from kdray.core import data as kdata
 from kdray.core.errors import DataError
 from kdray.core.specs import DataSpec
 from kdray.core.storage import Storage
-
-
-def idx_bytes(array: np.ndarray) -> bytes:
-    return b"\x00\x00\x08" + bytes([array.ndim]) + struct.pack(">" + "I" * array.ndim, *array.shape) + array.tobytes()
-
-
-def write_fake_fmnist(folder, n=40, gz=True, seed=0):
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    arrays = {}
-    for split, (img, lab) in kdata.FASHION_MNIST_FILES.items():
-        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
-        labels = (np.arange(n) % 10).astype(np.uint8)
-        arrays[split] = (images, labels)
-        for name, arr in ((img, images), (lab, labels)):
-            raw = idx_bytes(arr)
-            (folder / (name + (".gz" if gz else ""))).write_bytes(gzip.compress(raw) if gz else raw)
-    return arrays
 
 
 @pytest.mark.parametrize("gz", [True, False])

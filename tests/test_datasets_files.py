@@ -15,8 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers.s3server import SeaweedS3, weed_binary
 from PIL import Image
-from s3server import SeaweedS3, weed_binary
 from typer.testing import CliRunner
 
 from kdray.cli import app

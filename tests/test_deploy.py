@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, synthetic_pipeline
+from helpers import REPO, synthetic_pipeline
 
 from kdray.engine.pipeline import plan
 from kdray.engine.spec import parse_pipeline

@@ -13,7 +13,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import synthetic_pipeline
+from helpers import synthetic_pipeline
 from typer.testing import CliRunner
 
 from kdray.cli import app

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import synthetic_pipeline
+from helpers import synthetic_pipeline
 from typer.testing import CliRunner
 
 from kdray.cli import app

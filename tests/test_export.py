@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn as nn
-from conftest import synthetic_pipeline
+from helpers import synthetic_pipeline
 from typer.testing import CliRunner
 
 from kdray.cli import app

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import synthetic_pipeline
+from helpers import synthetic_pipeline
 
 from kdray.core.stage import StageContext
 from kdray.core.storage import Storage

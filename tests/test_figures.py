@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import synthetic_pipeline
+from helpers import synthetic_pipeline
 
 from kdray.cli import results_lines
 from kdray.core.checkpoint import open_artifact

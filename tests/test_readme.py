@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FMNIST, needs_fmnist
+from helpers import FMNIST, needs_fmnist
 from PIL import Image
 from typer.testing import CliRunner
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, synthetic_pipeline
+from helpers import REPO, synthetic_pipeline
 from typer.testing import CliRunner
 
 from kdray.cli import app
@@ -541,7 +541,7 @@ def test_bad_idx_files_are_data_errors(tmp_path, name, content, expected):
     import gzip
 
     import numpy as np
-    from test_data import idx_bytes, write_fake_fmnist
+    from helpers.datasets import idx_bytes, write_fake_fmnist
 
     from kdray.core import data as kdata
     from kdray.core.errors import DataError

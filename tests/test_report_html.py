@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import synthetic_pipeline
+from helpers import synthetic_pipeline
 from PIL import Image
 
 from kdray.core.checkpoint import open_artifact

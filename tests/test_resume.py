@@ -12,7 +12,7 @@ import json
 import shutil
 
 import pytest
-from conftest import synthetic_pipeline
+from helpers import synthetic_pipeline
 
 from kdray.core.checkpoint import read_artifact
 from kdray.core.errors import StorageError

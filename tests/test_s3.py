@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import synthetic_pipeline
-from s3server import SeaweedS3, weed_binary
-from test_data import idx_bytes
+from helpers import quiet, synthetic_pipeline
+from helpers.datasets import idx_bytes
+from helpers.s3server import SeaweedS3, weed_binary
 
 pytestmark = [
     pytest.mark.slow,
@@ -125,10 +125,6 @@ class Background(threading.Thread):
             self.result = self.fn(*self.args)
         except BaseException as e:
             self.error = e
-
-
-def quiet(_msg):
-    pass
 
 
 # --------------------------------------------------------------------------- Storage on S3

@@ -14,7 +14,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_streaming import accuracy_on_test, quiet, write_npz
+from helpers import quiet
+from helpers.datasets import accuracy_on_test, write_npz
 
 from kdray.core import data as kdata
 from kdray.core.checkpoint import open_artifact

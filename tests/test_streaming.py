@@ -18,8 +18,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import quiet
+from helpers.datasets import TRAIN, accuracy_on_test, write_npz
+from helpers.s3server import SeaweedS3, weed_binary
 from pydantic import ValidationError
-from s3server import SeaweedS3, weed_binary
 from typer.testing import CliRunner
 
 from kdray.cli import app
@@ -28,30 +30,11 @@ from kdray.core import stream
 from kdray.core.checkpoint import open_artifact
 from kdray.core.errors import DataError
 from kdray.core.files import import_dataset
-from kdray.core.metrics import metrics_for, predict
 from kdray.core.specs import DataSpec
 from kdray.engine.pipeline import run_pipeline
 from kdray.engine.spec import parse_pipeline
 
-TRAIN, TEST, CLASSES = 300, 80, 4  # val_fraction 0.1: 30 validation rows, 270 training rows (135 per rank)
 runner = CliRunner()
-
-
-def quiet(_msg: str) -> None:
-    pass
-
-
-def write_npz(path: Path, seed: int = 0) -> Path:
-    """Seeded class prototypes plus noise, 8x8 grey: learnable in a few epochs."""
-    rng = np.random.default_rng(seed)
-    protos = rng.uniform(0, 255, size=(CLASSES, 8, 8))
-    arrays = {}
-    for split, n in (("train", TRAIN), ("test", TEST)):
-        y = np.arange(n) % CLASSES
-        x = np.clip(protos[y] + rng.normal(0, 40, size=(n, 8, 8)), 0, 255).astype(np.uint8)
-        arrays[f"x_{split}"], arrays[f"y_{split}"] = x, y
-    np.savez(path, **arrays)
-    return path
 
 
 @pytest.fixture
@@ -75,13 +58,6 @@ def pipeline(tmp_path: Path, data: dict, *, workers: int, name: str = "stream", 
             }
         ],
     }
-
-
-def accuracy_on_test(uri: str, data: dict) -> float:
-    art = open_artifact(uri)
-    test = kdata.load(DataSpec.model_validate({**data, "stream": False}), "test")
-    logits = predict(art.build_model().eval(), kdata.normalize(test.x, test), 256)
-    return metrics_for(logits, test.y)["top1"]
 
 
 # --------------------------------------------------------------------------- without Ray

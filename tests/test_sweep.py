@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import synthetic_pipeline
+from helpers import synthetic_pipeline
 
 from kdray.core.checkpoint import open_artifact
 from kdray.core.errors import SpecError

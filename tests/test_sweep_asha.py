@@ -6,7 +6,7 @@ import json
 
 import pytest
 import yaml
-from conftest import REPO, synthetic_pipeline
+from helpers import REPO, synthetic_pipeline
 
 from kdray.core.checkpoint import open_artifact
 from kdray.core.errors import SpecError

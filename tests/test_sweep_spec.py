@@ -6,7 +6,7 @@ import math
 
 import pytest
 import yaml
-from conftest import synthetic_pipeline
+from helpers import synthetic_pipeline
 from typer.testing import CliRunner
 
 from kdray.cli import app

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import synthetic_pipeline
+from helpers import quiet, synthetic_pipeline
 
 from kdray.core.checkpoint import open_artifact
 from kdray.core.stage import StageContext
@@ -16,10 +16,6 @@ from kdray.engine.pipeline import plan, run_pipeline
 from kdray.engine.spec import parse_pipeline
 
 EVAL = {"name": "eval", "kind": "evaluate", "models": ["teacher"]}
-
-
-def quiet(_msg):
-    pass
 
 
 def test_local_pipeline_trains_evaluates_and_caches(tmp_path):

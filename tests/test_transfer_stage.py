@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import synthetic_pipeline
+from helpers import synthetic_pipeline
 
 from kdray.core.checkpoint import open_artifact
 from kdray.core.errors import KdrayError

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from conftest import needs_fmnist
+from helpers import needs_fmnist
 from typer.testing import CliRunner
 
 from kdray.cli import app

@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import synthetic_pipeline
+from helpers import synthetic_pipeline
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FMNIST, needs_fmnist
+from helpers import FMNIST, needs_fmnist, quiet
+from helpers.s3server import SeaweedS3, weed_binary
 from pydantic import ValidationError
-from s3server import SeaweedS3, weed_binary
 
 from kdray.adapt.stage import AdaptStage
 from kdray.core import data as kdata
@@ -58,10 +58,6 @@ class SmallNet(nn.Module):
     def forward(self, x):
         return self.fc(self.pool(self.features(x)).flatten(1))
 '''
-
-
-def quiet(_msg: str) -> None:
-    pass
 
 
 def idx(name: str, n: int, row_bytes: int) -> np.ndarray:

@@ -13,7 +13,7 @@ import hashlib
 
 import pytest
 import torch
-from conftest import synthetic_pipeline
+from helpers import synthetic_pipeline
 
 from kdray.core import data as kdata
 from kdray.core.checkpoint import open_artifact
