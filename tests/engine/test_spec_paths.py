@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 from safetensors.torch import save_file
 
 from kdray.core.errors import SpecError
@@ -14,7 +15,7 @@ from kdray.core.usermodels import build_model
 from kdray.engine.pipeline import plan
 from kdray.engine.spec import load_pipeline, parse_pipeline
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO
 
 # Computed on main before spec-relative paths existed: an example's keys must never change with it.
 PINNED = {

@@ -18,12 +18,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import REPO
 
 from kdray.core.errors import KdrayError
 from kdray.k8s.render import JobRequest, rayjob_name, render_raycluster, render_rayjob, to_yaml
 from kdray.k8s.validate import kuberay_schema, validate_kuberay
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 K8S = ROOT / "k8s"
 OVERLAYS = ("base", "overlays/cpu", "overlays/gpu")
 K8S_VERSION = "1.35.0"

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import FMNIST, needs_fmnist
+from helpers import FMNIST, REPO, needs_fmnist
 from PIL import Image
 from typer.testing import CliRunner
 
 from kdray.cli import app
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = REPO / "README.md"
 SMALL_RUN = ["run.workers=0", "stages.net.optim.epochs=1"]
 
 

@@ -1,6 +1,6 @@
 """Tests for kdray.losses: hand-computed values, shape bridging, errors and real optimisation steps.
 
-.venv/bin/python -m pytest tests/test_losses.py -q -p no:cacheprovider
+.venv/bin/python -m pytest tests/distill/test_losses.py -q -p no:cacheprovider
 """
 
 from __future__ import annotations

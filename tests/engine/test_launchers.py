@@ -3,8 +3,8 @@
 Real parts: the ``ray`` launcher meets a real ``ray start --head`` (its own ports and temp dir,
 ended by process id in teardown: other Ray clusters on this machine are never touched), and
 ``kdray.worker`` really runs stages. The ``kuberay`` launcher meets the loopback stand-in of the
-Kubernetes API from ``tests/test_kuberay.py``, because no API server can run on this machine; its
-artifacts go to a real S3-compatible server (SeaweedFS, ``tests/s3server.py``), since pods cannot
+Kubernetes API from ``tests/helpers/kubeapi.py``, because no API server can run on this machine; its
+artifacts go to a real S3-compatible server (SeaweedFS, ``tests/helpers/s3server.py``), since pods cannot
 read a local folder and the launcher refuses ``file://``. Where the stand-in plays KubeRay
 running a job, it runs the RayJob's own entrypoint (``python -m kdray.worker <uri>``, parsed from
 the created object) through ``kdray.engine.remote.main`` in this process: the submitter pod would run

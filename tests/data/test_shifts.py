@@ -1,6 +1,6 @@
 """Domain shifts: determinism, the pixel changes each one promises, spec validation and hashing.
 
-.venv/bin/python -m pytest tests/test_shifts.py -q -p no:cacheprovider
+.venv/bin/python -m pytest tests/data/test_shifts.py -q -p no:cacheprovider
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ def test_reads_idx_from_a_storage_prefix(tmp_path):
     store = Storage(f"file://{tmp_path}/bucket")
     for f in (tmp_path / "fm").iterdir():
         store.upload_file(f, f"datasets/fmnist/{f.name}")
-    # a file:// URI goes through the folder reader; the storage reader is exercised with s3:// in test_s3.
+    # a file:// URI goes through the folder reader; the storage reader is exercised with s3:// in core/test_storage_s3.py.
     split = kdata.load(DataSpec(name="fashion_mnist", path=store.uri("datasets/fmnist")), "test")
     assert len(split) == 40
 

@@ -1,7 +1,7 @@
 """Tests for kdray.transfer: mapping rules and adapters on real kdray models, the transfer report,
 layer rules, batch-norm modes, L2-SP, tied modules, and every bad-input error.
 
-    .venv/bin/python -m pytest tests/test_transfer.py -q -p no:cacheprovider
+    .venv/bin/python -m pytest tests/transfer/test_transfer_mapping.py -q -p no:cacheprovider
 """
 
 from __future__ import annotations

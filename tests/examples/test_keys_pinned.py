@@ -1,7 +1,7 @@
 """Every example's stage keys are pinned: a key names a stage's artifacts and caches in a user's
 storage, so a change of the code (a refactor, a new field with a default) must not change one.
 
-``tests/pinned_keys.json`` holds every example's ``kdray plan`` keys as first computed (before the
+``pinned_keys.json`` (beside this file) holds every example's ``kdray plan`` keys as first computed (before the
 merges of the lineage, Hugging Face and CLI work, checked against that commit). A new example is
 added to the file by hand, once; an existing entry changes only with a migration note in the
 changelog, because every user's cached artifacts of that spec would be orphaned.
@@ -13,17 +13,20 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
 from kdray.engine.pipeline import plan
 from kdray.engine.spec import load_pipeline
 
-ROOT = Path(__file__).resolve().parent.parent
-PINNED = json.loads((ROOT / "tests" / "pinned_keys.json").read_text())
+ROOT = REPO
+PINNED = json.loads(Path(__file__).with_name("pinned_keys.json").read_text())
 EXAMPLES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "examples").glob("*.yaml"))
 
 
 def test_every_example_is_pinned():
-    assert sorted(PINNED) == EXAMPLES, "add the new example's `kdray plan --json` keys to tests/pinned_keys.json"
+    assert sorted(PINNED) == EXAMPLES, (
+        "add the new example's `kdray plan --json` keys to tests/examples/pinned_keys.json"
+    )
 
 
 @pytest.mark.parametrize("example", EXAMPLES)

@@ -2,7 +2,7 @@
 gradients reaching the right parameters, short real trainings, and a two-rank gloo run of
 the all_gather path.
 
-    .venv/bin/python -m pytest tests/test_adapt.py -q -p no:cacheprovider
+    .venv/bin/python -m pytest tests/adapt/test_adapt_methods.py -q -p no:cacheprovider
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ imports it from ``sys.path`` and the Ray workers get it through Ray's ``runtime_
 (docs/models.md, "On a cluster"); the workers never see the driver's ``sys.path``. The dataset is a
 slice of Fashion-MNIST imported with ``kdray data import``'s code into a real SeaweedFS bucket, and the
 pipeline's storage is in the same bucket (the Ray workers, started before the S3 settings were in
-the environment, read the in-memory stages' data through the run's filesystem, as in test_s3.py).
+the environment, read the in-memory stages' data through the run's filesystem, as in core/test_storage_s3.py).
 One pipeline per worker count holds every stage, run one at a time.
 """
 

@@ -1,7 +1,7 @@
 """Tests for kdray.transferability: LogME against a brute-force evidence maximisation, LEEP against a
 hand computation, rankings and Kendall's tau.
 
-    .venv/bin/python -m pytest tests/test_transferability.py -q -p no:cacheprovider
+    .venv/bin/python -m pytest tests/transfer/test_transferability.py -q -p no:cacheprovider
 """
 
 from __future__ import annotations

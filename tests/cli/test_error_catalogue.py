@@ -14,14 +14,14 @@ import re
 from pathlib import Path
 
 import pytest
-from helpers import synthetic_pipeline
+from helpers import REPO, synthetic_pipeline
 from typer.testing import CliRunner
 
 from kdray.cli import app
 from kdray.core.errors import KdrayError
 from kdray.engine.spec import load_pipeline, parse_pipeline
 
-SOURCE = Path(__file__).resolve().parent.parent / "kdray"
+SOURCE = REPO / "kdray"
 ERRORS = {"KdrayError", "SpecError", "DataError", "StorageError", "CheckpointMismatch", "_bad"}
 
 DOUBLE_PERIOD = re.compile(r"(?<![.\s/\d{}(~])\.\.(?![./\d{}])")  # not '...', '../x', '0..9', '{}..{}'

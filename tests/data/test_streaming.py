@@ -117,7 +117,7 @@ def test_what_streaming_cannot_do_is_refused_naming_the_field(shards, tmp_path):
     result = runner.invoke(app, ["run", str(spec_file)])
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert "stages.net.data.stream: true needs Ray Train workers, but run.workers is 0" in result.output
-    # a streamed distill stage's teacher cache: tests/test_stream_cache.py
+    # a streamed distill stage's teacher cache: tests/distill/test_stream_cache.py
 
 
 def test_a_label_outside_the_classes_names_the_shard(shards):
