@@ -4,7 +4,7 @@
     .venv/bin/python bench/data.py --limit 12000 --rows 2000 --json out.json
 
 (a) **Throughput**: Fashion-MNIST (``--limit`` training rows) imported as Parquet shards into a
-    SeaweedFS S3 bucket (tests/s3server.py, on loopback), then ``cnn_small`` trained for ``--epochs``
+    SeaweedFS S3 bucket (tests/helpers/s3server.py, on loopback), then ``cnn_small`` trained for ``--epochs``
     epochs by one Ray Train worker (1 CPU; the other CPU is Ray Data's) on the same shards, once
     loaded into memory and once streamed (``data.stream: true``). Figure: samples/s of each epoch's
     training steps (for the streamed run this includes waiting for the epoch's first batch),
@@ -53,7 +53,7 @@ from kdray.engine.spec import parse_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
-from s3server import SeaweedS3  # noqa: E402  (the test suite's real S3 server)
+from helpers.s3server import SeaweedS3  # noqa: E402  (the test suite's real S3 server)
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: one real local Ray for the session, temporary storage, data availability.
+"""Shared fixtures (one real local Ray for the session, temporary storage) and the environment of every test.
+Helpers to import are in ``tests/helpers/``.
 
 The suite runs Ray as users do: nothing here changes Ray's settings (token authentication stays on,
 as Ray's default; kdray itself sets what it sets for every user, ``kdray.engine.driver.RAY_ENV``). A
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-from pathlib import Path
 
 import pytest
 
@@ -27,13 +27,6 @@ for key, value in {
     "KDRAY_CLUSTER_FILE": os.path.join(_TMP, "cluster.json"),  # never join a `kdray cluster up` of the user
 }.items():
     os.environ.setdefault(key, value)
-
-REPO = Path(__file__).resolve().parent.parent
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-
-needs_fmnist = pytest.mark.skipif(
-    not (FMNIST / "train-images-idx3-ubyte.gz").exists(), reason="Debian package dataset-fashion-mnist is not installed"
-)
 
 
 @pytest.fixture(scope="session")
@@ -55,23 +48,3 @@ def store(tmp_path):
     from kdray.core.storage import Storage
 
     return Storage(f"file://{tmp_path}/store")
-
-
-def synthetic_pipeline(tmp_path: Path, *, workers: int = 0, epochs: int = 2, extra_stages=(), **run) -> dict:
-    """A small, fast pipeline document on the synthetic dataset (learnable in a few steps)."""
-    data = {"name": "synthetic", "options": {"num_samples": 256, "image_size": 8, "num_classes": 4}}
-    return {
-        "name": "synth",
-        "storage": {"uri": f"file://{tmp_path}/runs"},
-        "run": {"workers": workers, **run},
-        "stages": [
-            {
-                "name": "teacher",
-                "kind": "train",
-                "model": {"name": "cnn_small"},
-                "data": data,
-                "optim": {"epochs": epochs, "batch_size": 32, "lr": 3e-3},
-            },
-            *extra_stages,
-        ],
-    }
