@@ -18,11 +18,11 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from kdray.core.checkpoint import open_artifact, read_artifact
+from kdray.contracts.checkpoint import open_artifact, read_artifact
+from kdray.contracts.specs import is_artifact_uri
+from kdray.contracts.stage import STAGE_KINDS
 from kdray.core.errors import KdrayError
 from kdray.core.registry import did_you_mean
-from kdray.core.specs import is_artifact_uri
-from kdray.core.stage import STAGE_KINDS
 from kdray.core.storage import Storage
 from kdray.engine import pipeline as kpipeline
 from kdray.engine.launchers import artifact_store, spec_to_json

@@ -62,11 +62,11 @@ app = typer.Typer(
 
 # the names `kdray ls` lists, and the module that registers each (imported only when listed)
 REGISTRIES = {
-    "models": ("kdray.core.models", "MODELS"),
-    "datasets": ("kdray.core.data", "DATASETS"),
+    "models": ("kdray.models", "MODELS"),
+    "datasets": ("kdray.data.datasets", "DATASETS"),
     "losses": ("kdray.distill.losses", "LOSSES"),
-    "stages": ("kdray.core.stage", "STAGE_KINDS"),
-    "shifts": ("kdray.core.shifts", "SHIFTS"),
+    "stages": ("kdray.contracts.stage", "STAGE_KINDS"),
+    "shifts": ("kdray.data.shifts", "SHIFTS"),
     "adapt-methods": ("kdray.adapt.methods", "ADAPT_METHODS"),
     "transfer-strategies": ("kdray.transfer.mapping", "MATCH_STRATEGIES"),
 }
@@ -240,7 +240,7 @@ def run(
     ),
 ) -> None:
     """Run a pipeline here (embedded Ray, or run.address), artifacts to the spec's storage; stages that do not depend on each other run at the same time."""
-    from kdray.core.checkpoint import open_artifact
+    from kdray.contracts.checkpoint import open_artifact
     from kdray.core.meter import short_time
     from kdray.engine.driver import Interrupted, catch_signals
     from kdray.engine.pipeline import run_pipeline
@@ -458,7 +458,7 @@ def list_registry(what: str, json_out: bool) -> None:
 
 
 def list_artifacts(where: str, json_out: bool) -> None:
-    from kdray.core.checkpoint import read_artifact
+    from kdray.contracts.checkpoint import read_artifact
     from kdray.core.storage import Storage
 
     store = Storage(where)
@@ -503,7 +503,7 @@ def show(
     json_out: bool = json_opt("the manifest (and an evaluate stage's report.json)"),
 ) -> None:
     """Print what an artifact holds: its stage, key, model and metrics (and an evaluate stage's results)."""
-    from kdray.core.checkpoint import open_artifact
+    from kdray.contracts.checkpoint import open_artifact
     from kdray.core.meter import number, short_time
 
     art = open_artifact(uri)
@@ -629,7 +629,7 @@ def data_import(
     val_fraction: float = typer.Option(0.1, "--val-fraction", min=0.0, max=0.5, help="--as text: validation documents"),
 ) -> None:
     """Convert SRC into Parquet shards with a dataset.json (classes, counts, mean/std, fingerprint) under DEST."""
-    from kdray.core.files import import_dataset
+    from kdray.data.files import import_dataset
     from kdray.engine import progress
 
     meta = import_dataset(
@@ -693,7 +693,7 @@ def score(
     overrides: Optional[list[str]] = overrides_arg(),
 ) -> None:
     """Rank candidate sources for a transfer stage by LogME and LEEP on its target data (no training)."""
-    from kdray.core.checkpoint import write_artifact
+    from kdray.contracts.checkpoint import write_artifact
     from kdray.core.meter import article
     from kdray.core.storage import Storage
     from kdray.engine.pipeline import parent_artifacts, plan

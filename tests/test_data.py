@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import needs_fmnist
 
-from kdray.core import data as kdata
+from kdray.contracts.specs import DataSpec
 from kdray.core.errors import DataError
-from kdray.core.specs import DataSpec
 from kdray.core.storage import Storage
+from kdray.data import datasets as kdata
 
 
 def idx_bytes(array: np.ndarray) -> bytes:

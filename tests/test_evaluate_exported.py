@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import synthetic_pipeline
 
-from kdray.core.checkpoint import open_artifact
+from kdray.contracts.checkpoint import open_artifact
 from kdray.core.errors import KdrayError
 from kdray.engine.export import export_artifact
 from kdray.engine.pipeline import run_pipeline

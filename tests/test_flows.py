@@ -29,7 +29,7 @@ from flows.deploy import IMAGE_SOURCE, build_deployment, k8s_job_variables
 from flows.pipeline import pipeline_flow
 from flows.stages import stages_flow
 from flows.tasks import is_infrastructure_failure, report_key, select_stages
-from kdray.core.checkpoint import open_artifact
+from kdray.contracts.checkpoint import open_artifact
 from kdray.core.errors import KdrayError, SpecError
 from kdray.engine.launchers import spec_to_json
 from kdray.engine.pipeline import plan

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import synthetic_pipeline
 
-from kdray.core.checkpoint import open_artifact
+from kdray.contracts.checkpoint import open_artifact
 from kdray.core.errors import SpecError
 from kdray.engine.spec import parse_pipeline
 from kdray.engine.sweep import expand, parse_grid, run_sweep

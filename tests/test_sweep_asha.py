@@ -8,7 +8,7 @@ import pytest
 import yaml
 from conftest import REPO, synthetic_pipeline
 
-from kdray.core.checkpoint import open_artifact
+from kdray.contracts.checkpoint import open_artifact
 from kdray.core.errors import SpecError
 from kdray.engine.pareto import ChooseSpec, choose, dominates, pareto_front
 from kdray.engine.pipeline import run_pipeline

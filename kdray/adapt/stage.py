@@ -23,15 +23,15 @@ import torch.nn as nn
 from pydantic import Field, field_validator, model_validator
 
 from kdray.adapt.methods import ADAPT_METHODS, AdaptMethodSpec, build_adapt_method, entropy_score, snd_score
-from kdray.core import data as kdata
-from kdray.core.checkpoint import Artifact, load_state_checked, open_artifact, read_artifact
+from kdray.contracts.checkpoint import Artifact, load_state_checked, open_artifact, read_artifact
+from kdray.contracts.method import Method
+from kdray.contracts.specs import DataSpec, ModelSpec, OptimSpec, StageBase, spec_hash
+from kdray.contracts.stage import Job, Shard, StageContext, StageKind, stage_kind
+from kdray.contracts.usermodels import build_model
 from kdray.core.errors import KdrayError
-from kdray.core.method import Method
 from kdray.core.metrics import metrics_for, predict
 from kdray.core.registry import did_you_mean
-from kdray.core.specs import DataSpec, ModelSpec, OptimSpec, StageBase, spec_hash
-from kdray.core.stage import Job, Shard, StageContext, StageKind, stage_kind
-from kdray.core.usermodels import build_model
+from kdray.data import datasets as kdata
 
 VALIDATION_ROWS = 2000  # rows per rank scored by the validators each epoch
 

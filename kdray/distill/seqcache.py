@@ -33,13 +33,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field
 
-from kdray.core import data as kdata
-from kdray.core import stream
-from kdray.core.checkpoint import Artifact, bytes_to_state, sha256
+from kdray.contracts.checkpoint import Artifact, bytes_to_state, sha256
+from kdray.contracts.specs import Spec, spec_hash
+from kdray.contracts.stage import StageContext
 from kdray.core.errors import KdrayError
-from kdray.core.specs import Spec, spec_hash
-from kdray.core.stage import StageContext
 from kdray.core.storage import Storage
+from kdray.data import datasets as kdata
+from kdray.data import stream
 from kdray.distill.cache import CACHE_FORMAT, ChunkWriter, cached_meta, chunk_name, given, read_cache_meta
 
 CHUNK_BYTES = 8 << 20  # about 8 MiB a chunk

@@ -18,17 +18,16 @@ import torch
 import torch.nn as nn
 from pydantic import Field, field_validator
 
-from kdray.core import data as kdata
-from kdray.core import lm, transforms
-from kdray.core.checkpoint import Artifact, bytes_to_state, open_artifact, state_to_bytes
+from kdray.contracts.checkpoint import Artifact, bytes_to_state, open_artifact, state_to_bytes
+from kdray.contracts.method import Method
+from kdray.contracts.specs import DataSpec, ModelSpec, OptimSpec, Spec, StageBase, spec_hash
+from kdray.contracts.stage import Job, Shard, StageContext, StageKind, stage_kind
+from kdray.contracts.usermodels import build_model
 from kdray.core.errors import KdrayError
-from kdray.core.hooks import Outputs, forward_with_features
-from kdray.core.method import Method
-from kdray.core.specs import DataSpec, ModelSpec, OptimSpec, Spec, StageBase, spec_hash
-from kdray.core.stage import Job, Shard, StageContext, StageKind, stage_kind
 from kdray.core.storage import Storage
-from kdray.core.text import is_token_data
-from kdray.core.usermodels import build_model
+from kdray.data import datasets as kdata
+from kdray.data import transforms
+from kdray.data.text import is_token_data
 from kdray.distill.cache import attach_logits, ensure_cache, ensure_stream_cache, read_cache_rows
 from kdray.distill.datafree import synthesize
 from kdray.distill.losses import LossTerm
@@ -40,6 +39,8 @@ from kdray.distill.seqcache import (
     is_seq_cache,
     read_topk_rows,
 )
+from kdray.models import lm
+from kdray.models.hooks import Outputs, forward_with_features
 
 
 class DataFreeSpec(Spec):

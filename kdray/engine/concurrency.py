@@ -30,8 +30,8 @@ from collections import deque
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
+from kdray.contracts.stage import kind_of
 from kdray.core.errors import KdrayError
-from kdray.core.stage import kind_of
 from kdray.engine.driver import ensure_ray, ray_child_env
 from kdray.engine.launchers import ANSI, WORKER_COMMAND, launcher_for, log_tail, write_stage_file
 from kdray.engine.spec import PipelineSpec

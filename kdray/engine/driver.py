@@ -27,10 +27,10 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn as nn
 
-from kdray.core.checkpoint import bytes_to_state
+from kdray.contracts.checkpoint import bytes_to_state
+from kdray.contracts.specs import RunSpec
+from kdray.contracts.stage import FitResult, Job, kind_of
 from kdray.core.errors import KdrayError, StorageError
-from kdray.core.specs import RunSpec
-from kdray.core.stage import FitResult, Job, kind_of
 from kdray.core.storage import Storage
 from kdray.core.usercode import from_user_code
 from kdray.engine import cluster, diagnostics, progress, reaper

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from kdray.core.checkpoint import Artifact, open_artifact, sha256
+from kdray.contracts.checkpoint import Artifact, open_artifact, sha256
 from kdray.core.errors import KdrayError
 
 EXPORTS = "exports.json"
@@ -340,8 +340,8 @@ def preprocessor_config(art: Artifact) -> dict[str, Any] | None:
 
 def data_normalisation(art: Artifact) -> tuple[Any, Any]:
     """The mean and std the artifact's stage normalised its inputs with (read from its data spec)."""
-    from kdray.core import data as kdata
-    from kdray.core.specs import DataSpec
+    from kdray.contracts.specs import DataSpec
+    from kdray.data import datasets as kdata
 
     data = (art.manifest.get("spec") or {}).get("data")
     split = kdata.load(DataSpec.model_validate(data or {}), "val")
@@ -356,8 +356,8 @@ def export_hf(
 ) -> dict[str, Any]:
     """Write ``model`` (a transformers network) as a Hugging Face folder in ``store``, load it back with
     ``from_pretrained`` and compare its logits with kdray's on a seeded batch; return the record."""
-    from kdray.core.hffolder import write_folder
-    from kdray.core.models.hf import TASKS, transformers
+    from kdray.contracts.hffolder import write_folder
+    from kdray.models.hf import TASKS, transformers
 
     record = art.manifest["model"]
     if not record.get("hf"):

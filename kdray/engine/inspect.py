@@ -15,12 +15,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from kdray.core import data as kdata
+from kdray.contracts.stage import model_kwargs
+from kdray.contracts.usermodels import build_model
 from kdray.core.errors import SpecError
-from kdray.core.hooks import classifier_name
 from kdray.core.meter import article
-from kdray.core.stage import model_kwargs
-from kdray.core.usermodels import build_model
+from kdray.data import datasets as kdata
+from kdray.models.hooks import classifier_name
 
 
 @dataclass

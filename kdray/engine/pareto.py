@@ -18,8 +18,8 @@ from typing import Any, Literal, Sequence
 import torch
 from pydantic import Field, model_validator
 
-from kdray.core.checkpoint import Artifact, open_artifact, write_artifact
-from kdray.core.specs import Spec
+from kdray.contracts.checkpoint import Artifact, open_artifact, write_artifact
+from kdray.contracts.specs import Spec
 from kdray.core.storage import Storage
 from kdray.evaluate.latency import model_latency
 

@@ -25,14 +25,14 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
-from kdray.core import lineage
-from kdray.core.checkpoint import Artifact, open_artifact, read_artifact
+from kdray.contracts.checkpoint import Artifact, open_artifact, read_artifact
+from kdray.contracts.specs import is_artifact_uri, spec_hash
+from kdray.contracts.stage import kind_of
 from kdray.core.errors import KdrayError
 from kdray.core.meter import short_time
-from kdray.core.specs import is_artifact_uri, spec_hash
-from kdray.core.stage import kind_of
 from kdray.core.storage import Storage
 from kdray.core.usercode import from_user_code
+from kdray.data import lineage
 from kdray.engine import concurrency
 from kdray.engine.launchers import LAUNCHERS, artifact_store, kuberay, launcher_for, local, ray  # noqa: F401 (registers them)
 from kdray.engine.preflight import preflight
@@ -135,7 +135,7 @@ def cached_outcome(
     """The outcome of a stage whose artifact already exists and is current (logged as cached), else None.
 
     An artifact is not believed when the data it was made from changed since (its manifest's data
-    fingerprints, ``kdray.core.lineage``) or a parent was published again with other weights: the stage
+    fingerprints, ``kdray.data.lineage``) or a parent was published again with other weights: the stage
     is then added to ``stale`` (it must start over, not resume its old run) and the reason is logged.
     """
     t0 = time.perf_counter()

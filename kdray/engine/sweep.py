@@ -40,10 +40,10 @@ from typing import Any, Callable, Literal
 import numpy as np
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from kdray.core.checkpoint import open_artifact, write_artifact
+from kdray.contracts.checkpoint import open_artifact, write_artifact
+from kdray.contracts.specs import Spec, spec_hash
+from kdray.contracts.stage import StageContext
 from kdray.core.errors import SpecError
-from kdray.core.specs import Spec, spec_hash
-from kdray.core.stage import StageContext
 from kdray.core.storage import Storage
 from kdray.distill.stage import cache_decision, warm_cache
 from kdray.engine import pareto

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdray.core.checkpoint import Artifact, sha256
+from kdray.contracts.checkpoint import Artifact, sha256
 from kdray.core.errors import CheckpointMismatch, KdrayError
 from kdray.core.metrics import metrics_for
 from kdray.evaluate.latency import as_row, measure

@@ -26,9 +26,9 @@ import os
 import re
 from typing import Any, Callable, Protocol
 
-from kdray.core.checkpoint import Artifact
-from kdray.core.specs import LAUNCHERS as LAUNCHERS  # the table the spec names launchers from
-from kdray.core.stage import kind_of
+from kdray.contracts.checkpoint import Artifact
+from kdray.contracts.specs import LAUNCHERS as LAUNCHERS  # the table the spec names launchers from
+from kdray.contracts.stage import kind_of
 from kdray.core.storage import Storage
 from kdray.engine.spec import PipelineSpec
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from kdray.core import lineage
-from kdray.core.checkpoint import Artifact
-from kdray.core.stage import StageContext, kind_of, run_name
+from kdray.contracts.checkpoint import Artifact
+from kdray.contracts.stage import StageContext, kind_of, run_name
 from kdray.core.storage import Storage
+from kdray.data import lineage
 from kdray.engine import diagnostics, progress
 from kdray.engine.driver import fit
 from kdray.engine.inference import stream_inference

@@ -11,7 +11,7 @@ A dataset spec lists its transforms in order, one mapping per item, the transfor
         - {normalize: {mean: [0.286], std: [0.353]}}  # deterministic: the mean/std inputs are normalised with
 
 Every transform works on pixel scale (float ``[N, C, H, W]`` in [0, 1]), on CPU, in the data pipeline:
-:func:`kdray.core.data.load` applies the deterministic ones once to the whole split, and the training
+:func:`kdray.data.datasets.load` applies the deterministic ones once to the whole split, and the training
 batch source applies the random ones to each CPU batch (:func:`apply` with ``train=True``) before the
 loop moves it to its device. A random transform draws from a counter-based generator keyed by (run
 seed, epoch, row id, the transform's position), so a rerun gives the same augmentation and every epoch
@@ -20,7 +20,7 @@ the centre crop of the same size (so every split has the models' image size) and
 
 ``normalize`` must come last: it replaces the dataset's own mean and std (one value, or one per
 channel), which the batch source uses after the pixel transforms. The image size models are built for
-is :func:`output_size` of the dataset's (``kdray.core.data.describe``).
+is :func:`output_size` of the dataset's (``kdray.data.datasets.describe``).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ through Ray Data instead of loading it into memory (``kdray.engine.datasets`` bu
 pipeline). The rows and labels each split gets must be exactly those of the in-memory path, so the
 plan is made by the same code: :func:`plan` reads only the ``id`` and ``label`` columns of the
 training shards (8 + 8 bytes a row), builds a ``Split`` whose ``x`` holds the row ids instead of
-pixels, and hands it to :func:`kdray.core.data.select` (class subset, seeded stratified validation
+pixels, and hands it to :func:`kdray.data.datasets.select` (class subset, seeded stratified validation
 carve, limit, label withholding). The resulting ids and labels become a lookup table
 (``row id -> label``; ``-1`` withheld, ``-2`` not in this split) that :func:`decode_batch` applies
 to each streamed batch before decoding its PNG bytes with Pillow.
@@ -22,12 +22,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from kdray.core import arrays as array_shards
-from kdray.core import data as kdata
 from kdray.core.errors import DataError, KdrayError
-from kdray.core.files import META, decode, read_meta
 from kdray.core.storage import Storage
-from kdray.core.transforms import TransformSpec, apply, stats
+from kdray.data import arrays as array_shards
+from kdray.data import datasets as kdata
+from kdray.data.files import META, decode, read_meta
+from kdray.data.transforms import TransformSpec, apply, stats
 
 NOT_IN_SPLIT = -2  # lookup value of a row that the split does not hold (-1 is a withheld label)
 
@@ -172,7 +172,7 @@ def decode_batch(
     (data.transforms, :func:`transform_options`) run on the decoded pixels: with ``augment`` (the training
     part) the random ones draw from (``seed``, ``epoch``, row id), else the deterministic view.
     """
-    if layout is not None:  # array shards (column ``array``): raw values, no image (kdray.core.arrays)
+    if layout is not None:  # array shards (column ``array``): raw values, no image (kdray.data.arrays)
         return array_shards.decode_batch(
             batch, lookup=lookup, layout=layout, not_in_split=NOT_IN_SPLIT, prefix=prefix, seed=seed
         )
@@ -191,7 +191,7 @@ def decode_batch(
     m = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
     s = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
     pixels = x.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
-    if transforms:  # data.transforms, on this CPU batch in the Ray Data task (kdray.core.transforms)
+    if transforms:  # data.transforms, on this CPU batch in the Ray Data task (kdray.data.transforms)
         steps = [TransformSpec.model_validate(t) for t in transforms]
         pixels = apply(torch.from_numpy(pixels), steps, train=augment, rows=ids[keep], seed=seed, epoch=epoch).numpy()
     return {"x": (pixels - m) / s, "y": labels[keep].astype(np.int64), "index": ids[keep]}

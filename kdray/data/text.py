@@ -2,7 +2,7 @@
 
 ``kdray data import SRC DEST --as text`` reads a folder of text files (every file whose name ends in one
 of ``suffixes``, minus the ``exclude`` patterns; one file is one document) or a JSONL file (one document
-per line, its ``text_field``), tokenizes it and writes array shards (``kdray.core.arrays``: columns
+per line, its ``text_field``), tokenizes it and writes array shards (``kdray.data.arrays``: columns
 ``id``, ``array``, ``label``) that the ``parquet`` dataset kind reads in memory or streams, with a
 ``dataset.json`` that says what the tokens are (its ``text`` block).
 
@@ -15,7 +15,7 @@ per line, its ``text_field``), tokenizes it and writes array shards (``kdray.cor
 * **Packed fixed-length rows**: the documents of a part are joined, each followed by the end-of-document
   token, and cut into rows of ``seq_len`` ids (int32); the last row of a part is padded with ``-1``
   (``PAD``), which models read as id 0 and losses leave out. The validation documents' rows come after
-  the training documents' rows in the ``train`` split (``held_out_from``): :func:`kdray.core.data.select`
+  the training documents' rows in the ``train`` split (``held_out_from``): :func:`kdray.data.datasets.select`
   makes them the validation split, whatever ``val_fraction`` says.
 
 A row's label is 0 (a language model has no class per row); ``num_classes`` is the vocabulary size, the
@@ -37,10 +37,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kdray.core import arrays
 from kdray.core.errors import DataError
 from kdray.core.meter import Meter, log_meter
 from kdray.core.storage import Storage
+from kdray.data import arrays
 
 PAD = -1  # a padded position: not a token (the model reads id 0 there), never a target
 BYTES_VOCAB = 257  # 256 byte values and the end-of-document id

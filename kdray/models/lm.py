@@ -1,6 +1,6 @@
 """Next-token prediction over token-id rows: what a causal language model's loss, evaluation and samples share.
 
-A row ``x`` ``[N, T]`` holds token ids, ``-1`` where it is padded (``kdray.core.text``). A causal LM's
+A row ``x`` ``[N, T]`` holds token ids, ``-1`` where it is padded (``kdray.data.text``). A causal LM's
 logits ``[N, T, V]`` score at position ``t`` the token at ``t + 1``, so the targets are ``x[:, 1:]``
 and the last position has none; a target of ``-1`` (padding) is never scored.
 """

@@ -15,14 +15,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from kdray.core.checkpoint import MANIFEST, bytes_to_state, load_state_checked, open_artifact, sha256
+from kdray.contracts.checkpoint import MANIFEST, bytes_to_state, load_state_checked, open_artifact, sha256
+from kdray.contracts.hffolder import build_from_folder, open_folder
+from kdray.contracts.specs import ModelSpec
 from kdray.core.errors import StorageError
-from kdray.core.hffolder import build_from_folder, open_folder
-from kdray.core.models import adopt, build_user_model, create_model
-from kdray.core.models.hf import build_from_config, check_positions
-from kdray.core.models.inputs import with_inputs
-from kdray.core.specs import ModelSpec
 from kdray.core.storage import Storage
+from kdray.models import adopt, build_user_model, create_model
+from kdray.models.hf import build_from_config, check_positions
+from kdray.models.inputs import with_inputs
 
 
 def split_uri(uri: str) -> tuple[Storage, str]:

@@ -21,13 +21,13 @@ from pydantic import (
     model_validator,
 )
 
-from kdray.core import files  # noqa: F401  (registers the file-backed datasets: parquet, image_folder)
-from kdray.core.data import DATASETS
 from kdray.core.errors import KdrayError
-from kdray.core.models import MODELS, import_target
 from kdray.core.registry import Entry, Registry, check_params, did_you_mean
-from kdray.core.shifts import ShiftSpec
-from kdray.core.transforms import TransformSpec, check_order
+from kdray.data import files  # noqa: F401  (registers the file-backed datasets: parquet, image_folder)
+from kdray.data.datasets import DATASETS
+from kdray.data.shifts import ShiftSpec
+from kdray.data.transforms import TransformSpec, check_order
+from kdray.models import MODELS, import_target
 
 DNS_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 
@@ -318,7 +318,7 @@ class DataSpec(Spec):
     ``transforms`` (``resize``, ``center_crop``, ``random_crop``, ``hflip``, ``normalize``; in order, on CPU
     in the data pipeline: at load, in the batch source, or in Ray Data's decode step when streamed) set the
     image size models are built for; the random ones augment the training batches only, seeded by (run
-    seed, epoch, row id), and validation and test data get the deterministic view (``kdray.core.transforms``,
+    seed, epoch, row id), and validation and test data get the deterministic view (``kdray.data.transforms``,
     docs/data.md).
     """
 

@@ -25,10 +25,10 @@ import torch
 
 from kdray.core.errors import DataError
 from kdray.core.registry import Registry
-from kdray.core.shifts import compose, shift_hash
 from kdray.core.storage import Storage
-from kdray.core.transforms import TransformSpec, apply, has_random, output_size, split_random, stats
-from kdray.core.transforms import key as transforms_key
+from kdray.data.shifts import compose, shift_hash
+from kdray.data.transforms import TransformSpec, apply, has_random, output_size, split_random, stats
+from kdray.data.transforms import key as transforms_key
 
 DATASETS: Registry = Registry("dataset", group="kdray.datasets")
 
@@ -66,7 +66,7 @@ class Split:
     # ``load(..., augment=True)``): the batch source applies them on CPU, per epoch, before normalising
     augment: tuple[TransformSpec, ...] = ()
     # rows the dataset itself holds out for validation (a text corpus's validation documents,
-    # kdray.core.text): when set, they are the validation split, whatever val_fraction says
+    # kdray.data.text): when set, they are the validation split, whatever val_fraction says
     held_out: torch.Tensor | None = None
 
     def __len__(self) -> int:
@@ -173,7 +173,7 @@ def _fingerprint(*arrays: np.ndarray) -> str:
     return h.hexdigest()[:16]
 
 
-# --------------------------------------------------------------------------- fingerprints (kdray.core.lineage)
+# --------------------------------------------------------------------------- fingerprints (kdray.data.lineage)
 
 _FILE_SHA: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256: each file hashed once per process
 
@@ -403,7 +403,7 @@ def withhold_labels(
 
 
 def normalize(x: torch.Tensor, split: Split) -> torch.Tensor:
-    if not x.is_floating_point():  # integer arrays (token ids: kdray.core.arrays) are inputs as they are
+    if not x.is_floating_point():  # integer arrays (token ids: kdray.data.arrays) are inputs as they are
         return x
     if isinstance(split.mean, (int, float)) and isinstance(split.std, (int, float)):
         return (x - split.mean) / split.std

@@ -4,7 +4,7 @@
 for it. The architecture comes from the config and the ``transformers`` Auto class of the task:
 ``AutoModelForImageClassification`` for images, ``AutoModelForSequenceClassification`` for token
 ids. Code shipped with a model folder (a config with ``auto_map``) never runs unless the spec says
-``trust_remote_code: true``. Weights are not loaded here (see :mod:`kdray.core.hffolder`).
+``trust_remote_code: true``. Weights are not loaded here (see :mod:`kdray.contracts.hffolder`).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any, Iterator
 import torch.nn as nn
 
 from kdray.core.errors import SpecError
-from kdray.core.models.inputs import with_inputs
-from kdray.core.models.user import adopt
+from kdray.models.inputs import with_inputs
+from kdray.models.user import adopt
 
 TASKS = {
     "image_classification": "AutoModelForImageClassification",
@@ -131,7 +131,7 @@ def check_vocab(config: dict[str, Any], vocab: int | None, field: str) -> None:
 
 
 def pad_ids(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-    """A causal LM's forward pre-hook: token ids as int64, padding (``-1``) read as id 0 (kdray.core.text)."""
+    """A causal LM's forward pre-hook: token ids as int64, padding (``-1``) read as id 0 (kdray.data.text)."""
     if args and hasattr(args[0], "clamp") and not args[0].is_floating_point():
         return (args[0].long().clamp(min=0), *args[1:])
     return args
@@ -203,7 +203,7 @@ def build_from_config(
 
 def transformers_task(model: nn.Module) -> str:
     """The task a built transformers network does (its class: ...ForSequenceClassification or not)."""
-    from kdray.core.models.outputs import original_class
+    from kdray.models.outputs import original_class
 
     name = original_class(model).__name__
     if name.endswith("ForCausalLM") or name == "GPT2LMHeadModel":

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from pydantic import Field
 
-from kdray.core.models.base import MODELS, Classifier
+from kdray.models.base import MODELS, Classifier
 
 
 def token_ids(x: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kdray.core.data import DATASETS, short_digest
+from kdray.data.datasets import DATASETS, short_digest
 
 
 def fingerprint(spec: Any) -> dict[str, Any]:

@@ -6,7 +6,7 @@ else the last ``nn.Linear``), gives it an ``embed`` that reads the classifier's 
 and sets ``classifier_name``/``feature_layers``/``family`` as instance attributes, so its state-dict
 keys stay exactly those of the user's class. A forward that returns a Hugging Face ``ModelOutput``, a
 dict with ``logits`` or a tuple whose first item is the logits is made to return the logits tensor
-(:mod:`kdray.core.models.outputs`), so every stage, the teacher cache, ``inspect``, latency and the
+(:mod:`kdray.models.outputs`), so every stage, the teacher cache, ``inspect``, latency and the
 exporters see logits.
 """
 
@@ -24,8 +24,8 @@ from typing import Any, Callable
 import torch.nn as nn
 
 from kdray.core.errors import SpecError
-from kdray.core.hooks import find_classifier
-from kdray.core.models.outputs import block_layers, is_transformers_model, logits_only
+from kdray.models.hooks import find_classifier
+from kdray.models.outputs import block_layers, is_transformers_model, logits_only
 
 # Keywords kdray supplies from the data (passed only when the factory's signature takes them).
 SUPPLIED = ("num_classes", "in_channels", "image_size")

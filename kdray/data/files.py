@@ -8,7 +8,7 @@ Two dataset kinds join ``DATASETS``:
   ``test_fraction`` of the rows is held out as the test split.
 * ``parquet``: shards under any storage URI (a folder, ``file://`` or ``s3://``) holding the
   encoded images (PNG bytes, column ``image``), labels (column ``label``) and row ids (column
-  ``id``, 0..N-1 across a split's shards: what streaming needs, see ``kdray.core.stream``), plus a
+  ``id``, 0..N-1 across a split's shards: what streaming needs, see ``kdray.data.stream``), plus a
   ``dataset.json`` with the class names, counts, per-channel mean/std and a fingerprint.
 
 :func:`import_dataset` (``kdray data import SRC DEST``) converts an image folder, a folder of IDX
@@ -16,7 +16,7 @@ files or an ``.npz`` (``x_train``/``y_train``/``x_test``/``y_test``, images ``[N
 ``[N, H, W, C]``) into such shards. Rows are ordered by file name, then class, so a folder whose
 files are numbered keeps its order. Both kinds load into memory (the in-memory fast path); every
 bad file is a :class:`DataError` naming it. An ``.npz`` of arrays that are not images (token ids,
-features) becomes shards of raw arrays instead (``kdray.core.arrays``), read by the same ``parquet`` kind.
+features) becomes shards of raw arrays instead (``kdray.data.arrays``), read by the same ``parquet`` kind.
 """
 
 from __future__ import annotations
@@ -37,11 +37,11 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from kdray.core import arrays
-from kdray.core.data import DATASETS, FASHION_MNIST_FILES, Split, parse_idx, short_digest
 from kdray.core.errors import DataError, KdrayError
 from kdray.core.meter import Meter, Task, log_meter
 from kdray.core.storage import Storage
+from kdray.data import arrays
+from kdray.data.datasets import DATASETS, FASHION_MNIST_FILES, Split, parse_idx, short_digest
 
 META = "dataset.json"
 FORMAT = "kdray-parquet"
@@ -341,13 +341,13 @@ def import_dataset(
 ) -> dict[str, Any]:
     """Write ``src`` as Parquet shards under ``dest`` (any storage URI); ``dataset.json`` last. Returns it.
 
-    ``as_`` is ``images`` (PNG shards), ``arrays`` (raw array shards of an ``.npz``, ``kdray.core.arrays``)
+    ``as_`` is ``images`` (PNG shards), ``arrays`` (raw array shards of an ``.npz``, ``kdray.data.arrays``)
     or None: arrays when the ``.npz`` does not hold pixels (``arrays.holds_pixels``), else images;
-    ``text`` tokenizes a corpus (``kdray.core.text.import_text``, whose keywords ``text`` holds).
+    ``text`` tokenizes a corpus (``kdray.data.text.import_text``, whose keywords ``text`` holds).
     ``meter`` shows the images converted of the total, the shards written, the rate and the ETA
     (``kdray.core.meter``; by default plain lines through ``log``)."""
-    if as_ == "text":  # a text corpus -> token-id rows (kdray.core.text)
-        from kdray.core.text import import_text
+    if as_ == "text":  # a text corpus -> token-id rows (kdray.data.text)
+        from kdray.data.text import import_text
 
         return import_text(src, dest, seed=seed, shard_rows=shard_rows, log=log, meter=meter, **(text or {}))
     if as_ not in (None, "images", "arrays"):
@@ -510,7 +510,7 @@ def image_folder_fingerprint(path: str | None = None, **_options: Any) -> dict[s
 
 @DATASETS.register("parquet", describe=describe_parquet, fingerprint=parquet_fingerprint)
 def parquet(split: str, path: str | None = None) -> Split:
-    """Parquet shards of PNG images (or of arrays, ``kdray.core.arrays``) and labels with a dataset.json
+    """Parquet shards of PNG images (or of arrays, ``kdray.data.arrays``) and labels with a dataset.json
     (``kdray data import``), from any storage URI."""
     store, meta = read_meta(path)
     # A stage loads the training split twice (train and val are carved from it): decode it once per

@@ -27,17 +27,17 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
-from kdray.core import data as kdata
-from kdray.core.checkpoint import Artifact, write_artifact
-from kdray.core.hffolder import network_view, open_folder, preprocessor_view
+from kdray.contracts.checkpoint import Artifact, write_artifact
+from kdray.contracts.hffolder import network_view, open_folder, preprocessor_view
+from kdray.contracts.method import Method
+from kdray.contracts.specs import DataSpec, ModelSpec, RunSpec, StageBase
+from kdray.contracts.usermodels import build_model, weights_record
 from kdray.core.meter import Meter, log_meter
-from kdray.core.method import Method
-from kdray.core.models import count_parameters
-from kdray.core.models.hf import model_config, transformers_task
 from kdray.core.registry import Registry
-from kdray.core.specs import DataSpec, ModelSpec, RunSpec, StageBase
 from kdray.core.storage import Storage
-from kdray.core.usermodels import build_model, weights_record
+from kdray.data import datasets as kdata
+from kdray.models import count_parameters
+from kdray.models.hf import model_config, transformers_task
 
 Log = Callable[[str], None]
 
@@ -131,7 +131,7 @@ class StageContext:
     meter: Meter | None = None  # how driver-side work shows its progress (None: plain lines through log)
     infer: Callable[[Job, Callable[[], Any], Callable[[Any, Any], None]], int] | None = None  # the engine's
     # batch inference over a streamed dataset (kdray.engine.inference.stream_inference)
-    data: dict[str, Any] | None = None  # the fingerprints of the data the stage reads (kdray.core.lineage)
+    data: dict[str, Any] | None = None  # the fingerprints of the data the stage reads (kdray.data.lineage)
 
     def tasks(self) -> Meter:
         """The meter for driver-side work (a teacher cache...): the engine's, or plain lines through ``log``."""
@@ -208,7 +208,7 @@ def model_kwargs(model_spec: ModelSpec, data_spec: DataSpec) -> dict[str, Any]:
     """Builder keywords for a model on a dataset: classes, channels and size come from the data.
 
     A network with inputs of its own (a Hugging Face folder's ``preprocessor_config.json``, or
-    ``model.inputs``) also gets ``inputs``: the view of the data it reads (``kdray.core.models.inputs``)."""
+    ``model.inputs``) also gets ``inputs``: the view of the data it reads (``kdray.models.inputs``)."""
     facts = kdata.describe(data_spec)
     kwargs = {
         "num_classes": model_spec.num_classes or facts["num_classes"],
@@ -294,7 +294,7 @@ class StageKind:
 
     def datasets(self, stage: Any, parents: dict[str, Artifact]) -> dict[str, DataSpec]:
         """The data specs the stage reads, by field (their fingerprints go into its manifest, and are checked
-        before a cached artifact is believed: ``kdray.core.lineage``); every ``DataSpec`` field by default."""
+        before a cached artifact is believed: ``kdray.data.lineage``); every ``DataSpec`` field by default."""
         return {name: value for name, value in stage if isinstance(value, DataSpec)}
 
     def stream_columns(self, job: Job) -> Callable[[dict[str, Any]], dict[str, Any]] | None:

@@ -7,7 +7,7 @@ A folder as ``save_pretrained`` writes it, on a local path, ``file://`` or ``s3:
     preprocessor_config.json        optional: the input size, image_mean and image_std it was trained with
 
 ``model: {hf: <folder URI>}`` builds the network from ``config.json`` with the ``transformers`` Auto
-class of the task (:mod:`kdray.core.models.hf`) and loads its weights through kdray's checked
+class of the task (:mod:`kdray.models.hf`) and loads its weights through kdray's checked
 loader (every tensor's name and shape; safetensors only: ``pytorch_model.bin`` is a pickle and is
 refused). ``model: {hf_config: {...}}`` builds the same kind of network from an inline config, with
 fresh weights, to train one. :func:`write_folder` publishes a trained transformers network as a
@@ -26,10 +26,11 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
-from kdray.core.checkpoint import sha256
+from kdray.contracts.checkpoint import sha256
 from kdray.core.errors import CheckpointMismatch, SpecError
-from kdray.core.models import adopt
-from kdray.core.models.hf import (
+from kdray.core.storage import Storage
+from kdray.models import adopt
+from kdray.models.hf import (
     TASKS,
     build_from_config,
     check_remote_code,
@@ -40,7 +41,6 @@ from kdray.core.models.hf import (
     task_of,
     transformers,
 )
-from kdray.core.storage import Storage
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -292,13 +292,13 @@ def build_from_folder(
         message = f"{field} {folder.uri}: {note} ({', '.join(k for k, _, _ in head)})"
         log(message) if log else print(message, flush=True)
     if task == "causal_lm":
-        model.register_forward_pre_hook(pad_ids)  # padded token rows (kdray.core.text)
+        model.register_forward_pre_hook(pad_ids)  # padded token rows (kdray.data.text)
     return adopt(model, classifier, spec_field)
 
 
 def _head_prefix(model: nn.Module) -> str:
     """The classification head's module path (the last nn.Linear's parent for a Sequential head)."""
-    from kdray.core.hooks import find_classifier
+    from kdray.models.hooks import find_classifier
 
     name = find_classifier(model)
     parent = name.rsplit(".", 1)[0] if "." in name else name
@@ -325,7 +325,7 @@ def write_folder(model: nn.Module, store: Storage, preprocessor: dict[str, Any] 
     """Write ``model`` (a transformers network) as a folder ``from_pretrained`` loads: ``config.json``,
     ``model.safetensors`` and, given one, ``preprocessor_config.json``; weights first, config last.
     Returns each file's sha256."""
-    from kdray.core.models.outputs import original_class
+    from kdray.models.outputs import original_class
 
     transformers()
     plain: Any = object.__new__(original_class(model))  # the user's class again: save_pretrained as usual

@@ -32,8 +32,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from kdray.core.errors import CheckpointMismatch, KdrayError, StorageError
-from kdray.core.models import model_from_record
 from kdray.core.storage import Storage
+from kdray.models import model_from_record
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"

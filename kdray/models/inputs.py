@@ -4,7 +4,7 @@ kdray hands every network the stage's inputs, normalised with the data's mean an
 pretrained elsewhere (a Hugging Face folder's ``preprocessor_config.json``, or ``model.inputs`` in
 the spec) expects another view of the same images: its own resolution, channel count and
 mean/std. :class:`InputView` turns the stage's inputs into that view inside the network's
-``forward`` (:mod:`kdray.core.models.outputs`), so the teacher sees its inputs while the student
+``forward`` (:mod:`kdray.models.outputs`), so the teacher sees its inputs while the student
 keeps its own, in the training loop, the teacher cache, evaluation and export alike. The cost is
 the network's forward at its own resolution (a 224x224 ViT reads 64x the pixels of a 28x28 input).
 
@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdray.core.errors import DataError
-from kdray.core.models.outputs import logits_only
+from kdray.models.outputs import logits_only
 
 
 def _per_channel(value: Any, x: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from kdray.core.models.base import MODELS, Classifier
+from kdray.models.base import MODELS, Classifier
 
 
 def default_patch(image_size: int) -> int:

@@ -1,5 +1,5 @@
 """Recurrent networks: a GRU that reads an image row by row (a sequence of H vectors of C*W values), or,
-given ``vocab_size``, a sequence of integer token ids ``[N, T]`` (array shards, ``kdray.core.arrays``)
+given ``vocab_size``, a sequence of integer token ids ``[N, T]`` (array shards, ``kdray.data.arrays``)
 through an embedding."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch.nn as nn
 from pydantic import Field
 
 from kdray.core.errors import DataError
-from kdray.core.models.base import MODELS, Classifier
+from kdray.models.base import MODELS, Classifier
 
 
 class RowEncoder(nn.Module):

@@ -7,10 +7,10 @@ pixels, see :func:`holds_pixels`) writes each row's array as its raw little-endi
 (``value_range``: choose a token model's ``vocab_size`` above its maximum), for float arrays the
 training split's ``mean``/``std`` (one value each), and a fingerprint. Raw bytes round-trip exactly
 (dtype and values) and read like the PNG column: one ``bytes`` object a row, through pyarrow or Ray
-Data's ``read_parquet``. The ``parquet`` dataset (``kdray.core.files``) loads such shards into memory
+Data's ``read_parquet``. The ``parquet`` dataset (``kdray.data.files``) loads such shards into memory
 with :func:`read_split` (``x`` keeps the stored shape and dtype: integer token ids stay integers and
 are never normalised), and streaming decodes them with :func:`decode_batch`
-(``kdray.core.stream.decode_batch`` dispatches here). Every bad input is a :class:`DataError` naming
+(``kdray.data.stream.decode_batch`` dispatches here). Every bad input is a :class:`DataError` naming
 the file and row: an ``.npz`` whose arrays differ in length, a row whose byte size does not fit
 ``shape``/``dtype``, a label outside the classes.
 """
@@ -28,10 +28,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from kdray.core import data as kdata
 from kdray.core.errors import DataError, KdrayError
 from kdray.core.meter import Task
 from kdray.core.storage import Storage
+from kdray.data import datasets as kdata
 
 FORMAT = "kdray-array"
 COLUMN = "array"
@@ -336,7 +336,7 @@ def read_split(store: Storage, meta: dict[str, Any], split: str, meta_uri: str) 
 
 def held_out(meta: dict[str, Any], split: str, rows: int) -> torch.Tensor | None:
     """The rows a dataset holds out for validation itself (``held_out_from``: a text corpus's validation
-    documents come last in its training split, ``kdray.core.text``), or None."""
+    documents come last in its training split, ``kdray.data.text``), or None."""
     start = meta["splits"][split].get("held_out_from")
     return None if start is None else torch.arange(rows) >= int(start)
 
@@ -352,7 +352,7 @@ def decode_batch(
 ) -> dict[str, np.ndarray]:
     """One streamed batch of array shards (columns ``id``, ``array``, ``path``) -> the part's rows.
 
-    As :func:`kdray.core.stream.decode_batch` for images: ``x`` (float arrays normalised with the
+    As :func:`kdray.data.stream.decode_batch` for images: ``x`` (float arrays normalised with the
     dataset's mean/std as float32, integer arrays as stored), ``y`` and ``index``, in a seeded order."""
     ids = np.asarray(batch["id"], dtype=np.int64)
     labels = lookup[ids]

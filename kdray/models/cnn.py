@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from kdray.core.models.base import MODELS, Classifier
+from kdray.models.base import MODELS, Classifier
 
 
 def conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:

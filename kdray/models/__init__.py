@@ -23,11 +23,11 @@ from typing import Any
 import torch.nn as nn
 
 from kdray.core.errors import SpecError
-from kdray.core.models import causal, cnn, mlp, rnn, transformer  # noqa: F401  (importing a family registers it)
-from kdray.core.models.base import MODELS, Classifier
-from kdray.core.models.hf import from_record as transformers_from_record
-from kdray.core.models.inputs import with_inputs
-from kdray.core.models.user import adopt, build_user_model, import_target
+from kdray.models import causal, cnn, mlp, rnn, transformer  # noqa: F401  (importing a family registers it)
+from kdray.models.base import MODELS, Classifier
+from kdray.models.hf import from_record as transformers_from_record
+from kdray.models.inputs import with_inputs
+from kdray.models.user import adopt, build_user_model, import_target
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:

@@ -6,9 +6,9 @@ other code a dict with ``"logits"`` or a tuple whose first item is the logits. :
 changes such a model, in place, into an instance of a subclass of its own class whose ``forward``
 returns the logits tensor: the module tree, the parameter names (``state_dict`` keys, so a Hugging
 Face model's weights stay loadable by ``from_pretrained``), ``isinstance`` and every attribute are
-those of the user's class. It is applied once, by :func:`kdray.core.models.user.adopt`, where every
+those of the user's class. It is applied once, by :func:`kdray.models.user.adopt`, where every
 stage builds its networks. The same ``forward`` first applies the network's own input view when it
-has one (``kdray_input_view``: :mod:`kdray.core.models.inputs`).
+has one (``kdray_input_view``: :mod:`kdray.models.inputs`).
 
 The subclass also gives the network kdray's ``embed`` (the classifier's input, read with a hook). It
 is made once per class and pickles (Ray ships a teacher to its inference actors) and
@@ -62,7 +62,7 @@ def _forward(self: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
 
 def _embed(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The classifier's input (read with a pre-hook while the network runs its own forward)."""
-    from kdray.core.hooks import classifier_name, resolve_modules
+    from kdray.models.hooks import classifier_name, resolve_modules
 
     name = classifier_name(self)  # looked up on ``self``: a deep copy hooks its own classifier
     module = resolve_modules(self, [name], "model")[name]
