@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 import typer
 import typer.rich_utils
 
+from kdray.core import layout
 from kdray.core.errors import KdrayError
 
 if TYPE_CHECKING:
@@ -304,14 +305,15 @@ def live_progress(p: Any) -> Iterator[None]:
     """On a terminal, one progress hub for the whole run, so stages run in child processes show their
     live bars here too (without it each fit shows its own, and a child's goes to a pipe as plain lines)."""
     from kdray.engine import progress
-    from kdray.engine.concurrency import needs_ray
     from kdray.engine.driver import ensure_ray
+    from kdray.engine.pipeline import plan
+    from kdray.engine.resolved import resolve
 
-    ray_stages = [s for s in p.stages if needs_ray(p, s)]
+    ray_stages = [s for s in resolve(p, plan(p)).values() if s.needs_ray]
     if not ray_stages or not sys.stderr.isatty():
         yield
         return
-    ensure_ray(p.run_for(ray_stages[0]))
+    ensure_ray(ray_stages[0].run)
     with progress.hub():
         yield
 
@@ -556,7 +558,7 @@ def sweep(
 ) -> None:
     """Run many variants of one stage (students x hyperparameters) as Ray Tune trials, ranked in a report."""
     from kdray.engine.spec import load_pipeline
-    from kdray.engine.sweep import load_sweep, parse_grid, run_sweep, sample_settings
+    from kdray.sweeps.sweep import load_sweep, parse_grid, run_sweep, sample_settings
 
     p = load_pipeline(spec, overrides or [])
     trials: Any
@@ -588,7 +590,7 @@ def export_cmd(
     latency_batch: int = typer.Option(128, "--latency-batch", min=1, help="batch size the latency is measured at"),
 ) -> None:
     """Export a model (ONNX checked with onnxruntime, TorchScript, or a Hugging Face folder) next to its artifact, with exports.json."""
-    from kdray.engine.export import export_artifact, summary
+    from kdray.evaluate.export import export_artifact, summary
 
     record = export_artifact(artifact, fmt, tolerance=tolerance, latency_batch=latency_batch)
     typer.echo(summary(record))
@@ -674,9 +676,9 @@ def inspect_cmd(
     batch: int = typer.Option(8, "--batch", min=1, help="examples in the batch run through the model"),
 ) -> None:
     """Print a stage's module tree with parameter counts and each module's output shape for one batch."""
-    from kdray.engine.inspect import inspect_model, stage_model_and_batch
-    from kdray.engine.inspect import render as render_modules
     from kdray.engine.spec import load_pipeline
+    from kdray.evaluate.inspect import inspect_model, stage_model_and_batch
+    from kdray.evaluate.inspect import render as render_modules
 
     p = load_pipeline(spec, overrides or [])
     model, x = stage_model_and_batch(p, stage, batch)
@@ -717,7 +719,7 @@ def score(
         result["layers"] = score_layers(parents[rows[0]["ref"]], target.data)
         for r in result["layers"]:
             typer.echo(f"  {rows[0]['ref']}.{r['layer']:<12} ({r['dims']} dims) LogME {r['logme']:+.4f}")
-    store = Storage(p.storage.uri).child(f"{p.name}/_scores/{stage}-{keys[stage]}")
+    store = layout.scores(Storage(p.storage.uri), p.name, stage, keys[stage])
     write_artifact(
         store,
         {"kind": "score", "pipeline": p.name, "stage": stage, "key": keys[stage], "metrics": {"best": rows[0]["ref"]}},

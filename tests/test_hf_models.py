@@ -27,9 +27,9 @@ from kdray.contracts.stage import model_kwargs
 from kdray.contracts.usermodels import build_model
 from kdray.core.errors import CheckpointMismatch, KdrayError, SpecError
 from kdray.data import datasets as kdata
-from kdray.engine.export import export_artifact, export_model
 from kdray.engine.pipeline import run_pipeline
 from kdray.engine.spec import parse_pipeline
+from kdray.evaluate.export import export_artifact, export_model
 from kdray.evaluate.latency import model_latency
 from kdray.models.hooks import forward_with_features
 

@@ -13,7 +13,7 @@ from kdray.cli import app
 from kdray.contracts.checkpoint import open_artifact
 from kdray.core.errors import SpecError
 from kdray.engine.spec import parse_pipeline
-from kdray.engine.sweep import expand, parse_sweep, run_sweep, sample_settings
+from kdray.sweeps.sweep import expand, parse_sweep, run_sweep, sample_settings
 
 STUDENT = {
     "name": "student",

@@ -292,6 +292,12 @@ class StageKind:
         """Driver side: produce and publish the stage's artifact (``ctx.train(job)``, ``ctx.publish``)."""
         raise NotImplementedError
 
+    def prepare_trials(self, trials: list[StageContext]) -> None:
+        """Before a sweep's trials of this kind start (one context per trial, parents published): build once
+        what they share, so that concurrent trials never race to build it (distill: the teacher-output
+        cache). Nothing by default."""
+        return None
+
     def datasets(self, stage: Any, parents: dict[str, Artifact]) -> dict[str, DataSpec]:
         """The data specs the stage reads, by field (their fingerprints go into its manifest, and are checked
         before a cached artifact is believed: ``kdray.data.lineage``); every ``DataSpec`` field by default."""

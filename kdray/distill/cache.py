@@ -22,6 +22,7 @@ import torch.nn as nn
 from kdray.contracts.checkpoint import Artifact, bytes_to_state, sha256, state_to_bytes
 from kdray.contracts.specs import spec_hash
 from kdray.contracts.stage import StageContext
+from kdray.core import layout
 from kdray.core.errors import KdrayError
 from kdray.core.lease import Lease
 from kdray.core.meter import Task, log_meter
@@ -168,7 +169,7 @@ def ensure_cache(ctx: StageContext, teacher: Artifact) -> str:
     """The URI of a cache that matches this teacher and data, building it if needed."""
     train = kdata.load(ctx.stage.data, "train")
     key = cache_key(teacher, train)
-    store = ctx.root.child(f"_cache/teacher/{key}")
+    store = layout.teacher_cache(ctx.root, key)
 
     def current() -> dict[str, Any] | None:
         meta = read_cache_meta(store)
@@ -303,7 +304,7 @@ def ensure_stream_cache(ctx: StageContext, teacher: Artifact) -> str:
     built by Ray Data batch inference if it is missing or does not match."""
     spec = ctx.stage.data
     plan = stream.plan(spec)
-    store = ctx.root.child(f"_cache/teacher/{stream_cache_key(teacher, spec, plan.meta)}")
+    store = layout.teacher_cache(ctx.root, stream_cache_key(teacher, spec, plan.meta))
     fingerprint = f"{plan.meta['fingerprint']}-train"
 
     def current() -> dict[str, Any] | None:

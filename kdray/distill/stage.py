@@ -23,6 +23,7 @@ from kdray.contracts.method import Method
 from kdray.contracts.specs import DataSpec, ModelSpec, OptimSpec, Spec, StageBase, spec_hash
 from kdray.contracts.stage import Job, Shard, StageContext, StageKind, stage_kind
 from kdray.contracts.usermodels import build_model
+from kdray.core import layout
 from kdray.core.errors import KdrayError
 from kdray.core.storage import Storage
 from kdray.data import datasets as kdata
@@ -150,7 +151,7 @@ def ensure_datafree(ctx: StageContext, teacher: Artifact, kwargs: dict[str, Any]
     """The URI of the inputs synthesised from this teacher with these settings (built once, then reused)."""
     df = ctx.stage.data_free
     key = spec_hash({"teacher": teacher.weights_sha256, "settings": df.model_dump(), "seed": ctx.run.seed})[:16]
-    store = ctx.root.child(f"_cache/datafree/{key}")
+    store = layout.datafree_cache(ctx.root, key)
     if store.exists("meta.json"):
         ctx.log(f"[{ctx.stage.name}] data-free inputs: reused {store.uri()}")
         return store.uri()
@@ -263,6 +264,16 @@ class DistillKind(StageKind):
 
     spec = DistillStage
     streams = True  # data.stream: Ray Data feeds the loop; a cache is built by Ray Data batch inference
+
+    def prepare_trials(self, trials: list[StageContext]) -> None:
+        """Build each distinct teacher cache of a sweep's trials once (trials of one teacher and data share it)."""
+        done = set()
+        for ctx in trials:
+            shared = (ctx.stage.teacher, json.dumps(ctx.stage.data.model_dump(mode="json")))
+            if shared in done or not cache_decision(ctx.stage)[0]:
+                continue
+            warm_cache(ctx, ctx.parents[ctx.stage.teacher])
+            done.add(shared)
 
     def run(self, ctx: StageContext) -> Artifact:
         teacher = ctx.parents[ctx.stage.teacher]

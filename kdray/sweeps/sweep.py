@@ -17,7 +17,7 @@ the finished trials (they replay their epochs to ASHA) and runs the stopped ones
 last epoch checkpoint, for ASHA to judge at their next rung.
 
 The report (``sweep.md``/``sweep.json``) adds the Pareto table of the finished trials (validation
-accuracy against parameters, size on disk and latency, ``kdray.engine.pareto``) and ``pareto.png``;
+accuracy against parameters, size on disk and latency, ``kdray.sweeps.pareto``) and ``pareto.png``;
 with ``choose`` the best trial within a budget is published at ``<sweep>/chosen`` for later stages
 and exported to ONNX (checked against PyTorch).
 
@@ -42,15 +42,13 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from kdray.contracts.checkpoint import open_artifact, write_artifact
 from kdray.contracts.specs import Spec, spec_hash
-from kdray.contracts.stage import StageContext
+from kdray.contracts.stage import StageContext, StageKind, kind_of
+from kdray.core import layout
 from kdray.core.errors import SpecError
 from kdray.core.storage import Storage
-from kdray.distill.stage import cache_decision, warm_cache
-from kdray.engine import pareto
 from kdray.engine.driver import ensure_ray, on_epoch
-from kdray.engine.export import ExportError, export_artifact
-from kdray.engine.pareto import ChooseSpec
 from kdray.engine.pipeline import cached_outcome, parent_artifacts, plan, run_pipeline, run_stage
+from kdray.engine.resolved import resolve
 from kdray.engine.spec import (
     PipelineSpec,
     apply_override,
@@ -59,6 +57,9 @@ from kdray.engine.spec import (
     parse_pipeline,
     parse_yaml,
 )
+from kdray.evaluate.export import ExportError, export_artifact
+from kdray.sweeps import pareto
+from kdray.sweeps.pareto import ChooseSpec
 
 
 def parse_grid(items: list[str]) -> dict[str, list[Any]]:
@@ -139,7 +140,7 @@ class SweepSpec(Spec):
     (seeded by ``seed``, so the same spec gives the same trials and a rerun resumes them). Trials
     are ranked on a validation metric only (``val_acc``, ``val_loss`` with ``mode: min``).
     ``scheduler`` (``none``, ``asha`` or ``{asha: {grace_period, reduction_factor, max_t}}``) stops weak
-    trials early; ``choose`` picks the student within a budget (``kdray.engine.pareto.ChooseSpec``);
+    trials early; ``choose`` picks the student within a budget (``kdray.sweeps.pareto.ChooseSpec``);
     ``latency_batch`` is the batch the Pareto report times each finished trial's model on.
     """
 
@@ -370,8 +371,7 @@ def run_sweep(
     t0 = time.perf_counter()
     if parents:  # teachers and sources once, before any trial
         run_pipeline(full, only=parents, log=log)
-    if first.kind == "distill" and first.teacher_cache != "off":
-        _warm_teacher_cache(full, [t["trial"] for t in trials], log)
+    _prepare_trials(full, [t["trial"] for t in trials], log)  # e.g. distill's teacher cache, built once
 
     ensure_ray(run)
     if in_trial:  # the loop runs inside the trial: give the trial the worker's CPUs
@@ -385,7 +385,7 @@ def run_sweep(
         "choose": choose.model_dump(mode="json") if choose else None,
     }
     sweep_key = spec_hash({"doc": doc, "metric": metric, **({k: v for k, v in extra.items() if v})})[:12]
-    storage_path, filesystem = root.ray_storage()
+    storage_path, filesystem = layout.ray_storage(root)
     title = f"sweep {spec.name}/{stage}"
     tuner = tune.Tuner(
         tune.with_resources(_trial, resources),
@@ -436,7 +436,7 @@ def run_sweep(
     )
     for i, r in enumerate(rows):
         r["rank"] = i + 1
-    store = root.child(f"{spec.name}/_sweeps/{stage}-{sweep_key}")
+    store = layout.sweep(root, spec.name, stage, sweep_key)
     figures = pareto.trial_rows(rows, metric, batch=latency_batch, runs=latency_runs)
     report = {
         "pipeline": spec.name,
@@ -552,19 +552,19 @@ def choose_student(
     return chosen
 
 
-def _warm_teacher_cache(spec: PipelineSpec, trial_names: list[str], log: Callable[[str], None]) -> None:
-    """Build the teacher-output cache once, so concurrent trials never race to build it."""
-    root = Storage(spec.storage.uri)
+def _prepare_trials(spec: PipelineSpec, trial_names: list[str], log: Callable[[str], None]) -> None:
+    """Let the trials' stage kind build what they share before any trial starts (``StageKind.prepare_trials``)."""
+    kind = kind_of(spec.stage(trial_names[0]))
+    if type(kind).prepare_trials is StageKind.prepare_trials:
+        return  # nothing shared: no need to resolve the trials' parents here
     keys = plan(spec)
-    done = set()
+    stages = resolve(spec, keys)
+    contexts = []
     for name in trial_names:
-        stage = spec.stage(name)
-        use, _ = cache_decision(stage)
-        if not use or (stage.teacher, json.dumps(stage.data.model_dump(mode="json"))) in done:
-            continue
-        parents = parent_artifacts(spec, stage, keys, root)
-        warm_cache(StageContext(spec, stage, keys[name], root, root, parents, log), parents[stage.teacher])
-        done.add((stage.teacher, json.dumps(stage.data.model_dump(mode="json"))))
+        s = stages[name]
+        parents = parent_artifacts(spec, s.stage, keys, s.root)
+        contexts.append(StageContext(spec, s.stage, s.key, s.root, s.root, parents, log))
+    kind.prepare_trials(contexts)
 
 
 def _status(r: dict[str, Any]) -> str:
