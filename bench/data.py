@@ -40,16 +40,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from kdray.core.checkpoint import bytes_to_state
-from kdray.core.files import decode, import_dataset
-from kdray.core.models import create_model
-from kdray.core.stage import StageContext
+from kdray.contracts.checkpoint import bytes_to_state
+from kdray.contracts.stage import StageContext
 from kdray.core.storage import Storage
-from kdray.core.stream import plan as stream_plan
+from kdray.data.files import decode, import_dataset
+from kdray.data.stream import plan as stream_plan
 from kdray.distill.cache import ChunkWriter, chunk_name
 from kdray.engine.driver import ensure_ray, fit
 from kdray.engine.inference import stream_inference
 from kdray.engine.spec import parse_pipeline
+from kdray.models import create_model
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))

@@ -32,13 +32,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from kdray.core import data as kdata
-from kdray.core.checkpoint import open_artifact
-from kdray.core.models import create_model
-from kdray.core.specs import DataSpec, OptimSpec
+from kdray.contracts.checkpoint import open_artifact
+from kdray.contracts.specs import DataSpec, OptimSpec
+from kdray.data import datasets as kdata
 from kdray.engine.loop import batches, build_optimizer
 from kdray.engine.pipeline import run_pipeline
 from kdray.engine.spec import parse_pipeline
+from kdray.models import create_model
 
 TEACHER = {
     "name": "teacher",

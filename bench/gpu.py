@@ -25,13 +25,13 @@ import time
 
 import torch
 
-from kdray.core import data as kdata
-from kdray.core.models import create_model
-from kdray.core.stage import StageContext
+from kdray.contracts.stage import StageContext
 from kdray.core.storage import Storage
+from kdray.data import datasets as kdata
 from kdray.engine.driver import ensure_ray, fit
 from kdray.engine.loop import build_optimizer
 from kdray.engine.spec import parse_pipeline
+from kdray.models import create_model
 
 
 def plain_loop(stage, seed: int) -> list[float]:

@@ -19,7 +19,7 @@ import sys
 
 CHILD = r"""
 import json, statistics, sys, time, torch
-from kdray.core.models import create_model
+from kdray.models import create_model
 from kdray.evaluate.latency import model_latency
 name, rule = sys.argv[1], sys.argv[2]
 torch.manual_seed(0)

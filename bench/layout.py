@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from kdray.core import data as kdata
-from kdray.core.models import create_model
+from kdray.data import datasets as kdata
+from kdray.models import create_model
 
 
 def rate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> float:

@@ -28,8 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from kdray.core.checkpoint import open_artifact
-from kdray.core.text import import_text
+from kdray.contracts.checkpoint import open_artifact
+from kdray.data.text import import_text
 from kdray.engine.pipeline import run_pipeline
 from kdray.engine.spec import parse_pipeline
 

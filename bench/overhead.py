@@ -21,14 +21,14 @@ import time
 
 import torch
 
-from kdray.core import data as kdata
-from kdray.core.models import create_model
-from kdray.core.stage import StageContext
+from kdray.contracts.stage import StageContext
 from kdray.core.storage import Storage
+from kdray.data import datasets as kdata
 from kdray.engine.driver import ensure_ray, fit
 from kdray.engine.loop import batches, build_optimizer
 from kdray.engine.reaper import session_pids
 from kdray.engine.spec import parse_pipeline
+from kdray.models import create_model
 
 
 def plain_loop(spec, threads: int, seed: int, channels_last: bool = True) -> list[float]:

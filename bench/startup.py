@@ -28,9 +28,9 @@ import time
 
 import torch
 
-from kdray.core import data as kdata
-from kdray.core.stage import Shard, StageContext, kind_of
+from kdray.contracts.stage import Shard, StageContext, kind_of
 from kdray.core.storage import Storage
+from kdray.data import datasets as kdata
 from kdray.engine.driver import ensure_ray, fit
 from kdray.engine.spec import parse_pipeline
 

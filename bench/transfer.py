@@ -59,13 +59,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kdray.core import data as kdata
-from kdray.core.checkpoint import open_artifact
-from kdray.core.models import create_model
-from kdray.core.specs import DataSpec
+from kdray.contracts.checkpoint import open_artifact
+from kdray.contracts.specs import DataSpec
+from kdray.data import datasets as kdata
 from kdray.engine.loop import batches
 from kdray.engine.pipeline import run_pipeline
 from kdray.engine.spec import parse_pipeline
+from kdray.models import create_model
 from kdray.transfer.mapping import TransferSpec, apply_transfer, plan_transfer
 from kdray.transfer.scoring import score_sources
 from kdray.transfer.transferability import kendall_tau

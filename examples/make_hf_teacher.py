@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 
 from kdray.core.storage import Storage
-from kdray.engine.export import export_artifact, summary
 from kdray.engine.pipeline import run_pipeline
 from kdray.engine.spec import load_pipeline
+from kdray.evaluate.export import export_artifact, summary
 
 SPEC = Path(__file__).with_name("fmnist_hf_vit_teacher.yaml")
 

@@ -2,9 +2,9 @@
 
     python flows/sweep.py examples/fmnist_cnn_to_mlp_hinton.yaml examples/sweeps/fmnist_students.yaml
 
-The sweep spec (``kdray.engine.sweep.SweepSpec``) names the stage, its search space, ``num_samples``,
+The sweep spec (``kdray.sweeps.sweep.SweepSpec``) names the stage, its search space, ``num_samples``,
 the validation metric that ranks the trials, how many run at once, an optional scheduler (ASHA) and
-an optional ``choose`` rule. The trials run as Ray Tune trials (``kdray.engine.sweep.run_sweep``);
+an optional ``choose`` rule. The trials run as Ray Tune trials (``kdray.sweeps.sweep.run_sweep``);
 finished trials are cached artifacts, so a rerun of the flow (a nightly schedule, a retry) resumes.
 The chosen student's URI is published as a Prefect link artifact beside the report.
 ``prefect.yaml`` holds deployments of this flow.
@@ -19,7 +19,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from flows.tasks import load_spec, spec_from_json
-from kdray.engine import sweep as ksweep
+from kdray.sweeps import sweep as ksweep
 
 
 @task(name="run-sweep", task_run_name="sweep-{stage}", persist_result=True, result_serializer="json")

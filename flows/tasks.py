@@ -12,28 +12,50 @@ starting again.
 from __future__ import annotations
 
 import copy
+import json
 import re
+import threading
 from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from kdray.core.checkpoint import open_artifact, read_artifact
+from kdray.contracts.checkpoint import open_artifact, read_artifact
+from kdray.contracts.specs import is_artifact_uri
+from kdray.contracts.stage import STAGE_KINDS
 from kdray.core.errors import KdrayError
 from kdray.core.registry import did_you_mean
-from kdray.core.specs import is_artifact_uri
-from kdray.core.stage import STAGE_KINDS
-from kdray.core.storage import Storage
 from kdray.engine import pipeline as kpipeline
-from kdray.engine.launchers import artifact_store, spec_to_json
+from kdray.engine.launchers import spec_to_json
 from kdray.engine.preflight import preflight
+from kdray.engine.resolved import resolve
 from kdray.engine.spec import PipelineSpec, load_pipeline, parse_pipeline
 
 RETRY_DELAYS: list[float] = [2, 15]  # seconds before the first and the second retry
 
 
+_PARSED: dict[str, PipelineSpec] = {}  # the spec's JSON -> the spec, parsed once per process
+_PARSED_LOCK = threading.Lock()
+
+
 def spec_from_json(spec: dict[str, Any]) -> PipelineSpec:
-    return parse_pipeline(copy.deepcopy(spec), f"pipeline {spec.get('name')!r}")
+    """The pipeline spec that ``load_spec`` returned as JSON (Prefect passes tasks JSON, which any
+    process can read). Parsed once per process: a flow's tasks in one process share the parse
+    ``load_spec`` made, and a task in another process parses it once there."""
+    text = json.dumps(spec, sort_keys=True)
+    with _PARSED_LOCK:
+        parsed = _PARSED.get(text)
+    if parsed is None:
+        parsed = parse_pipeline(copy.deepcopy(spec), f"pipeline {spec.get('name')!r}")
+        _remember(text, parsed)
+    return parsed
+
+
+def _remember(text: str, spec: PipelineSpec) -> None:
+    with _PARSED_LOCK:
+        if len(_PARSED) >= 16:  # a long-lived worker serving many deployments keeps only the latest
+            _PARSED.pop(next(iter(_PARSED)))
+        _PARSED[text] = spec
 
 
 def is_infrastructure_failure(task: Any, task_run: Any, state: Any) -> bool:
@@ -89,22 +111,23 @@ def load_spec(spec_uri: str, overrides: list[str]) -> dict[str, Any]:
     spec = load_pipeline(spec_uri, overrides)
     preflight(spec, spec_uri)  # files the spec names exist, S3 has credentials: before any stage starts
     get_run_logger().info(f"pipeline {spec.name!r}: " + ", ".join(f"{s.name} ({s.kind})" for s in spec.stages))
-    return spec_to_json(spec)
+    doc = spec_to_json(spec)
+    _remember(json.dumps(doc, sort_keys=True), spec)  # the flow's tasks take this parse, not a new one
+    return doc
 
 
 @task(name="check-parents", task_run_name="check-parents", result_serializer="json")
 def check_parents(spec: dict[str, Any], stages: list[str]) -> None:
     """Fail before running anything if a stage reads a stage that is neither finished nor run here."""
     pipeline = spec_from_json(spec)
-    keys = kpipeline.plan(pipeline)
-    root = Storage(pipeline.storage.uri)
+    resolved = resolve(pipeline, kpipeline.plan(pipeline))
     for i, name in enumerate(stages):
-        for _, ref in pipeline.stage(name).references():
+        for _, ref in resolved[name].stage.references():
             if is_artifact_uri(ref) or ref in stages[:i]:
                 continue
-            store = artifact_store(root, pipeline.name, ref, keys[ref])
+            store = resolved[ref].store
             if read_artifact(store) is None:
-                kind = pipeline.stage(ref).kind
+                kind = resolved[ref].stage.kind
                 raise KdrayError(
                     f"stage {name!r} reads stage {ref!r} ({kind}), which has no finished artifact at {store.uri()}",
                     hint=f"Run it first: python flows/stages.py {kind} SPEC "

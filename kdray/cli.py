@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 import typer
 import typer.rich_utils
 
+from kdray.core import layout
 from kdray.core.errors import KdrayError
 
 if TYPE_CHECKING:
@@ -62,11 +63,11 @@ app = typer.Typer(
 
 # the names `kdray ls` lists, and the module that registers each (imported only when listed)
 REGISTRIES = {
-    "models": ("kdray.core.models", "MODELS"),
-    "datasets": ("kdray.core.data", "DATASETS"),
+    "models": ("kdray.models", "MODELS"),
+    "datasets": ("kdray.data.datasets", "DATASETS"),
     "losses": ("kdray.distill.losses", "LOSSES"),
-    "stages": ("kdray.core.stage", "STAGE_KINDS"),
-    "shifts": ("kdray.core.shifts", "SHIFTS"),
+    "stages": ("kdray.contracts.stage", "STAGE_KINDS"),
+    "shifts": ("kdray.data.shifts", "SHIFTS"),
     "adapt-methods": ("kdray.adapt.methods", "ADAPT_METHODS"),
     "transfer-strategies": ("kdray.transfer.mapping", "MATCH_STRATEGIES"),
 }
@@ -240,7 +241,7 @@ def run(
     ),
 ) -> None:
     """Run a pipeline here (embedded Ray, or run.address), artifacts to the spec's storage; stages that do not depend on each other run at the same time."""
-    from kdray.core.checkpoint import open_artifact
+    from kdray.contracts.checkpoint import open_artifact
     from kdray.core.meter import short_time
     from kdray.engine.driver import Interrupted, catch_signals
     from kdray.engine.pipeline import run_pipeline
@@ -304,14 +305,15 @@ def live_progress(p: Any) -> Iterator[None]:
     """On a terminal, one progress hub for the whole run, so stages run in child processes show their
     live bars here too (without it each fit shows its own, and a child's goes to a pipe as plain lines)."""
     from kdray.engine import progress
-    from kdray.engine.concurrency import needs_ray
     from kdray.engine.driver import ensure_ray
+    from kdray.engine.pipeline import plan
+    from kdray.engine.resolved import resolve
 
-    ray_stages = [s for s in p.stages if needs_ray(p, s)]
+    ray_stages = [s for s in resolve(p, plan(p)).values() if s.needs_ray]
     if not ray_stages or not sys.stderr.isatty():
         yield
         return
-    ensure_ray(p.run_for(ray_stages[0]))
+    ensure_ray(ray_stages[0].run)
     with progress.hub():
         yield
 
@@ -458,7 +460,7 @@ def list_registry(what: str, json_out: bool) -> None:
 
 
 def list_artifacts(where: str, json_out: bool) -> None:
-    from kdray.core.checkpoint import read_artifact
+    from kdray.contracts.checkpoint import read_artifact
     from kdray.core.storage import Storage
 
     store = Storage(where)
@@ -503,7 +505,7 @@ def show(
     json_out: bool = json_opt("the manifest (and an evaluate stage's report.json)"),
 ) -> None:
     """Print what an artifact holds: its stage, key, model and metrics (and an evaluate stage's results)."""
-    from kdray.core.checkpoint import open_artifact
+    from kdray.contracts.checkpoint import open_artifact
     from kdray.core.meter import number, short_time
 
     art = open_artifact(uri)
@@ -556,7 +558,7 @@ def sweep(
 ) -> None:
     """Run many variants of one stage (students x hyperparameters) as Ray Tune trials, ranked in a report."""
     from kdray.engine.spec import load_pipeline
-    from kdray.engine.sweep import load_sweep, parse_grid, run_sweep, sample_settings
+    from kdray.sweeps.sweep import load_sweep, parse_grid, run_sweep, sample_settings
 
     p = load_pipeline(spec, overrides or [])
     trials: Any
@@ -588,7 +590,7 @@ def export_cmd(
     latency_batch: int = typer.Option(128, "--latency-batch", min=1, help="batch size the latency is measured at"),
 ) -> None:
     """Export a model (ONNX checked with onnxruntime, TorchScript, or a Hugging Face folder) next to its artifact, with exports.json."""
-    from kdray.engine.export import export_artifact, summary
+    from kdray.evaluate.export import export_artifact, summary
 
     record = export_artifact(artifact, fmt, tolerance=tolerance, latency_batch=latency_batch)
     typer.echo(summary(record))
@@ -629,7 +631,7 @@ def data_import(
     val_fraction: float = typer.Option(0.1, "--val-fraction", min=0.0, max=0.5, help="--as text: validation documents"),
 ) -> None:
     """Convert SRC into Parquet shards with a dataset.json (classes, counts, mean/std, fingerprint) under DEST."""
-    from kdray.core.files import import_dataset
+    from kdray.data.files import import_dataset
     from kdray.engine import progress
 
     meta = import_dataset(
@@ -674,9 +676,9 @@ def inspect_cmd(
     batch: int = typer.Option(8, "--batch", min=1, help="examples in the batch run through the model"),
 ) -> None:
     """Print a stage's module tree with parameter counts and each module's output shape for one batch."""
-    from kdray.engine.inspect import inspect_model, stage_model_and_batch
-    from kdray.engine.inspect import render as render_modules
     from kdray.engine.spec import load_pipeline
+    from kdray.evaluate.inspect import inspect_model, stage_model_and_batch
+    from kdray.evaluate.inspect import render as render_modules
 
     p = load_pipeline(spec, overrides or [])
     model, x = stage_model_and_batch(p, stage, batch)
@@ -693,7 +695,7 @@ def score(
     overrides: Optional[list[str]] = overrides_arg(),
 ) -> None:
     """Rank candidate sources for a transfer stage by LogME and LEEP on its target data (no training)."""
-    from kdray.core.checkpoint import write_artifact
+    from kdray.contracts.checkpoint import write_artifact
     from kdray.core.meter import article
     from kdray.core.storage import Storage
     from kdray.engine.pipeline import parent_artifacts, plan
@@ -717,7 +719,7 @@ def score(
         result["layers"] = score_layers(parents[rows[0]["ref"]], target.data)
         for r in result["layers"]:
             typer.echo(f"  {rows[0]['ref']}.{r['layer']:<12} ({r['dims']} dims) LogME {r['logme']:+.4f}")
-    store = Storage(p.storage.uri).child(f"{p.name}/_scores/{stage}-{keys[stage]}")
+    store = layout.scores(Storage(p.storage.uri), p.name, stage, keys[stage])
     write_artifact(
         store,
         {"kind": "score", "pipeline": p.name, "stage": stage, "key": keys[stage], "metrics": {"best": rows[0]["ref"]}},

@@ -34,7 +34,7 @@ def ray_local():
     """A real local Ray with 2 CPUs, shared by every test that starts Ray Train actors."""
     import ray
 
-    from kdray.core.specs import RunSpec
+    from kdray.contracts.specs import RunSpec
     from kdray.engine.driver import ensure_ray
 
     if not ray.is_initialized():

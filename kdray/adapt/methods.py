@@ -44,8 +44,8 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from kdray.core.errors import KdrayError, SpecError
-from kdray.core.hooks import classifier_name, embedding_and_logits, resolve_modules, unwrap
 from kdray.core.registry import Entry, Registry, check_params
+from kdray.models.hooks import classifier_name, embedding_and_logits, resolve_modules, unwrap
 
 ADAPT_METHODS: Registry = Registry("adapt method", group="kdray.adapt_methods")
 

@@ -23,15 +23,16 @@ import torch.nn as nn
 from pydantic import Field, field_validator, model_validator
 
 from kdray.adapt.methods import ADAPT_METHODS, AdaptMethodSpec, build_adapt_method, entropy_score, snd_score
-from kdray.core import data as kdata
-from kdray.core.checkpoint import Artifact, load_state_checked, open_artifact, read_artifact
+from kdray.contracts.checkpoint import Artifact, load_state_checked, open_artifact, read_artifact
+from kdray.contracts.method import Method
+from kdray.contracts.specs import DataSpec, ModelSpec, OptimSpec, StageBase, spec_hash
+from kdray.contracts.stage import Job, Shard, StageContext, StageKind, stage_kind
+from kdray.contracts.usermodels import build_model
+from kdray.core import layout
 from kdray.core.errors import KdrayError
-from kdray.core.method import Method
 from kdray.core.metrics import metrics_for, predict
 from kdray.core.registry import did_you_mean
-from kdray.core.specs import DataSpec, ModelSpec, OptimSpec, StageBase, spec_hash
-from kdray.core.stage import Job, Shard, StageContext, StageKind, stage_kind
-from kdray.core.usermodels import build_model
+from kdray.data import datasets as kdata
 
 VALIDATION_ROWS = 2000  # rows per rank scored by the validators each epoch
 
@@ -202,7 +203,7 @@ def baseline(ctx: StageContext, job: Any) -> tuple[Artifact, str]:
     key = spec_hash(
         {"spec": stage.model_dump(mode="json", exclude={"run", "name", "target_batch_size"}), "seed": ctx.run.seed}
     )[:12]
-    store = ctx.root.child(f"{ctx.pipeline.name}/_baselines/{key}")
+    store = layout.baseline(ctx.root, ctx.pipeline.name, key)
     art = read_artifact(store)
     if art is not None:
         ctx.log(f"[{ctx.stage.name}] source-only baseline: reused {store.uri()}")

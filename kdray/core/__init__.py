@@ -1,2 +1,2 @@
-"""What every part of kdray stands on: errors, registries and parameters, specs' building blocks,
-storage and artifacts, data, models, the ``Method`` contract and the ``StageKind`` plug-in."""
+"""What every part of kdray stands on: errors, registries and their parameters, storage, progress
+meters, metrics, safe YAML, the user's-code boundary and leases. It imports nothing else of kdray."""

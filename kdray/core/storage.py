@@ -2,7 +2,6 @@
 
     store = Storage("file://./runs")            # or "s3://bucket/prefix"
     store.write_bytes("p/stage/key/manifest.json", data)
-    store.ray_storage()                          # (storage_path, filesystem) for Ray's RunConfig
 
 S3 endpoint and credentials come only from the environment: ``KDRAY_S3_ENDPOINT`` (e.g.
 ``http://127.0.0.1:8333``), ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``.
@@ -139,10 +138,6 @@ class Storage:
 
     def child(self, rel: str) -> "Storage":
         return Storage(self.uri(rel))
-
-    def ray_storage(self) -> tuple[str, pafs.FileSystem]:
-        """(storage_path, storage_filesystem) for ``ray.train.RunConfig``."""
-        return self.path("_ray"), self.fs
 
     # ------------------------------------------------------------------ I/O
 

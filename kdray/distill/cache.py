@@ -19,22 +19,23 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from kdray.core import data as kdata
-from kdray.core import stream
-from kdray.core.checkpoint import Artifact, bytes_to_state, sha256, state_to_bytes
+from kdray.contracts.checkpoint import Artifact, bytes_to_state, sha256, state_to_bytes
+from kdray.contracts.specs import spec_hash
+from kdray.contracts.stage import StageContext
+from kdray.core import layout
 from kdray.core.errors import KdrayError
 from kdray.core.lease import Lease
 from kdray.core.meter import Task, log_meter
-from kdray.core.specs import spec_hash
-from kdray.core.stage import StageContext
 from kdray.core.storage import Storage
+from kdray.data import datasets as kdata
+from kdray.data import stream
 
 CHUNK_ROWS = 16384
 CACHE_FORMAT = 2  # 2: meta.json records each chunk's sha256
 
 
 def teacher_view(teacher: Artifact) -> dict[str, Any]:
-    """The teacher's own input view (``kdray.core.models.inputs``), part of the cache key when it has one."""
+    """The teacher's own input view (``kdray.models.inputs``), part of the cache key when it has one."""
     view = ((teacher.manifest.get("model") or {}).get("kwargs") or {}).get("inputs")
     return {"teacher_inputs": view} if view else {}
 
@@ -168,7 +169,7 @@ def ensure_cache(ctx: StageContext, teacher: Artifact) -> str:
     """The URI of a cache that matches this teacher and data, building it if needed."""
     train = kdata.load(ctx.stage.data, "train")
     key = cache_key(teacher, train)
-    store = ctx.root.child(f"_cache/teacher/{key}")
+    store = layout.teacher_cache(ctx.root, key)
 
     def current() -> dict[str, Any] | None:
         meta = read_cache_meta(store)
@@ -303,7 +304,7 @@ def ensure_stream_cache(ctx: StageContext, teacher: Artifact) -> str:
     built by Ray Data batch inference if it is missing or does not match."""
     spec = ctx.stage.data
     plan = stream.plan(spec)
-    store = ctx.root.child(f"_cache/teacher/{stream_cache_key(teacher, spec, plan.meta)}")
+    store = layout.teacher_cache(ctx.root, stream_cache_key(teacher, spec, plan.meta))
     fingerprint = f"{plan.meta['fingerprint']}-train"
 
     def current() -> dict[str, Any] | None:

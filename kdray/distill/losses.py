@@ -25,10 +25,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field
 
-from kdray.core import lm
 from kdray.core.errors import KdrayError
-from kdray.core.hooks import Outputs, forward_with_features, resolve_modules
 from kdray.core.registry import Entry, Registry, check_params
+from kdray.models import lm
+from kdray.models.hooks import Outputs, forward_with_features, resolve_modules
 
 LOSSES: Registry = Registry("loss", group="kdray.losses")
 
@@ -160,7 +160,7 @@ class CrossEntropy(DistillLoss):
     Reduction: mean over labelled rows; a batch with no labelled row gives 0 (still connected to
     the student's graph). Per-sample weights ``batch["w"]`` are not used. A causal LM's logits
     ``[N, T, V]`` are scored against the next tokens of ``batch["x"]`` (mean over real tokens,
-    ``kdray.core.lm``; label smoothing does not apply).
+    ``kdray.models.lm``; label smoothing does not apply).
 
     Args:
         label_smoothing: ε in [0, 1).

@@ -33,13 +33,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field
 
-from kdray.core import data as kdata
-from kdray.core import stream
-from kdray.core.checkpoint import Artifact, bytes_to_state, sha256
+from kdray.contracts.checkpoint import Artifact, bytes_to_state, sha256
+from kdray.contracts.specs import Spec, spec_hash
+from kdray.contracts.stage import StageContext
+from kdray.core import layout
 from kdray.core.errors import KdrayError
-from kdray.core.specs import Spec, spec_hash
-from kdray.core.stage import StageContext
 from kdray.core.storage import Storage
+from kdray.data import datasets as kdata
+from kdray.data import stream
 from kdray.distill.cache import CACHE_FORMAT, ChunkWriter, cached_meta, chunk_name, given, read_cache_meta
 
 CHUNK_BYTES = 8 << 20  # about 8 MiB a chunk
@@ -121,7 +122,7 @@ def ensure_seq_cache(ctx: StageContext, teacher: Artifact, topk: TopKCacheSpec) 
     else:
         train = kdata.load(spec, "train")
         rows, fingerprint, seq_len, vocab = len(train), train.fingerprint, train.x.shape[1], train.num_classes
-    store = ctx.root.child(f"_cache/teacher/{seq_cache_key(teacher, fingerprint, topk)}")
+    store = layout.teacher_cache(ctx.root, seq_cache_key(teacher, fingerprint, topk))
     meta = read_cache_meta(store)
     if meta is not None and meta.get("rows") == rows and meta.get("data_fingerprint") == fingerprint:
         ctx.log(f"[{ctx.stage.name}] teacher top-k cache hit: {store.uri()} ({rows:,} rows)")

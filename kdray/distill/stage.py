@@ -18,17 +18,17 @@ import torch
 import torch.nn as nn
 from pydantic import Field, field_validator
 
-from kdray.core import data as kdata
-from kdray.core import lm, transforms
-from kdray.core.checkpoint import Artifact, bytes_to_state, open_artifact, state_to_bytes
+from kdray.contracts.checkpoint import Artifact, bytes_to_state, open_artifact, state_to_bytes
+from kdray.contracts.method import Method
+from kdray.contracts.specs import DataSpec, ModelSpec, OptimSpec, Spec, StageBase, spec_hash
+from kdray.contracts.stage import Job, Shard, StageContext, StageKind, stage_kind
+from kdray.contracts.usermodels import build_model
+from kdray.core import layout
 from kdray.core.errors import KdrayError
-from kdray.core.hooks import Outputs, forward_with_features
-from kdray.core.method import Method
-from kdray.core.specs import DataSpec, ModelSpec, OptimSpec, Spec, StageBase, spec_hash
-from kdray.core.stage import Job, Shard, StageContext, StageKind, stage_kind
 from kdray.core.storage import Storage
-from kdray.core.text import is_token_data
-from kdray.core.usermodels import build_model
+from kdray.data import datasets as kdata
+from kdray.data import transforms
+from kdray.data.text import is_token_data
 from kdray.distill.cache import attach_logits, ensure_cache, ensure_stream_cache, read_cache_rows
 from kdray.distill.datafree import synthesize
 from kdray.distill.losses import LossTerm
@@ -40,6 +40,8 @@ from kdray.distill.seqcache import (
     is_seq_cache,
     read_topk_rows,
 )
+from kdray.models import lm
+from kdray.models.hooks import Outputs, forward_with_features
 
 
 class DataFreeSpec(Spec):
@@ -149,7 +151,7 @@ def ensure_datafree(ctx: StageContext, teacher: Artifact, kwargs: dict[str, Any]
     """The URI of the inputs synthesised from this teacher with these settings (built once, then reused)."""
     df = ctx.stage.data_free
     key = spec_hash({"teacher": teacher.weights_sha256, "settings": df.model_dump(), "seed": ctx.run.seed})[:16]
-    store = ctx.root.child(f"_cache/datafree/{key}")
+    store = layout.datafree_cache(ctx.root, key)
     if store.exists("meta.json"):
         ctx.log(f"[{ctx.stage.name}] data-free inputs: reused {store.uri()}")
         return store.uri()
@@ -262,6 +264,16 @@ class DistillKind(StageKind):
 
     spec = DistillStage
     streams = True  # data.stream: Ray Data feeds the loop; a cache is built by Ray Data batch inference
+
+    def prepare_trials(self, trials: list[StageContext]) -> None:
+        """Build each distinct teacher cache of a sweep's trials once (trials of one teacher and data share it)."""
+        done = set()
+        for ctx in trials:
+            shared = (ctx.stage.teacher, json.dumps(ctx.stage.data.model_dump(mode="json")))
+            if shared in done or not cache_decision(ctx.stage)[0]:
+                continue
+            warm_cache(ctx, ctx.parents[ctx.stage.teacher])
+            done.add(shared)
 
     def run(self, ctx: StageContext) -> Artifact:
         teacher = ctx.parents[ctx.stage.teacher]

@@ -1,7 +1,7 @@
 """Token-level distillation losses for causal language models: forward KL, reverse KL, generalised JSD.
 
 A causal LM's logits are ``[N, T, V]``: position ``t`` predicts the token at ``t + 1`` of the row
-``batch["x"]`` (``kdray.core.lm``). Every term here compares the teacher's and the student's
+``batch["x"]`` (``kdray.models.lm``). Every term here compares the teacher's and the student's
 next-token distributions at the positions whose next token is real (``x[:, t + 1] >= 0``: padding is
 left out) and averages over those positions.
 
@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from kdray.core import lm
 from kdray.core.errors import KdrayError
-from kdray.core.hooks import Outputs
 from kdray.distill.losses import DistillLoss, Positive, _kl_rows, _zero, register
+from kdray.models import lm
+from kdray.models.hooks import Outputs
 
 TopK = Annotated[int, Field(ge=1)]
 

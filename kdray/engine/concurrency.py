@@ -31,28 +31,12 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 from kdray.core.errors import KdrayError
-from kdray.core.stage import kind_of
 from kdray.engine.driver import ensure_ray, ray_child_env
-from kdray.engine.launchers import ANSI, WORKER_COMMAND, launcher_for, log_tail, write_stage_file
-from kdray.engine.spec import PipelineSpec
+from kdray.engine.launchers import ANSI, WORKER_COMMAND, log_tail, write_stage_file
+from kdray.engine.resolved import ResolvedStage
 
 Log = Callable[[str], None]
 INTERRUPT_GRACE_S = 30.0  # how long an interrupted child may take to stop its Ray run before it is killed
-
-
-def stage_cpus(spec: PipelineSpec, stage: Any) -> float:
-    """The CPUs a stage holds while it runs from this process (see the module docstring)."""
-    run = spec.run_for(stage)
-    if launcher_for(spec, stage) != "local":
-        return 0.0
-    if kind_of(stage).trains and run.workers >= 1:
-        return run.workers * run.cpus_per_worker
-    return run.cpus_per_worker
-
-
-def needs_ray(spec: PipelineSpec, stage: Any) -> bool:
-    """Whether the stage runs a Ray Train job from this machine (local launcher, ``workers >= 1``)."""
-    return launcher_for(spec, stage) == "local" and kind_of(stage).trains and spec.run_for(stage).workers >= 1
 
 
 class CpuBudget:
@@ -135,12 +119,12 @@ _children: set[subprocess.Popen] = set()
 _children_lock = threading.Lock()
 
 
-def ray_address_for(spec: PipelineSpec, stage: Any) -> str | None:
+def ray_address_for(stage: ResolvedStage) -> str | None:
     """The Ray address a child running ``stage`` joins: the stage's ``run.address``, or this process's
     embedded Ray (started here first, so that all stages share one cluster); None if it needs no Ray."""
-    if not needs_ray(spec, stage):
+    if not stage.needs_ray:
         return None
-    run = spec.run_for(stage)
+    run = stage.run
     if run.address:
         return run.address
     ensure_ray(run)
@@ -149,15 +133,15 @@ def ray_address_for(spec: PipelineSpec, stage: Any) -> str | None:
     return str(ray.get_runtime_context().gcs_address)
 
 
-def run_in_child(spec: PipelineSpec, name: str, key: str, *, force: bool, log: Log) -> dict[str, Any]:
+def run_in_child(stage: ResolvedStage, *, force: bool, log: Log) -> dict[str, Any]:
     """Run one stage in a child process (``python -m kdray.worker``); return its outcome's JSON.
 
     A user error in the child (exit code 2, ``error: ...``) is raised here as a ``KdrayError``;
     any other failure as a ``RuntimeError`` with the end of the child's log.
     """
-    stage = spec.stage(name)
-    uri = write_stage_file(spec, name, key, force=force)
-    address = ray_address_for(spec, stage)  # first: starting the cluster sets what the child must inherit
+    name = stage.name
+    uri = write_stage_file(stage.spec, name, stage.key, force=force)
+    address = ray_address_for(stage)  # first: starting the cluster sets what the child must inherit
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if address:
         env.update(ray_child_env(), RAY_ADDRESS=address)

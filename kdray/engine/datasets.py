@@ -10,7 +10,7 @@ validation batches. :func:`batch_source` picks one:
   ``train`` and ``val`` Ray Data datasets that :func:`stream_datasets` built on the driver and
   ``fit`` handed to the ``TorchTrainer`` (``ray.train.get_dataset_shard``). Ray Train splits each
   with ``streaming_split(world, equal=True)``, so the ranks get disjoint rows, ``n // world`` each,
-  as in memory; the rows and labels come from the same selection (:mod:`kdray.core.stream`).
+  as in memory; the rows and labels come from the same selection (:mod:`kdray.data.stream`).
 
 :func:`stream_datasets` and :func:`stream_cpus` are the driver's side: the Ray Data pipeline
 (``read_parquet`` of the shards, then ``map_batches`` that keeps the part's rows, sets their
@@ -25,12 +25,12 @@ from typing import Any, Iterable, Iterator, Protocol
 
 import torch
 
-from kdray.core import arrays as array_shards
-from kdray.core import data as kdata
-from kdray.core import stream, transforms
+from kdray.contracts.stage import Job, Shard, StageKind, labelled_only
 from kdray.core.errors import KdrayError
 from kdray.core.meter import article
-from kdray.core.stage import Job, Shard, StageKind, labelled_only
+from kdray.data import arrays as array_shards
+from kdray.data import datasets as kdata
+from kdray.data import stream, transforms
 from kdray.engine.raypolicy import find_user_error
 
 DATA_CPUS = 1.0  # what streaming leaves to Ray Data beside the training workers

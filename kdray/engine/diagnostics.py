@@ -24,8 +24,8 @@ from typing import Any
 
 import torch.nn as nn
 
-from kdray.core.checkpoint import MANIFEST
-from kdray.core.stage import Job
+from kdray.contracts.checkpoint import MANIFEST
+from kdray.contracts.stage import Job
 from kdray.core.storage import Storage
 
 

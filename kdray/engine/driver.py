@@ -27,10 +27,11 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn as nn
 
-from kdray.core.checkpoint import bytes_to_state
+from kdray.contracts.checkpoint import bytes_to_state
+from kdray.contracts.specs import RunSpec
+from kdray.contracts.stage import FitResult, Job, kind_of
+from kdray.core import layout
 from kdray.core.errors import KdrayError, StorageError
-from kdray.core.specs import RunSpec
-from kdray.core.stage import FitResult, Job, kind_of
 from kdray.core.storage import Storage
 from kdray.core.usercode import from_user_code
 from kdray.engine import cluster, diagnostics, progress, reaper
@@ -379,7 +380,7 @@ COMPLETE = "COMPLETE"  # written last: a checkpoint folder without it is half-wr
 def _fit_here(job: Job, storage: Storage) -> tuple[str, str]:
     """The loop in this process, checkpointing every epoch to storage as a Ray Train run does, and
     resuming from the newest complete checkpoint; returns a local copy of the last one and the run folder."""
-    run_dir = f"_ray/{job.run_name}/{IN_PROCESS}"
+    run_dir = f"{layout.ray_run(job.run_name)}/{IN_PROCESS}"
     last: list[str] = []  # the newest checkpoint folder; older ones are removed
 
     def report(metrics: dict[str, Any], folder: str | None) -> None:
@@ -477,7 +478,7 @@ def _fit_on_ray(job: Job, storage: Storage) -> tuple[str, str]:
     run = job.run
     quiet_ray_logs()
     ensure_ray(run)
-    storage_path, filesystem = storage.ray_storage()
+    storage_path, filesystem = layout.ray_storage(storage)
     cpus, ray_datasets = run.cpus_per_worker, dict[str, Any]()
     if streams(job, kind_of(job.spec)):  # Ray Data reads and decodes the shards; each worker iterates its share
         ray_datasets, facts = stream_datasets(job, kind_of(job.spec))

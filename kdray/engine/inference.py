@@ -21,8 +21,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from kdray.core import stream
-from kdray.core.stage import Job
+from kdray.contracts.stage import Job
+from kdray.data import stream
 from kdray.engine.datasets import DATA_TASK_CPUS, data_context, decoded, user_errors
 from kdray.engine.driver import ensure_ray
 

@@ -24,15 +24,15 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from kdray.core import lm
-from kdray.core.checkpoint import bytes_to_state, state_to_bytes
+from kdray.contracts.checkpoint import bytes_to_state, state_to_bytes
+from kdray.contracts.method import Method
+from kdray.contracts.specs import OptimSpec
+from kdray.contracts.stage import Job, kind_of
 from kdray.core.errors import KdrayError
-from kdray.core.method import Method
-from kdray.core.specs import OptimSpec
-from kdray.core.stage import Job, kind_of
 from kdray.engine import kinds  # noqa: F401  (the stage kinds this loop can run, also in a Ray worker process)
 from kdray.engine.datasets import batch_source, batches, shard  # noqa: F401  (bench scripts import these two here)
 from kdray.engine.progress import Progress
+from kdray.models import lm
 
 Report = Callable[[dict[str, Any], "str | None"], None]
 

@@ -25,17 +25,19 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
-from kdray.core import lineage
-from kdray.core.checkpoint import Artifact, open_artifact, read_artifact
+from kdray.contracts.checkpoint import Artifact, open_artifact, read_artifact
+from kdray.contracts.specs import is_artifact_uri, spec_hash
+from kdray.contracts.stage import kind_of
+from kdray.core import layout
 from kdray.core.errors import KdrayError
 from kdray.core.meter import short_time
-from kdray.core.specs import is_artifact_uri, spec_hash
-from kdray.core.stage import kind_of
 from kdray.core.storage import Storage
 from kdray.core.usercode import from_user_code
+from kdray.data import lineage
 from kdray.engine import concurrency
 from kdray.engine.launchers import LAUNCHERS, artifact_store, kuberay, launcher_for, local, ray  # noqa: F401 (registers them)
 from kdray.engine.preflight import preflight
+from kdray.engine.resolved import ResolvedStage, resolve, resolve_stage
 from kdray.engine.spec import PipelineSpec
 from kdray.engine.specpaths import as_written
 
@@ -109,7 +111,7 @@ def run_stage(
 
     This is the unit a Prefect task runs: it needs nothing from the caller but the spec, so a
     retry (or another process) can run it again and Ray resumes from the stage's last checkpoint.
-    The stage runs where ``launcher_for(spec, stage)`` says (``kdray.engine.launchers``); a remote launcher
+    The stage runs where its resolved ``launcher`` says (``kdray.engine.launchers``); a remote launcher
     returns once the cluster has published the artifact, which is then read back from storage.
     Called from several threads at once (Prefect's submitted tasks), each call first waits for its
     stage's CPUs (``concurrency.CPUS``), and a local stage runs in a child process if another thread
@@ -120,7 +122,7 @@ def run_stage(
     cached = None if force else cached_outcome(spec, name, keys, log=log, stale=stale)
     if cached is not None:
         return cached
-    with concurrency.CPUS.hold(concurrency.stage_cpus(spec, spec.stage(name))):
+    with concurrency.CPUS.hold(resolve_stage(spec, name, keys).cpus):
         return launch_stage(spec, name, keys, force=force or name in stale, log=log)
 
 
@@ -135,12 +137,12 @@ def cached_outcome(
     """The outcome of a stage whose artifact already exists and is current (logged as cached), else None.
 
     An artifact is not believed when the data it was made from changed since (its manifest's data
-    fingerprints, ``kdray.core.lineage``) or a parent was published again with other weights: the stage
+    fingerprints, ``kdray.data.lineage``) or a parent was published again with other weights: the stage
     is then added to ``stale`` (it must start over, not resume its old run) and the reason is logged.
     """
     t0 = time.perf_counter()
-    root = Storage(spec.storage.uri)
-    store = artifact_store(root, spec.name, name, keys[name])
+    stage = resolve_stage(spec, name, keys)
+    store, root = stage.store, stage.root
     art = read_artifact(store)
     if art is None:
         return None
@@ -189,7 +191,7 @@ def stale_reasons(
     try:
         now_data = lineage.of_datasets(kind_of(stage).datasets(stage, parents))
     except KdrayError as e:
-        if launcher_for(spec, stage) == "local":
+        if resolve_stage(spec, name, keys).launcher == "local":
             raise
         log(f"[{spec.name}] stage {name}: its data is not readable here, so its fingerprint is not checked ({e})")
         return reasons
@@ -212,10 +214,10 @@ def launch_stage(
     A remote launcher always runs from this thread (it only follows a job). A local stage runs in
     this process (``where="auto"``, unless another thread runs a stage here) or in a child process.
     """
-    root = Storage(spec.storage.uri)
-    store = artifact_store(root, spec.name, name, keys[name])
+    stage = resolve_stage(spec, name, keys)
+    store = stage.store
     try:
-        return _launch(spec, name, keys, root, store, force=force, log=log, where=where)
+        return _launch(stage, keys, force=force, log=log, where=where)
     except KdrayError as e:
         if e.details and "The full traceback is in" not in str(e):  # a user's code or a Ray worker failed
             e.args = (f"{e}{traceback_told(store, e.details)}",)
@@ -232,7 +234,7 @@ def launch_stage(
 def traceback_told(store: Storage, text: str) -> str:
     """Write a failed stage's full traceback beside its artifact (``logs/failure-<UTC time>.log``) and
     return the sentence that says where it is (or that `--debug` prints it, if it could not be written)."""
-    rel = f"logs/failure-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.log"
+    rel = f"{layout.LOGS}/failure-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.log"
     try:
         store.write_bytes(rel, text.encode())
     except Exception:  # the log is a courtesy: never hide the failure behind a second one
@@ -242,54 +244,44 @@ def traceback_told(store: Storage, text: str) -> str:
 
 
 def _launch(
-    spec: PipelineSpec,
-    name: str,
+    stage: ResolvedStage,
     keys: dict[str, str],
-    root: Storage,
-    store: Storage,
     *,
     force: bool,
     log: Callable[[str], None],
     where: Literal["auto", "child"],
 ) -> StageOutcome:
-    stage = spec.stage(name)
-    key = keys[name]
     t0 = time.perf_counter()
-    parents = parent_artifacts(spec, stage, keys, root)  # a missing parent fails here, before any launch
-    launcher = launcher_for(spec, stage)
-    if launcher != "local":
-        return _launch_here(spec, name, key, launcher, parents, store, force=force, log=log, t0=t0)
+    parents = parent_artifacts(stage.spec, stage.stage, keys, stage.root)  # a missing parent fails here, first
+    if stage.launcher != "local":
+        return _launch_here(stage, parents, force=force, log=log, t0=t0)
     if where == "auto":
         with concurrency.in_process_slot.take() as here:
             if here:
-                return _launch_here(spec, name, key, launcher, parents, store, force=force, log=log, t0=t0)
-    log(f"[{spec.name}] stage {name} ({stage.kind}) -> {store.uri()} in a child process")
-    doc = concurrency.run_in_child(spec, name, key, force=force, log=log)
-    art = read_artifact(store)
+                return _launch_here(stage, parents, force=force, log=log, t0=t0)
+    log(f"[{stage.pipeline}] stage {stage.name} ({stage.stage.kind}) -> {stage.store.uri()} in a child process")
+    doc = concurrency.run_in_child(stage, force=force, log=log)
+    art = read_artifact(stage.store)
     if art is None:
         raise KdrayError(
-            f"the child process finished stage {name!r}, but {store.uri()} has no manifest.json",
+            f"the child process finished stage {stage.name!r}, but {stage.store.uri()} has no manifest.json",
             hint="Read the stage's log above.",
         )
-    return _outcome(spec, name, key, art, str(doc.get("status", "ran")), t0)
+    return _outcome(stage.spec, stage.name, stage.key, art, str(doc.get("status", "ran")), t0)
 
 
 def _launch_here(
-    spec: PipelineSpec,
-    name: str,
-    key: str,
-    launcher: str,
+    stage: ResolvedStage,
     parents: dict[str, Artifact],
-    store: Storage,
     *,
     force: bool,
     log: Callable[[str], None],
     t0: float,
 ) -> StageOutcome:
-    stage = spec.stage(name)
+    launcher, name, store = stage.launcher, stage.name, stage.store
     via = "" if launcher == "local" else f" via the {launcher} launcher"
-    log(f"[{spec.name}] stage {name} ({stage.kind}) -> {store.uri()}{via}")
-    art = LAUNCHERS.get(launcher)().run(spec, name, key, log, parents=parents, force=force)
+    log(f"[{stage.pipeline}] stage {name} ({stage.stage.kind}) -> {store.uri()}{via}")
+    art = LAUNCHERS.get(launcher)().run(stage.spec, name, stage.key, log, parents=parents, force=force)
     if art is None:  # a remote launcher: the artifact was published by the cluster, read it back
         art = read_artifact(store)
         if art is None:
@@ -299,7 +291,7 @@ def _launch_here(
                 hint="Check that the cluster writes to the same storage as this machine "
                 "(storage.uri, KDRAY_S3_ENDPOINT) and read the job's log above.",
             )
-    return _outcome(spec, name, key, art, "ran", t0)
+    return _outcome(stage.spec, name, stage.key, art, "ran", t0)
 
 
 def _outcome(spec: PipelineSpec, name: str, key: str, art: Artifact, status: str, t0: float) -> StageOutcome:
@@ -329,6 +321,7 @@ class _Scheduler:
         max_concurrent: int,
     ):
         self.spec, self.keys, self.names, self.forced, self._log = spec, keys, names, forced, log
+        self.stages = resolve(spec, keys)
         self.max_concurrent = max(1, max_concurrent)
         self.reads = {n: {ref for _, ref in spec.stage(n).references()} for n in names}
         self.parents = {n: [ref for _, ref in spec.stage(n).references() if ref in names] for n in names}
@@ -369,7 +362,7 @@ class _Scheduler:
                     busy = [*self.running, *(m for m, _ in start)]
                     if len(busy) >= self.max_concurrent or any(self.reads[n] & self.reads[m] for m in busy):
                         continue
-                    got = concurrency.CPUS.try_acquire(concurrency.stage_cpus(self.spec, self.spec.stage(n)))
+                    got = concurrency.CPUS.try_acquire(self.stages[n].cpus)
                     if got is not None:
                         start.append((n, got))
                         pending.remove(n)

@@ -26,13 +26,13 @@ from typing import Annotated, Any, Union, get_args, get_origin
 from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
-from kdray.core.data import describe
+from kdray.contracts.specs import DNS_LABEL, RunSpec, Spec, StageBase, StorageSpec, is_artifact_uri
+from kdray.contracts.stage import STAGE_KINDS, model_kwargs
 from kdray.core.errors import KdrayError, SpecError, sentence
 from kdray.core.registry import close_matches, did_you_mean
-from kdray.core.specs import DNS_LABEL, RunSpec, Spec, StageBase, StorageSpec, is_artifact_uri
-from kdray.core.stage import STAGE_KINDS, model_kwargs
 from kdray.core.storage import Storage
 from kdray.core.yamlsafe import load_yaml
+from kdray.data.datasets import describe
 from kdray.engine import kinds  # noqa: F401  (registers the built-in stage kinds)
 from kdray.engine.specpaths import resolve_paths, still_resolved
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from kdray.contracts.stage import kind_of
 from kdray.core.errors import KdrayError
-from kdray.core.stage import kind_of
 from kdray.engine import progress
 from kdray.engine.launchers import LAUNCHERS, Log, spec_to_json
 from kdray.engine.launchers.kuberay import job_request, require_object_storage

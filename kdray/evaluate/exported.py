@@ -9,29 +9,24 @@ its accuracy, its agreement with PyTorch's predictions, the largest logit differ
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
 import torch
 
-from kdray.core.checkpoint import Artifact, sha256
+from kdray.contracts.checkpoint import Artifact, sha256
 from kdray.core.errors import CheckpointMismatch, KdrayError
 from kdray.core.metrics import metrics_for
+from kdray.evaluate.export import Runner, read_exports
 from kdray.evaluate.latency import as_row, measure
-
-EXPORTS = "exports.json"  # the record kdray export writes beside the artifact's manifest
 
 
 def onnx_record(art: Artifact) -> tuple[dict[str, Any], bytes]:
-    """The artifact's ONNX export record and the file's bytes (checked); a clear error when there is none."""
+    """The artifact's ONNX export record (``kdray.evaluate.export`` owns ``exports.json``) and the file's
+    bytes, checked; a clear error when there is none."""
     home = art.home or art.store
     hint = f"Export it first: kdray export {art.uri} --format onnx"
-    try:
-        doc = json.loads(home.read_bytes(EXPORTS)) if home.exists(EXPORTS) else {}
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise KdrayError(f"{home.uri(EXPORTS)} is not valid JSON", hint=f"Delete it. {hint}") from None
-    record = (doc.get("exports") or {}).get("onnx") if isinstance(doc, dict) else None
+    record = read_exports(art)["exports"].get("onnx")  # a damaged record: an ExportError naming it
     if not isinstance(record, dict):
         raise KdrayError(f"evaluate exported: [onnx]: {art.uri} has no ONNX export", hint=hint)
     if record.get("weights_sha256") != art.weights_sha256:
@@ -61,24 +56,12 @@ def onnx_scores(
 ) -> dict[str, Any]:
     """The ONNX export's figures on the test inputs ``x`` (normalised), beside PyTorch's ``torch_logits``."""
     record, data = onnx_record(art)
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise KdrayError(
-            "evaluate exported: [onnx] needs onnxruntime", hint="Install it: pip install 'kdray[export]'."
-        ) from None
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-
-    def run(xb: torch.Tensor) -> np.ndarray:
-        return session.run(None, {name: xb.float().numpy()})[0]
-
-    logits = torch.from_numpy(np.concatenate([run(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]))
+    run = Runner("onnx", data, threads=torch.get_num_threads())
+    logits = torch.from_numpy(
+        np.concatenate([run(x[i : i + batch_size].float()) for i in range(0, len(x), batch_size)])
+    )
     scores = metrics_for(logits, y)
-    xb = x[:latency_batch]
+    xb = x[:latency_batch].float()
     timing = measure(lambda: run(xb), latency_batches)  # warm-up and repeats, as for the PyTorch latency
     return {
         "onnx_top1": scores["top1"],

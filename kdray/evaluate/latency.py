@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from kdray.core.models import count_parameters
+from kdray.models import count_parameters
 
 WARMUP_RUNS = 3
 WARMUP_S = 0.05

@@ -1,6 +1,6 @@
 """The evaluate stage on a text dataset: held-out perplexity, tokens/s and a generated sample per model.
 
-The test split holds the rows of the held-out documents (``kdray.core.text``). For each causal LM:
+The test split holds the rows of the held-out documents (``kdray.data.text``). For each causal LM:
 perplexity ``exp(mean NLL)`` over the real next tokens of every test row, next-token top-1/top-5,
 tokens/s of a forward pass over the test rows on this machine, and a sample: the first ``prompt``
 tokens of the first test row, then ``sample_tokens`` tokens drawn at temperature 0.8 (seeded), decoded
@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
-from kdray.core import lm
-from kdray.core.files import read_meta
-from kdray.core.text import dataset_tokenizer
+from kdray.data.files import read_meta
+from kdray.data.text import dataset_tokenizer
 from kdray.evaluate.latency import model_row
+from kdray.models import lm
 
 PROMPT = 32
 SAMPLE_TOKENS = 48

@@ -18,13 +18,13 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from kdray.core import data as kdata
-from kdray.core.checkpoint import Artifact, write_artifact
+from kdray.contracts.checkpoint import Artifact, write_artifact
+from kdray.contracts.specs import DataSpec, StageBase
+from kdray.contracts.stage import StageContext, StageKind, stage_kind
 from kdray.core.errors import KdrayError
 from kdray.core.metrics import metrics_for, predict
-from kdray.core.specs import DataSpec, StageBase
-from kdray.core.stage import StageContext, StageKind, stage_kind
-from kdray.core.text import is_token_data
+from kdray.data import datasets as kdata
+from kdray.data.text import is_token_data
 from kdray.evaluate.exported import onnx_scores
 from kdray.evaluate.figures import LEGEND, ratio, speed, spread
 from kdray.evaluate.html import plot_comparison, render_html

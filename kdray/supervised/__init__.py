@@ -8,12 +8,12 @@ import torch
 import torch.nn as nn
 from pydantic import Field
 
-from kdray.core import lm
-from kdray.core.checkpoint import Artifact
-from kdray.core.method import Method, labelled_cross_entropy
-from kdray.core.specs import DataSpec, ModelSpec, OptimSpec, StageBase
-from kdray.core.stage import Job, Shard, StageContext, StageKind, stage_kind
-from kdray.core.usermodels import build_model
+from kdray.contracts.checkpoint import Artifact
+from kdray.contracts.method import Method, labelled_cross_entropy
+from kdray.contracts.specs import DataSpec, ModelSpec, OptimSpec, StageBase
+from kdray.contracts.stage import Job, Shard, StageContext, StageKind, stage_kind
+from kdray.contracts.usermodels import build_model
+from kdray.models import lm
 
 
 class TrainStage(StageBase):
@@ -28,7 +28,7 @@ class TrainStage(StageBase):
 
 class Supervised(Method):
     """Cross-entropy on labelled examples (label -1 is ignored); optional label smoothing. A causal LM
-    (logits ``[N, T, V]``) learns its rows' next tokens instead (``kdray.core.lm``)."""
+    (logits ``[N, T, V]``) learns its rows' next tokens instead (``kdray.models.lm``)."""
 
     def __init__(self, model: nn.Module, label_smoothing: float = 0.0):
         super().__init__(model)

@@ -17,12 +17,12 @@ from typing import Literal
 
 from pydantic import Field
 
-from kdray.core import data as kdata
-from kdray.core.checkpoint import Artifact, write_artifact
+from kdray.contracts.checkpoint import Artifact, write_artifact
+from kdray.contracts.specs import DataSpec, ModelSpec, StageBase
+from kdray.contracts.stage import StageContext, StageKind, model_kwargs, model_record, stage_kind
+from kdray.contracts.usermodels import build_model
 from kdray.core.metrics import metrics_for, predict
-from kdray.core.specs import DataSpec, ModelSpec, StageBase
-from kdray.core.stage import StageContext, StageKind, model_kwargs, model_record, stage_kind
-from kdray.core.usermodels import build_model
+from kdray.data import datasets as kdata
 
 
 class PretrainedStage(StageBase):

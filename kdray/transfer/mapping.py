@@ -57,8 +57,8 @@ import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from kdray.core.errors import KdrayError
-from kdray.core.hooks import unwrap
 from kdray.core.registry import Registry, did_you_mean
+from kdray.models.hooks import unwrap
 
 Op = Literal["copy", "slice", "repeat_channels", "reinit", "skip"]
 Status = Literal["copied", "adapted", "reinitialised", "kept"]

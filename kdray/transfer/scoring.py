@@ -17,12 +17,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from kdray.core import data as kdata
-from kdray.core import stream
-from kdray.core.checkpoint import Artifact
+from kdray.contracts.checkpoint import Artifact
 from kdray.core.errors import DataError, KdrayError
-from kdray.core.files import FORMAT, decode
-from kdray.core.hooks import capture, embedding_and_logits
+from kdray.data import datasets as kdata
+from kdray.data import stream
+from kdray.data.files import FORMAT, decode
+from kdray.models.hooks import capture, embedding_and_logits
 from kdray.transfer.transferability import leep, logme
 
 

@@ -16,11 +16,11 @@ import torch
 import torch.nn as nn
 from pydantic import Field, model_validator
 
-from kdray.core.checkpoint import Artifact, open_artifact
-from kdray.core.method import Method, labelled_cross_entropy
-from kdray.core.specs import DataSpec, ModelSpec, OptimSpec, StageBase
-from kdray.core.stage import Job, Shard, StageContext, StageKind, model_kwargs, stage_kind
-from kdray.core.usermodels import build_model
+from kdray.contracts.checkpoint import Artifact, open_artifact
+from kdray.contracts.method import Method, labelled_cross_entropy
+from kdray.contracts.specs import DataSpec, ModelSpec, OptimSpec, StageBase
+from kdray.contracts.stage import Job, Shard, StageContext, StageKind, model_kwargs, stage_kind
+from kdray.contracts.usermodels import build_model
 from kdray.transfer.mapping import (
     L2SP,
     MappingRule,

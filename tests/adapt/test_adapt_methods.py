@@ -34,8 +34,8 @@ from kdray.adapt.methods import (
     snd_score,
 )
 from kdray.core.errors import KdrayError
-from kdray.core.models import create_model
-from kdray.core.shifts import compose
+from kdray.data.shifts import compose
+from kdray.models import create_model
 
 K = 3  # classes
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from helpers import synthetic_pipeline
 
-from kdray.core import data as kdata
-from kdray.core.checkpoint import open_artifact
+from kdray.contracts.checkpoint import open_artifact
+from kdray.contracts.specs import DataSpec
 from kdray.core.errors import KdrayError
 from kdray.core.metrics import metrics_for, predict
-from kdray.core.specs import DataSpec
+from kdray.data import datasets as kdata
 from kdray.engine.pipeline import run_pipeline
 from kdray.engine.spec import parse_pipeline
 

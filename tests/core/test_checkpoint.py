@@ -7,9 +7,16 @@ import json
 import pytest
 import torch
 
-from kdray.core.checkpoint import MANIFEST, WEIGHTS, load_state_checked, open_artifact, read_artifact, write_artifact
+from kdray.contracts.checkpoint import (
+    MANIFEST,
+    WEIGHTS,
+    load_state_checked,
+    open_artifact,
+    read_artifact,
+    write_artifact,
+)
 from kdray.core.errors import CheckpointMismatch, StorageError
-from kdray.core.models import create_model
+from kdray.models import create_model
 
 
 def publish(store, model):

@@ -17,11 +17,11 @@ from helpers import synthetic_pipeline
 from typer.testing import CliRunner
 
 from kdray.cli import app
-from kdray.core.checkpoint import open_artifact
-from kdray.core.data import DATASETS
-from kdray.core.models import MODELS
+from kdray.contracts.checkpoint import open_artifact
+from kdray.data.datasets import DATASETS
 from kdray.engine.pipeline import run_pipeline
 from kdray.engine.spec import parse_pipeline
+from kdray.models import MODELS
 
 PYPROJECT = """
 [build-system]
@@ -44,7 +44,7 @@ MODULE = '''
 import torch
 import torch.nn as nn
 
-from kdray.core.data import Split
+from kdray.data.datasets import Split
 
 
 def demo_mlp(num_classes: int = 10, in_channels: int = 1, image_size: int = 8, hidden: int = 32):

@@ -1,6 +1,6 @@
 """Data in the lineage: a cached artifact is believed only while the data it was made from is unchanged.
 
-A stage's manifest records a fingerprint of every dataset it read (``kdray.core.lineage``); a rerun compares
+A stage's manifest records a fingerprint of every dataset it read (``kdray.data.lineage``); a rerun compares
 it with the data as it is now. Re-importing other data at the same path reruns the stage and its
 descendants and says why; an unfinished import is refused as such; stage keys stay what they were.
 """
@@ -19,12 +19,12 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from kdray.cli import app
-from kdray.core import lineage
-from kdray.core.checkpoint import read_artifact
+from kdray.contracts.checkpoint import read_artifact
+from kdray.contracts.specs import DataSpec
 from kdray.core.errors import DataError
-from kdray.core.files import import_dataset
-from kdray.core.specs import DataSpec
 from kdray.core.storage import Storage
+from kdray.data import lineage
+from kdray.data.files import import_dataset
 from kdray.engine.pipeline import plan, run_pipeline
 from kdray.engine.spec import parse_pipeline
 
@@ -116,7 +116,7 @@ def test_a_shard_changed_after_the_import_is_refused_when_read(tmp_path):
     assert lineage.changes({"data": before}, {"data": after}) == [
         f"data (parquet at {ds}): train/part-00000.parquet changed on storage (ETag, or size and modification time)"
     ]
-    from kdray.core import data as kdata
+    from kdray.data import datasets as kdata
 
     with pytest.raises(DataError, match="does not match the sha256 that .* records for it"):
         kdata.load(DataSpec(name="parquet", path=str(ds), val_fraction=0), "train")

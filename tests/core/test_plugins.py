@@ -13,15 +13,15 @@ from helpers import synthetic_pipeline
 from pydantic import Field
 
 from kdray.adapt.methods import ADAPT_METHODS, AdaptMethod, AdaptMethodSpec
-from kdray.core.checkpoint import Artifact, open_artifact
+from kdray.contracts.checkpoint import Artifact, open_artifact
+from kdray.contracts.specs import DataSpec, ModelSpec, OptimSpec, StageBase
+from kdray.contracts.stage import STAGE_KINDS, Job, Shard, StageContext, StageKind, stage_kind
 from kdray.core.errors import SpecError
-from kdray.core.models import MODELS, Classifier, create_model
-from kdray.core.shifts import SHIFTS, Shift, compose
-from kdray.core.specs import DataSpec, ModelSpec, OptimSpec, StageBase
-from kdray.core.stage import STAGE_KINDS, Job, Shard, StageContext, StageKind, stage_kind
+from kdray.data.shifts import SHIFTS, Shift, compose
 from kdray.distill.losses import LOSSES, DistillLoss, LossTerm
 from kdray.engine.pipeline import run_pipeline
 from kdray.engine.spec import json_schema, parse_pipeline
+from kdray.models import MODELS, Classifier, create_model
 from kdray.supervised import Supervised
 from kdray.transfer.mapping import MATCH_STRATEGIES, PlanState, TransferSpec, plan_transfer
 

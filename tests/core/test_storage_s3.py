@@ -102,7 +102,7 @@ def fake_fmnist(n: int, seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 def upload_fmnist(server: SeaweedS3, key_prefix: str, arrays, gz: bool = True) -> None:
-    from kdray.core.data import FASHION_MNIST_FILES
+    from kdray.data.datasets import FASHION_MNIST_FILES
 
     client = server.client()
     for split, (img_name, lab_name) in FASHION_MNIST_FILES.items():
@@ -192,8 +192,8 @@ def test_pipeline_runs_with_artifacts_in_a_bucket(s3env, prefix, tmp_path):
     from typer.testing import CliRunner
 
     from kdray.cli import app
-    from kdray.core import data as kdata
-    from kdray.core.checkpoint import open_artifact, sha256
+    from kdray.contracts.checkpoint import open_artifact, sha256
+    from kdray.data import datasets as kdata
     from kdray.engine.pipeline import run_pipeline
     from kdray.engine.spec import parse_pipeline
 
@@ -237,9 +237,9 @@ def test_pipeline_runs_with_artifacts_in_a_bucket(s3env, prefix, tmp_path):
 
 
 def test_fashion_mnist_is_read_from_a_bucket_prefix(s3env, prefix):
-    from kdray.core import data as kdata
+    from kdray.contracts.specs import DataSpec
     from kdray.core.errors import DataError
-    from kdray.core.specs import DataSpec
+    from kdray.data import datasets as kdata
 
     arrays = fake_fmnist(24, seed=3)
     upload_fmnist(s3env, f"{prefix}/fmnist", arrays, gz=True)
@@ -264,7 +264,7 @@ def test_ray_workers_checkpoint_to_the_bucket_and_read_data_from_it(ray_local, s
     """
     import ray
 
-    from kdray.core.checkpoint import open_artifact
+    from kdray.contracts.checkpoint import open_artifact
     from kdray.engine.pipeline import run_pipeline
     from kdray.engine.spec import parse_pipeline
 
@@ -295,7 +295,7 @@ def test_an_outage_during_a_ray_worker_run_is_a_storage_error_and_the_rerun_resu
     """The S3 server killed while a ``workers: 1`` run trains: Ray Train's next checkpoint upload fails,
     the driver raises a StorageError naming the run's storage (exit 2, no ControllerError traceback), and
     once the server is back the same run resumes from its last checkpoint and publishes."""
-    from kdray.core.checkpoint import open_artifact
+    from kdray.contracts.checkpoint import open_artifact
     from kdray.core.errors import StorageError
     from kdray.engine.pipeline import run_pipeline
     from kdray.engine.spec import parse_pipeline
@@ -337,7 +337,7 @@ def test_an_outage_during_a_ray_worker_run_is_a_storage_error_and_the_rerun_resu
 
 def test_an_outage_mid_publish_leaves_no_manifest(s3env, prefix):
     """Kill the server while a 24 MB weights upload is in flight: nothing is published; then retry."""
-    from kdray.core.checkpoint import read_artifact, write_artifact
+    from kdray.contracts.checkpoint import read_artifact, write_artifact
     from kdray.core.errors import StorageError
     from kdray.core.storage import Storage
 
@@ -372,7 +372,7 @@ def test_an_outage_mid_publish_leaves_no_manifest(s3env, prefix):
 
 def test_an_outage_mid_republish_keeps_the_previous_artifact(s3env, prefix):
     """A rerun's publish killed by an outage: readers still see the previous artifact, whole and consistent."""
-    from kdray.core.checkpoint import read_artifact, sha256, write_artifact
+    from kdray.contracts.checkpoint import read_artifact, sha256, write_artifact
     from kdray.core.errors import StorageError
     from kdray.core.storage import Storage
 

@@ -22,13 +22,13 @@ from helpers.datasets import CLASSES, VOCAB, T, write_tokens
 from typer.testing import CliRunner
 
 from kdray.cli import app
-from kdray.core import data as kdata
-from kdray.core import stream
-from kdray.core.checkpoint import open_artifact
+from kdray.contracts.checkpoint import open_artifact
+from kdray.contracts.specs import DataSpec
 from kdray.core.errors import DataError
-from kdray.core.files import import_dataset
 from kdray.core.metrics import metrics_for, predict
-from kdray.core.specs import DataSpec
+from kdray.data import datasets as kdata
+from kdray.data import stream
+from kdray.data.files import import_dataset
 from kdray.engine.pipeline import run_pipeline
 from kdray.engine.spec import parse_pipeline
 

@@ -8,10 +8,10 @@ import torch
 from helpers import needs_fmnist
 from helpers.datasets import write_fake_fmnist
 
-from kdray.core import data as kdata
+from kdray.contracts.specs import DataSpec
 from kdray.core.errors import DataError
-from kdray.core.specs import DataSpec
 from kdray.core.storage import Storage
+from kdray.data import datasets as kdata
 
 
 @pytest.mark.parametrize("gz", [True, False])

@@ -20,12 +20,12 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from kdray.cli import app
-from kdray.core import data as kdata
-from kdray.core.checkpoint import open_artifact
+from kdray.contracts.checkpoint import open_artifact
+from kdray.contracts.specs import DataSpec
 from kdray.core.errors import DataError, KdrayError
-from kdray.core.files import import_dataset
 from kdray.core.metrics import metrics_for, predict
-from kdray.core.specs import DataSpec
+from kdray.data import datasets as kdata
+from kdray.data.files import import_dataset
 from kdray.engine.pipeline import run_pipeline
 from kdray.engine.spec import parse_pipeline
 

@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 
 from kdray.cli import app
 from kdray.core.errors import StorageError
-from kdray.core.files import MAX_PIXELS
 from kdray.core.storage import Storage
+from kdray.data.files import MAX_PIXELS
 from kdray.engine.spec import parse_pipeline
 
 

@@ -13,7 +13,7 @@ import torch
 from pydantic import ValidationError
 
 from kdray.core.errors import DataError, KdrayError, SpecError
-from kdray.core.shifts import SHIFTS, ShiftSpec, build_shift, compose, parse_shifts, rotate, shift_hash
+from kdray.data.shifts import SHIFTS, ShiftSpec, build_shift, compose, parse_shifts, rotate, shift_hash
 
 # One valid parameter set per registered shift; a new shift without an entry fails the test below.
 EXAMPLES = {

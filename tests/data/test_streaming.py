@@ -25,12 +25,12 @@ from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from kdray.cli import app
-from kdray.core import data as kdata
-from kdray.core import stream
-from kdray.core.checkpoint import open_artifact
+from kdray.contracts.checkpoint import open_artifact
+from kdray.contracts.specs import DataSpec
 from kdray.core.errors import DataError
-from kdray.core.files import import_dataset
-from kdray.core.specs import DataSpec
+from kdray.data import datasets as kdata
+from kdray.data import stream
+from kdray.data.files import import_dataset
 from kdray.engine.pipeline import run_pipeline
 from kdray.engine.spec import parse_pipeline
 
@@ -204,7 +204,7 @@ def test_ranks_on_two_nodes_stream_disjoint_rows_that_cover_the_training_split(s
     import ray
     from ray.cluster_utils import Cluster
 
-    from kdray.core.stage import StageContext
+    from kdray.contracts.stage import StageContext
     from kdray.core.storage import Storage
     from kdray.engine.driver import fit
     from kdray.engine.pipeline import plan

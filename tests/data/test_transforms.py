@@ -15,14 +15,14 @@ from helpers import needs_fmnist
 from typer.testing import CliRunner
 
 from kdray.cli import app
-from kdray.core import data as kdata
-from kdray.core import stream
-from kdray.core import transforms as T
-from kdray.core.checkpoint import open_artifact
+from kdray.contracts.checkpoint import open_artifact
+from kdray.contracts.specs import DataSpec, RunSpec
+from kdray.contracts.stage import Job, kind_of, model_kwargs
 from kdray.core.errors import KdrayError, SpecError
-from kdray.core.files import import_dataset
-from kdray.core.specs import DataSpec, RunSpec
-from kdray.core.stage import Job, kind_of, model_kwargs
+from kdray.data import datasets as kdata
+from kdray.data import stream
+from kdray.data import transforms as T
+from kdray.data.files import import_dataset
 from kdray.distill.stage import cache_decision
 from kdray.engine.datasets import MemoryBatches, stream_datasets
 from kdray.engine.pipeline import plan, run_pipeline

@@ -15,13 +15,13 @@ import pytest
 import torch
 from helpers import synthetic_pipeline
 
-from kdray.core import data as kdata
-from kdray.core.checkpoint import open_artifact
+from kdray.contracts.checkpoint import open_artifact
+from kdray.contracts.specs import DataSpec
 from kdray.core.errors import DataError, SpecError
-from kdray.core.specs import DataSpec
+from kdray.data import datasets as kdata
 from kdray.engine.pipeline import run_pipeline
 from kdray.engine.spec import parse_pipeline
-from kdray.engine.sweep import check_metric, parse_grid, run_sweep
+from kdray.sweeps.sweep import check_metric, parse_grid, run_sweep
 
 DATA = {"name": "synthetic", "options": {"num_samples": 256, "image_size": 8, "num_classes": 4}}
 TIMING = {"samples_per_s", "epoch_seconds", "loop_started"}

@@ -15,10 +15,10 @@ import pytest
 from helpers import synthetic_pipeline
 from helpers.s3server import SeaweedS3, weed_binary
 
-from kdray.core.checkpoint import read_artifact
+from kdray.contracts.checkpoint import read_artifact
+from kdray.contracts.stage import StageContext
 from kdray.core.errors import KdrayError
 from kdray.core.lease import LEASE, Lease
-from kdray.core.stage import StageContext
 from kdray.core.storage import Storage
 from kdray.distill.cache import ensure_cache, read_cache_meta
 from kdray.engine.pipeline import plan, run_pipeline

@@ -13,9 +13,9 @@ import torch
 import torch.nn as nn
 
 from kdray.core.errors import KdrayError, SpecError
-from kdray.core.hooks import Outputs, capture, forward_with_features
-from kdray.core.models import create_model
 from kdray.distill.losses import LOSSES, DistillLoss, build_loss
+from kdray.models import create_model
+from kdray.models.hooks import Outputs, capture, forward_with_features
 
 
 def softmax(row: list[float], T: float = 1.0) -> list[float]:

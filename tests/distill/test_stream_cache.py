@@ -17,12 +17,12 @@ import torch
 from helpers import quiet
 from helpers.datasets import accuracy_on_test, write_npz
 
-from kdray.core import data as kdata
-from kdray.core.checkpoint import open_artifact
+from kdray.contracts.checkpoint import open_artifact
+from kdray.contracts.specs import DataSpec
 from kdray.core.errors import KdrayError
-from kdray.core.files import import_dataset
-from kdray.core.specs import DataSpec
 from kdray.core.storage import Storage
+from kdray.data import datasets as kdata
+from kdray.data.files import import_dataset
 from kdray.distill.cache import _CHUNKS, _METAS, ChunkWriter, attach_logits
 from kdray.distill.stage import DistillStage, cache_decision
 from kdray.engine.pipeline import run_pipeline

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from kdray.core.method import Method
-from kdray.core.models import create_model
+from kdray.contracts.method import Method
 from kdray.engine.loop import channels_last
+from kdray.models import create_model
 
 
 class ViewNet(nn.Module):

@@ -13,11 +13,11 @@ from helpers import synthetic_pipeline
 from typer.testing import CliRunner
 
 from kdray.cli import app
-from kdray.core.checkpoint import open_artifact, sha256
-from kdray.core.models import create_model
-from kdray.engine.export import EXPORTS, ExportError, export_artifact, export_model
+from kdray.contracts.checkpoint import open_artifact, sha256
 from kdray.engine.pipeline import run_pipeline
 from kdray.engine.spec import parse_pipeline
+from kdray.evaluate.export import EXPORTS, ExportError, export_artifact, export_model
+from kdray.models import create_model
 
 FAMILIES = ["mlp_64", "cnn_small", "resnet_small", "gru_small", "vit_tiny"]
 

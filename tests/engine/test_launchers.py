@@ -32,7 +32,7 @@ import pytest
 import yaml
 from helpers import REPO, quiet, synthetic_pipeline
 
-from kdray.core.checkpoint import read_artifact
+from kdray.contracts.checkpoint import read_artifact
 from kdray.core.errors import KdrayError, SpecError
 from kdray.core.storage import Storage
 from kdray.engine import remote as worker
@@ -90,7 +90,7 @@ def test_a_plugin_launcher_can_be_named_in_a_spec(tmp_path):
     """Launchers are a registry: one registered by a plug-in is accepted by ``run.launcher`` and runs the
     stage (here it runs it through ``kdray.worker`` in this process, as a cluster's job would); a typo
     is refused at validation with the known names, the plug-in's among them."""
-    from kdray.core.specs import LAUNCHERS
+    from kdray.contracts.specs import LAUNCHERS
 
     calls: list[tuple[str, str]] = []
 
@@ -261,7 +261,7 @@ class FakeJobAPI:
 )
 def test_ray_launcher_picks_the_job_to_follow(tmp_path, monkeypatch, before, force, has_artifact, submitted):
     pytest.importorskip("ray.job_submission")
-    from kdray.core.checkpoint import write_artifact
+    from kdray.contracts.checkpoint import write_artifact
 
     spec = spec_of(tmp_path, workers=1, launcher="ray", address="http://head:8265")
     key = plan(spec)["teacher"]

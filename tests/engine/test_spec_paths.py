@@ -10,8 +10,8 @@ import pytest
 from helpers import REPO
 from safetensors.torch import save_file
 
+from kdray.contracts.usermodels import build_model
 from kdray.core.errors import SpecError
-from kdray.core.usermodels import build_model
 from kdray.engine.pipeline import plan
 from kdray.engine.spec import load_pipeline, parse_pipeline
 

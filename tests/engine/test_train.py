@@ -8,8 +8,8 @@ import pytest
 import torch
 from helpers import quiet, synthetic_pipeline
 
-from kdray.core.checkpoint import open_artifact
-from kdray.core.stage import StageContext
+from kdray.contracts.checkpoint import open_artifact
+from kdray.contracts.stage import StageContext
 from kdray.core.storage import Storage
 from kdray.engine.driver import fit
 from kdray.engine.pipeline import plan, run_pipeline

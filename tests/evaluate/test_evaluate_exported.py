@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from helpers import synthetic_pipeline
 
-from kdray.core.checkpoint import open_artifact
+from kdray.contracts.checkpoint import open_artifact
 from kdray.core.errors import KdrayError
-from kdray.engine.export import export_artifact
 from kdray.engine.pipeline import run_pipeline
 from kdray.engine.spec import parse_pipeline
+from kdray.evaluate.export import export_artifact
 
 
 def later(tmp_path, uri, **evaluate):

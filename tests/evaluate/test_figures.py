@@ -10,7 +10,7 @@ import torch
 from helpers import synthetic_pipeline
 
 from kdray.cli import results_lines
-from kdray.core.checkpoint import open_artifact
+from kdray.contracts.checkpoint import open_artifact
 from kdray.core.meter import counted, short_time
 from kdray.core.metrics import metrics_for
 from kdray.engine.pipeline import run_pipeline

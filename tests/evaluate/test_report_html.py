@@ -11,7 +11,7 @@ import pytest
 from helpers import synthetic_pipeline
 from PIL import Image
 
-from kdray.core.checkpoint import open_artifact
+from kdray.contracts.checkpoint import open_artifact
 from kdray.engine.pipeline import run_pipeline
 from kdray.engine.spec import parse_pipeline
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from kdray.core import data as kdata
-from kdray.core.checkpoint import open_artifact
+from kdray.contracts.checkpoint import open_artifact
+from kdray.contracts.specs import DataSpec
 from kdray.core.metrics import metrics_for, predict
-from kdray.core.specs import DataSpec
+from kdray.data import datasets as kdata
 
 TRAIN, TEST, CLASSES = 300, 80, 4  # val_fraction 0.1: 30 validation rows, 270 training rows (135 per rank)
 T, VOCAB = 12, 16  # token ids: 0..11 are noise; 12 + c marks class c (of CLASSES)

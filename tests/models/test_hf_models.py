@@ -21,17 +21,17 @@ from ray import cloudpickle
 from typer.testing import CliRunner
 
 from kdray.cli import app
-from kdray.core import data as kdata
-from kdray.core.checkpoint import open_artifact
+from kdray.contracts.checkpoint import open_artifact
+from kdray.contracts.specs import DataSpec, ModelSpec
+from kdray.contracts.stage import model_kwargs
+from kdray.contracts.usermodels import build_model
 from kdray.core.errors import CheckpointMismatch, KdrayError, SpecError
-from kdray.core.hooks import forward_with_features
-from kdray.core.specs import DataSpec, ModelSpec
-from kdray.core.stage import model_kwargs
-from kdray.core.usermodels import build_model
-from kdray.engine.export import export_artifact, export_model
+from kdray.data import datasets as kdata
 from kdray.engine.pipeline import run_pipeline
 from kdray.engine.spec import parse_pipeline
+from kdray.evaluate.export import export_artifact, export_model
 from kdray.evaluate.latency import model_latency
+from kdray.models.hooks import forward_with_features
 
 transformers = pytest.importorskip("transformers")
 
@@ -175,7 +175,7 @@ def test_a_folder_loads_its_weights_and_refuses_pickles_and_foreign_code(tmp_pat
     torch.testing.assert_close(build_model(ModelSpec.model_validate({"hf": str(sharded)}), KW).eval()(x), model(x))
 
     notes: list[str] = []
-    from kdray.core.hffolder import build_from_folder, open_folder
+    from kdray.contracts.hffolder import build_from_folder, open_folder
 
     wider = build_from_folder(open_folder(str(tmp_path / "vit")), 7, log=notes.append).eval()
     assert wider(x).shape == (6, 7)
@@ -436,8 +436,8 @@ def test_a_transformers_teacher_with_its_own_view_streams_through_ray(ray_local,
     and a Ray Train worker trains the student from it."""
     from helpers.datasets import write_npz
 
-    from kdray.core.files import import_dataset
     from kdray.core.storage import Storage
+    from kdray.data.files import import_dataset
     from kdray.distill.cache import _CHUNKS, _METAS, attach_logits
 
     import_dataset(str(write_npz(tmp_path / "tiny.npz")), str(tmp_path / "ds"), shard_rows=100, log=quiet)

@@ -19,18 +19,18 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from kdray.cli import app
-from kdray.core import data as kdata
-from kdray.core import lm
-from kdray.core.checkpoint import open_artifact
+from kdray.contracts.checkpoint import open_artifact
+from kdray.contracts.specs import DataSpec
 from kdray.core.errors import DataError, KdrayError
-from kdray.core.hooks import Outputs
-from kdray.core.specs import DataSpec
 from kdray.core.storage import Storage
-from kdray.core.text import PAD, dataset_tokenizer, import_text
+from kdray.data import datasets as kdata
+from kdray.data.text import PAD, dataset_tokenizer, import_text
 from kdray.distill.losses import build_loss
 from kdray.distill.seqcache import decode, encode, read_topk_rows
 from kdray.engine.pipeline import run_pipeline
 from kdray.engine.spec import parse_pipeline
+from kdray.models import lm
+from kdray.models.hooks import Outputs
 
 MODULES = ("textwrap", "string", "shlex", "glob", "fnmatch", "bisect", "heapq", "colorsys", "copy", "calendar")
 SEQ = 32
@@ -313,8 +313,8 @@ def test_streamed_cache_by_ray_data_and_a_ray_train_student(runs, text_data, ray
 def test_a_causal_lm_folder_loads_its_weights_reads_padding_and_must_fit_the_rows(tmp_path):
     import transformers
 
-    from kdray.core.specs import ModelSpec
-    from kdray.core.usermodels import build_model
+    from kdray.contracts.specs import ModelSpec
+    from kdray.contracts.usermodels import build_model
 
     config = transformers.GPT2Config(vocab_size=300, n_layer=1, n_embd=32, n_head=2, n_positions=SEQ)
     torch.manual_seed(0)

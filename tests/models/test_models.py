@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from kdray.core.errors import KdrayError
-from kdray.core.models import MODELS, count_parameters, create_model
 from kdray.core.registry import Registry
+from kdray.models import MODELS, count_parameters, create_model
 
 # image classifiers: the causal LMs (family causal_lm) have their own contract in tests/models/test_lm.py
 IMAGE_MODELS = [n for n in MODELS.names() if MODELS.meta(n).get("family") != "causal_lm"]

@@ -18,13 +18,13 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from kdray.cli import app
-from kdray.core.checkpoint import open_artifact
+from kdray.contracts.checkpoint import open_artifact
+from kdray.contracts.specs import ModelSpec
+from kdray.contracts.usermodels import build_model
 from kdray.core.errors import CheckpointMismatch, KdrayError, SpecError
-from kdray.core.hooks import embedding_and_logits, forward_with_features
-from kdray.core.specs import ModelSpec
-from kdray.core.usermodels import build_model
 from kdray.engine.pipeline import run_pipeline
 from kdray.engine.spec import parse_pipeline
+from kdray.models.hooks import embedding_and_logits, forward_with_features
 
 USER_MODULE = '''
 import torch.nn as nn

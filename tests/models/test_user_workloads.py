@@ -28,12 +28,12 @@ from helpers.s3server import SeaweedS3, weed_binary
 from pydantic import ValidationError
 
 from kdray.adapt.stage import AdaptStage
-from kdray.core import data as kdata
-from kdray.core.checkpoint import open_artifact
-from kdray.core.files import import_dataset
+from kdray.contracts.checkpoint import open_artifact
+from kdray.contracts.specs import DataSpec
+from kdray.contracts.stage import STAGE_KINDS
 from kdray.core.metrics import metrics_for, predict
-from kdray.core.specs import DataSpec
-from kdray.core.stage import STAGE_KINDS
+from kdray.data import datasets as kdata
+from kdray.data.files import import_dataset
 from kdray.engine.pipeline import run_pipeline
 from kdray.engine.spec import parse_pipeline
 from kdray.transfer.scoring import labelled_target

@@ -29,7 +29,7 @@ from flows.deploy import IMAGE_SOURCE, build_deployment, k8s_job_variables
 from flows.pipeline import pipeline_flow
 from flows.stages import stages_flow
 from flows.tasks import is_infrastructure_failure, report_key, select_stages
-from kdray.core.checkpoint import open_artifact
+from kdray.contracts.checkpoint import open_artifact
 from kdray.core.errors import KdrayError, SpecError
 from kdray.engine.launchers import spec_to_json
 from kdray.engine.pipeline import plan
@@ -194,10 +194,16 @@ def test_prefect_yaml_deployments_parse_and_match_the_specs():
 # --------------------------------------------------------------------------- flows on the Prefect server
 
 
-def test_pipeline_flow_publishes_json_results_and_a_report_then_caches(tmp_path, prefect_server):
+def test_pipeline_flow_publishes_json_results_and_a_report_then_caches(tmp_path, prefect_server, monkeypatch):
+    import flows.tasks
+
     doc = synthetic_pipeline(tmp_path, extra_stages=[EVAL])
     spec_path = write_spec(tmp_path, doc)
+    parses: list[str] = []  # parses of the spec after load-spec's own: the flow and its tasks take that one
+    real_parse = flows.tasks.parse_pipeline
+    monkeypatch.setattr(flows.tasks, "parse_pipeline", lambda *a, **k: parses.append("parse") or real_parse(*a, **k))
     state = pipeline_flow(spec_path, return_state=True)
+    assert parses == [], "the spec is parsed once per run (by load-spec), not again by the flow or each stage"
     outcomes = state.result()
     assert [(o["stage"], o["kind"], o["status"]) for o in outcomes] == [
         ("teacher", "train", "ran"),

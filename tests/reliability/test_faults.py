@@ -7,7 +7,7 @@ import json
 import pytest
 from helpers import synthetic_pipeline
 
-from kdray.core.stage import StageContext
+from kdray.contracts.stage import StageContext
 from kdray.core.storage import Storage
 from kdray.engine.driver import fit
 from kdray.engine.pipeline import plan

@@ -26,10 +26,10 @@ from helpers import REPO, synthetic_pipeline
 from typer.testing import CliRunner
 
 from kdray.cli import app
-from kdray.core.checkpoint import MANIFEST, WEIGHTS, Artifact, open_artifact, read_artifact, sha256, write_artifact
+from kdray.contracts.checkpoint import MANIFEST, WEIGHTS, Artifact, open_artifact, read_artifact, sha256, write_artifact
 from kdray.core.errors import KdrayError, StorageError
-from kdray.core.models import create_model
 from kdray.core.storage import Storage
+from kdray.models import create_model
 
 KDRAY = str(Path(sys.executable).with_name("kdray"))
 MODEL = {"name": "mlp_64", "kwargs": {"num_classes": 4, "in_channels": 1, "image_size": 8}}
@@ -280,7 +280,7 @@ def test_a_corrupt_teacher_cache_chunk_is_caught(tmp_path):
     build_cache(store, teacher, x, {"data_fingerprint": "f", "num_classes": 4}, log=lambda m: None)
     assert read_cache_rows(store, 0, 40, expect_rows=40, expect_fingerprint="f").shape == (40, 4)
     chunk = "logits-000000000.safetensors"
-    from kdray.core.checkpoint import state_to_bytes
+    from kdray.contracts.checkpoint import state_to_bytes
 
     store.write_bytes(chunk, state_to_bytes({"logits": torch.full((40, 4), math.nan)}))  # NaN, valid file
     with pytest.raises(KdrayError, match="corrupt") as err:
@@ -543,9 +543,9 @@ def test_bad_idx_files_are_data_errors(tmp_path, name, content, expected):
     import numpy as np
     from helpers.datasets import idx_bytes, write_fake_fmnist
 
-    from kdray.core import data as kdata
+    from kdray.contracts.specs import DataSpec
     from kdray.core.errors import DataError
-    from kdray.core.specs import DataSpec
+    from kdray.data import datasets as kdata
 
     folder = tmp_path / "fm"
     write_fake_fmnist(folder, gz=False)
@@ -559,8 +559,8 @@ def test_bad_idx_files_are_data_errors(tmp_path, name, content, expected):
 
 
 def test_a_train_stage_iterates_only_labelled_rows(tmp_path, capsys):
-    from kdray.core.specs import RunSpec
-    from kdray.core.stage import Job, kind_of
+    from kdray.contracts.specs import RunSpec
+    from kdray.contracts.stage import Job, kind_of
     from kdray.engine.spec import parse_pipeline
 
     doc = synthetic_pipeline(tmp_path)

@@ -14,7 +14,7 @@ import shutil
 import pytest
 from helpers import synthetic_pipeline
 
-from kdray.core.checkpoint import read_artifact
+from kdray.contracts.checkpoint import read_artifact
 from kdray.core.errors import StorageError
 from kdray.core.storage import Storage
 from kdray.engine.pipeline import plan, run_pipeline

@@ -8,12 +8,12 @@ import pytest
 import yaml
 from helpers import REPO, synthetic_pipeline
 
-from kdray.core.checkpoint import open_artifact
+from kdray.contracts.checkpoint import open_artifact
 from kdray.core.errors import SpecError
-from kdray.engine.pareto import ChooseSpec, choose, dominates, pareto_front
 from kdray.engine.pipeline import run_pipeline
 from kdray.engine.spec import parse_pipeline
-from kdray.engine.sweep import AshaSpec, load_sweep, parse_sweep, run_sweep, sample_settings
+from kdray.sweeps.pareto import ChooseSpec, choose, dominates, pareto_front
+from kdray.sweeps.sweep import AshaSpec, load_sweep, parse_sweep, run_sweep, sample_settings
 
 STUDENT = {
     "name": "student",

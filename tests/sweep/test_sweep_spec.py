@@ -10,10 +10,10 @@ from helpers import synthetic_pipeline
 from typer.testing import CliRunner
 
 from kdray.cli import app
-from kdray.core.checkpoint import open_artifact
+from kdray.contracts.checkpoint import open_artifact
 from kdray.core.errors import SpecError
 from kdray.engine.spec import parse_pipeline
-from kdray.engine.sweep import expand, parse_sweep, run_sweep, sample_settings
+from kdray.sweeps.sweep import expand, parse_sweep, run_sweep, sample_settings
 
 STUDENT = {
     "name": "student",

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 
 from kdray.core.errors import KdrayError
-from kdray.core.models import create_model
+from kdray.models import create_model
 from kdray.transfer.mapping import (
     L2SP,
     TransferSpec,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import synthetic_pipeline
 
-from kdray.core.checkpoint import open_artifact
+from kdray.contracts.checkpoint import open_artifact
 from kdray.core.errors import KdrayError
 from kdray.engine.pipeline import run_pipeline
 from kdray.engine.spec import parse_pipeline

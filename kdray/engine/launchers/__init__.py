@@ -26,13 +26,14 @@ import os
 import re
 from typing import Any, Callable, Protocol
 
-from kdray.core.checkpoint import Artifact
-from kdray.core.specs import LAUNCHERS as LAUNCHERS  # the table the spec names launchers from
-from kdray.core.stage import kind_of
+from kdray.contracts.checkpoint import Artifact
+from kdray.contracts.specs import LAUNCHERS as LAUNCHERS  # the table the spec names launchers from
+from kdray.contracts.stage import kind_of
+from kdray.core import layout
 from kdray.core.storage import Storage
 from kdray.engine.spec import PipelineSpec
 
-STAGE_FILE = "stage.json"
+STAGE_FILE = layout.STAGE_FILE
 WORKER_COMMAND = "python -m kdray.worker"
 # Environment a Ray job needs to reach the same storage as the submitter. Values are sent in the
 # job's runtime_env and never logged; the secret ones are also masked in any text shown to the user.
@@ -70,8 +71,8 @@ def launcher_for(spec: PipelineSpec, stage: Any) -> str:
 
 
 def artifact_store(root: Storage, pipeline: str, stage: str, key: str) -> Storage:
-    """A stage's artifact folder: ``<root>/<pipeline>/<stage>/<key>``."""
-    return root.child(f"{pipeline}/{stage}/{key}")
+    """A stage's artifact folder: ``<root>/<pipeline>/<stage>/<key>`` (``kdray.core.layout``)."""
+    return layout.artifact(root, pipeline, stage, key)
 
 
 def stage_store(spec: PipelineSpec, stage_name: str, key: str) -> Storage:

@@ -7,10 +7,10 @@ import re
 import time
 from typing import Any
 
-from kdray.core.checkpoint import Artifact, read_artifact
+from kdray.contracts.checkpoint import Artifact, read_artifact
+from kdray.contracts.stage import kind_of
 from kdray.core.errors import KdrayError, SpecError
 from kdray.core.meter import article
-from kdray.core.stage import kind_of
 from kdray.core.storage import Storage
 from kdray.engine import progress
 from kdray.engine.launchers import (

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from kdray.core import lineage
-from kdray.core.checkpoint import Artifact
-from kdray.core.stage import StageContext, kind_of, run_name
+from kdray.contracts.checkpoint import Artifact
+from kdray.contracts.stage import StageContext, kind_of, run_name
+from kdray.core import layout
 from kdray.core.storage import Storage
+from kdray.data import lineage
 from kdray.engine import diagnostics, progress
 from kdray.engine.driver import fit
 from kdray.engine.inference import stream_inference
@@ -30,7 +31,7 @@ class LocalLauncher:
         stage = spec.stage(stage_name)
         root = Storage(spec.storage.uri)
         if force:  # start over: Ray would otherwise resume the finished run from its last checkpoint
-            root.delete_dir(f"_ray/{run_name(spec.name, stage_name, key)}")
+            root.delete_dir(layout.ray_run(run_name(spec.name, stage_name, key)))
         store = diagnostics.publish_store(stage_name, stage_store(spec, stage_name, key))
         data = lineage.of_datasets(kind_of(stage).datasets(stage, parents))  # what it reads, as it starts
         ctx = StageContext(

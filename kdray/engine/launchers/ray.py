@@ -12,7 +12,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from kdray.core.checkpoint import Artifact, read_artifact
+from kdray.contracts.checkpoint import Artifact, read_artifact
 from kdray.core.errors import KdrayError
 from kdray.engine import progress
 from kdray.engine.launchers import (

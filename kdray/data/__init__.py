@@ -1,0 +1,1 @@
+"""Data: dataset builders (files, Parquet shards, text), shifts, transforms, streaming and lineage."""
