@@ -14,7 +14,7 @@ from kdray.transfer.mapping.adapters import cannot_adapt
 from kdray.transfer.mapping.keys import anchors_of, is_norm_affine, shape_str, strip_module_prefix
 from kdray.transfer.mapping.layers import layer_actions
 from kdray.transfer.mapping.report import TransferReport
-from kdray.transfer.mapping.specs import MATCH_STRATEGIES, TransferSpec
+from kdray.transfer.mapping.specs import MATCH_STRATEGIES, LayerRule, TransferSpec
 from kdray.transfer.mapping.strategies import PlanState
 
 
@@ -44,46 +44,72 @@ def plan_transfer(
             mapped by name alone. Each message names the target and source keys and shapes.
     """
     model = unwrap(target)
-    source = strip_module_prefix(source_state)
+    state = _plan_state(model, strip_module_prefix(source_state))
+    classifier = getattr(model, "classifier_name", "classifier")
+    actions = layer_actions(model, spec)
+
+    _claim_layer_reinit(state, actions)
+    for i, rule in enumerate(spec.mapping):
+        MATCH_STRATEGIES.get(rule.match)(state, rule, i)
+    unmapped = [k for k in state.t_anchor if k not in state.claims]
+    _check_arch_change(state, spec, unmapped, classifier, source_arch, target_arch)
+    _check_strict(state, spec, unmapped)
+    for k in unmapped:
+        state.claim(k, "reinitialised", None, reason=_why_new(k, state.tgt, state.src, state.near_miss, classifier))
+    _claim_followers(state)
+    _flag_layers(state, spec, actions)
+    return _report(state, spec, actions, source_arch, target_arch)
+
+
+def _plan_state(model: nn.Module, source: Mapping[str, torch.Tensor]) -> PlanState:
+    """Both networks' keys and shapes, with running statistics set apart to follow their layer."""
     tgt = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     src = {k: tuple(v.shape) for k, v in source.items()}
     t_follow, s_follow = anchors_of(tgt), anchors_of(src)
     t_anchor = [k for k in tgt if k not in t_follow]
     s_anchor = [k for k in src if k not in s_follow]
-    t_keys, s_keys = set(tgt), set(src)
-    classifier = getattr(model, "classifier_name", "classifier")
-    actions = layer_actions(model, spec)
+    return PlanState(tgt, src, t_anchor, s_anchor, t_follow, s_follow, set(tgt), set(src))
 
-    state = PlanState(tgt, src, t_anchor, s_anchor, t_follow, s_follow, t_keys, s_keys)
-    claims, near_miss, claim, claim_transfer = state.claims, state.near_miss, state.claim, state.claim_transfer
 
-    # Layer reinit comes first: it overrides any mapping rule.
-    for k in t_anchor:
+def _claim_layer_reinit(state: PlanState, actions: Mapping[str, tuple[int, LayerRule]]) -> None:
+    """Layer reinit comes first: it overrides any mapping rule."""
+    for k in state.t_anchor:
         if k in actions and actions[k][1].action == "reinit":
             i, r = actions[k]
-            claim(k, "reinitialised", f"layers[{i}]", reason=f"layer rule reinit ({r.select!r})", reset=True)
+            state.claim(k, "reinitialised", f"layers[{i}]", reason=f"layer rule reinit ({r.select!r})", reset=True)
 
-    for i, rule in enumerate(spec.mapping):
-        MATCH_STRATEGIES.get(rule.match)(state, rule, i)
 
-    unmapped = [k for k in t_anchor if k not in claims]
+def _check_arch_change(
+    state: PlanState,
+    spec: TransferSpec,
+    unmapped: list[str],
+    classifier: str,
+    source_arch: str | None,
+    target_arch: str | None,
+) -> None:
+    """Across architectures, a name-only mapping must leave at most the classifier unmapped."""
+    if not (source_arch and target_arch and source_arch != target_arch):
+        return
+    if not all(r.match == "name" for r in spec.mapping):
+        return
+    body = [k for k in unmapped if not k.startswith(classifier + ".")]
+    if body:
+        shown = "; ".join(_describe_unmapped(k, state.tgt, state.src, state.near_miss) for k in body[:6])
+        more = f" and {len(body) - 6} more" if len(body) > 6 else ""
+        raise KdrayError(
+            f"the source is {source_arch!r} and the target {target_arch!r}, and transfer.mapping matches only "
+            f"by name, but {len(body)} of {len(state.t_anchor)} target tensors find no same-named source tensor "
+            f"that fits ({shown}{more}).",
+            where="transfer.mapping",
+            hint="Add {match: shape} after {match: name} to pair the rest by shape in order, or explicit "
+            "pairs with op: slice / repeat_channels; the report lists what each rule paired.",
+        )
 
-    if source_arch and target_arch and source_arch != target_arch and all(r.match == "name" for r in spec.mapping):
-        body = [k for k in unmapped if not k.startswith(classifier + ".")]
-        if body:
-            shown = "; ".join(_describe_unmapped(k, tgt, src, near_miss) for k in body[:6])
-            more = f" and {len(body) - 6} more" if len(body) > 6 else ""
-            raise KdrayError(
-                f"the source is {source_arch!r} and the target {target_arch!r}, and transfer.mapping matches only "
-                f"by name, but {len(body)} of {len(t_anchor)} target tensors find no same-named source tensor "
-                f"that fits ({shown}{more}).",
-                where="transfer.mapping",
-                hint="Add {match: shape} after {match: name} to pair the rest by shape in order, or explicit "
-                "pairs with op: slice / repeat_channels; the report lists what each rule paired.",
-            )
 
+def _check_strict(state: PlanState, spec: TransferSpec, unmapped: list[str]) -> None:
+    """``strict: true`` allows no target tensor that no rule mapped."""
     if spec.strict and unmapped:
-        shown = "; ".join(_describe_unmapped(k, tgt, src, near_miss) for k in unmapped)
+        shown = "; ".join(_describe_unmapped(k, state.tgt, state.src, state.near_miss) for k in unmapped)
         raise KdrayError(
             f"strict is true but {len(unmapped)} target tensors are not mapped: {shown}.",
             where="transfer.strict",
@@ -91,34 +117,37 @@ def plan_transfer(
             "or set strict: false to keep their fresh initialisation.",
         )
 
-    for k in unmapped:
-        claim(k, "reinitialised", None, reason=_why_new(k, tgt, src, near_miss, classifier))
 
-    # Running statistics follow their layer's anchor (same source layer, same op).
-    for k, anchor in t_follow.items():
-        a = claims[anchor]
+def _claim_followers(state: PlanState) -> None:
+    """Running statistics follow their layer's anchor (same source layer, same op)."""
+    src, tgt = state.src, state.tgt
+    for k, anchor in state.t_follow.items():
+        a = state.claims[anchor]
         leaf = k.rpartition(".")[2]
         if a.status in ("copied", "adapted"):
             s_module = (a.source or "").rpartition(".")[0]
             sk = f"{s_module}.{leaf}" if s_module else leaf
             op = a.op if a.op in ("copy", "slice") else "copy"
             if sk not in src:
-                claim(k, "reinitialised", f"follows {anchor}", reason=f"source layer {s_module!r} has no {leaf}")
+                state.claim(k, "reinitialised", f"follows {anchor}", reason=f"source layer {s_module!r} has no {leaf}")
             elif cannot_adapt(op, src[sk], tgt[k]) is not None:
-                claim(
+                state.claim(
                     k,
                     "reinitialised",
                     f"follows {anchor}",
                     reason=f"source {sk!r} is {shape_str(src[sk])}, target {shape_str(tgt[k])}",
                 )
             else:
-                claim_transfer(k, sk, op, f"follows {anchor}")
+                state.claim_transfer(k, sk, op, f"follows {anchor}")
         else:
-            claim(k, a.status, f"follows {anchor}", reason=f"follows {anchor} ({a.status})", reset=a.reset)
+            state.claim(k, a.status, f"follows {anchor}", reason=f"follows {anchor} ({a.status})", reset=a.reset)
 
-    # Layer flags, and the ``copy`` layer action's promise that the tensors were transferred.
+
+def _flag_layers(state: PlanState, spec: TransferSpec, actions: Mapping[str, tuple[int, LayerRule]]) -> None:
+    """Layer flags, the ``copy`` layer action's promise that the tensors were transferred, and
+    ``batchnorm: frozen`` on the affine weights of normalisation layers."""
     bad_copy: dict[int, list[str]] = defaultdict(list)
-    for k, e in claims.items():
+    for k, e in state.claims.items():
         if k not in actions:
             continue
         i, r = actions[k]
@@ -137,10 +166,20 @@ def plan_transfer(
             hint="Add a mapping rule that covers them (by name, shape or explicit pairs), or change the action.",
         )
     if spec.batchnorm == "frozen":
-        for k, e in claims.items():
-            if is_norm_affine(k, t_keys):
+        for k, e in state.claims.items():
+            if is_norm_affine(k, state.t_keys):
                 e.frozen = True
 
+
+def _report(
+    state: PlanState,
+    spec: TransferSpec,
+    actions: Mapping[str, tuple[int, LayerRule]],
+    source_arch: str | None,
+    target_arch: str | None,
+) -> TransferReport:
+    """The report: every target tensor in state-dict order, the unused source tensors, and notes."""
+    claims = state.claims
     notes = []
     frozen_new = [k for k, e in claims.items() if e.frozen and e.status == "reinitialised" and k in actions]
     if frozen_new:
@@ -150,8 +189,8 @@ def plan_transfer(
         )
 
     used = {e.source for e in claims.values() if e.source and e.status in ("copied", "adapted")}
-    unused = [(k, src[k]) for k in src if k not in used]
-    entries = [claims[k] for k in tgt]
+    unused = [(k, state.src[k]) for k in state.src if k not in used]
+    entries = [claims[k] for k in state.tgt]
     return TransferReport(entries, unused, source_arch, target_arch, spec.batchnorm, notes, spec)
 
 
