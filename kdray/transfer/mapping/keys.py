@@ -50,16 +50,18 @@ def fill_glob(glob: str, captures: Sequence[str]) -> str:
 def anchors_of(keys: Iterable[str]) -> dict[str, str]:
     """Map each running-statistics key to the key it follows (its layer's ``weight``).
 
-    A layer without an affine ``weight`` is anchored on its ``running_mean``.
+    A layer without an affine ``weight`` is anchored on its ``running_mean``. The keys come out in
+    the order given (state-dict order), so the plan's notes and errors do not depend on string hashing.
     """
-    keys = set(keys)
+    ordered = list(keys)
+    present = set(ordered)
     follows: dict[str, str] = {}
-    for k in keys:
+    for k in ordered:
         module, _, leaf = k.rpartition(".")
         if leaf not in STAT_SUFFIXES:
             continue
         prefix = f"{module}." if module else ""
-        anchor = prefix + "weight" if prefix + "weight" in keys else prefix + "running_mean"
+        anchor = prefix + "weight" if prefix + "weight" in present else prefix + "running_mean"
         if anchor != k:
             follows[k] = anchor
     return follows
