@@ -2,7 +2,7 @@
 
     python flows/sweep.py examples/fmnist_cnn_to_mlp_hinton.yaml examples/sweeps/fmnist_students.yaml
 
-The sweep spec (``kdray.sweeps.sweep.SweepSpec``) names the stage, its search space, ``num_samples``,
+The sweep spec (``kdray.sweeps.spec.SweepSpec``) names the stage, its search space, ``num_samples``,
 the validation metric that ranks the trials, how many run at once, an optional scheduler (ASHA) and
 an optional ``choose`` rule. The trials run as Ray Tune trials (``kdray.sweeps.sweep.run_sweep``);
 finished trials are cached artifacts, so a rerun of the flow (a nightly schedule, a retry) resumes.
@@ -19,15 +19,17 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from flows.tasks import load_spec, spec_from_json
+from kdray.sweeps import report as sweep_report
+from kdray.sweeps import spec as sweep_spec
 from kdray.sweeps import sweep as ksweep
 
 
 @task(name="run-sweep", task_run_name="sweep-{stage}", persist_result=True, result_serializer="json")
 def run_sweep(spec: dict[str, Any], sweep: dict[str, Any], stage: str) -> dict[str, Any]:
     """Run every trial (finished ones are cached) and return the ranked report as JSON."""
-    sw = ksweep.parse_sweep(sweep)
+    sw = sweep_spec.parse_sweep(sweep)
     return ksweep.run_sweep(
-        spec_from_json(spec), stage, ksweep.sample_settings(sw), **sw.options(), log=get_run_logger().info
+        spec_from_json(spec), stage, sweep_spec.sample_settings(sw), **sw.options(), log=get_run_logger().info
     )
 
 
@@ -35,11 +37,11 @@ def run_sweep(spec: dict[str, Any], sweep: dict[str, Any], stage: str) -> dict[s
 def sweep_flow(spec_uri: str, sweep_uri: str, overrides: Optional[list[str]] = None) -> dict[str, Any]:
     """Sweep the stage the sweep spec names; publish the ranked trials as a Markdown artifact."""
     spec = load_spec(spec_uri, list(overrides or []))
-    sweep = ksweep.load_sweep(sweep_uri)
+    sweep = sweep_spec.load_sweep(sweep_uri)
     report = run_sweep(spec, sweep.model_dump(mode="json"), sweep.stage)
     key = f"{spec['name']}-{sweep.stage}-sweep".lower().replace("_", "-")
     create_markdown_artifact(
-        markdown=f"{ksweep.markdown(report)}\n\nSweep artifact: `{report['uri']}`\n",
+        markdown=f"{sweep_report.markdown(report)}\n\nSweep artifact: `{report['uri']}`\n",
         key=key,
         description=f"kdray sweep of stage {sweep.stage!r}: {len(report['trials'])} trials by {report['metric']}",
     )

@@ -558,7 +558,8 @@ def sweep(
 ) -> None:
     """Run many variants of one stage (students x hyperparameters) as Ray Tune trials, ranked in a report."""
     from kdray.engine.spec import load_pipeline
-    from kdray.sweeps.sweep import load_sweep, parse_grid, run_sweep, sample_settings
+    from kdray.sweeps.spec import load_sweep, parse_grid, sample_settings
+    from kdray.sweeps.sweep import run_sweep
 
     p = load_pipeline(spec, overrides or [])
     trials: Any

@@ -453,7 +453,7 @@ def render_raycluster(
 
     Same pod templates as ``render_rayjob``; the dashboard (job submission endpoint) is reachable in
     the cluster at ``http://<name>-head-svc.<namespace>.svc:8265``. ``k8s/base/raycluster.yaml`` is
-    this function's output for ``render_raycluster("kdray")``, which ``tests/test_k8s.py`` checks.
+    this function's output for ``render_raycluster("kdray")``, which ``tests/k8s/test_k8s.py`` checks.
     """
     if not isinstance(name, str) or len(name) > MAX_RAYCLUSTER_NAME or not _DNS1035.match(name):
         raise KdrayError(

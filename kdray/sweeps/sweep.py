@@ -30,18 +30,15 @@ Train V2 pattern: ``{"cpu": 0.01}`` per trial, the trainer holds the real resour
 from __future__ import annotations
 
 import copy
-import io
 import itertools
 import json
 import math
 import time
-from typing import Any, Callable, Literal
-
-import numpy as np
-from pydantic import Field, ValidationError, field_validator, model_validator
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from kdray.contracts.checkpoint import open_artifact, write_artifact
-from kdray.contracts.specs import Spec, spec_hash
+from kdray.contracts.specs import spec_hash
 from kdray.contracts.stage import StageContext, StageKind, kind_of
 from kdray.core import layout
 from kdray.core.errors import SpecError
@@ -52,174 +49,13 @@ from kdray.engine.resolved import resolve
 from kdray.engine.spec import (
     PipelineSpec,
     apply_override,
-    explain_validation,
-    parse_override,
     parse_pipeline,
-    parse_yaml,
 )
 from kdray.evaluate.export import ExportError, export_artifact
 from kdray.sweeps import pareto
 from kdray.sweeps.pareto import ChooseSpec
-
-
-def parse_grid(items: list[str]) -> dict[str, list[Any]]:
-    """``["optim.lr=0.001,0.003", "model.name=mlp_64,mlp_128"]`` -> {path: [values]} (YAML-typed)."""
-    grid: dict[str, list[Any]] = {}
-    for item in items:
-        path, value = parse_override(item)
-        values = value if isinstance(value, list) else [parse_override(f"x={v}")[1] for v in str(value).split(",")]
-        if not values:
-            raise SpecError(f"--grid {item!r} lists no values; write e.g. optim.lr=0.001,0.003")
-        grid[".".join(path)] = values
-    if not grid:
-        raise SpecError("a sweep needs at least one --grid key=value1,value2")
-    return grid
-
-
-# --------------------------------------------------------------------------- search spaces in a spec
-
-
-class Axis(Spec):
-    """One searched field: exactly one of ``grid`` (every value), ``choice`` (one sampled),
-    ``uniform``/``loguniform`` ([low, high] floats), ``randint`` ([low, high) integers)."""
-
-    grid: list[Any] | None = None
-    choice: list[Any] | None = None
-    uniform: tuple[float, float] | None = None
-    loguniform: tuple[float, float] | None = None
-    randint: tuple[int, int] | None = None
-
-    @model_validator(mode="after")
-    def _one(self) -> "Axis":
-        given = [k for k in ("grid", "choice", "uniform", "loguniform", "randint") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of grid, choice, uniform, loguniform, randint (got {given or 'none'})")
-        kind = given[0]
-        if kind in ("grid", "choice") and not getattr(self, kind):
-            raise ValueError(f"{kind} lists no values")
-        if kind in ("uniform", "loguniform", "randint"):
-            low, high = getattr(self, kind)
-            if not low < high or (kind == "loguniform" and low <= 0):
-                raise ValueError(
-                    f"{kind}: [low, high] needs low < high{' and low > 0' if kind == 'loguniform' else ''}"
-                )
-        return self
-
-    @property
-    def kind(self) -> str:
-        return next(k for k in ("grid", "choice", "uniform", "loguniform", "randint") if getattr(self, k) is not None)
-
-    def sample(self, rng: np.random.Generator) -> Any:
-        if self.choice is not None:
-            return self.choice[int(rng.integers(len(self.choice)))]
-        if self.uniform is not None:
-            return float(rng.uniform(*self.uniform))
-        if self.loguniform is not None:
-            return float(np.exp(rng.uniform(np.log(self.loguniform[0]), np.log(self.loguniform[1]))))
-        assert self.randint is not None
-        return int(rng.integers(*self.randint))
-
-
-class AshaSpec(Spec):
-    """Ray Tune's ASHA on the per-epoch validation metric: at epochs ``grace_period * reduction_factor**k``
-    a trial below the top ``1/reduction_factor`` of the trials that reached that epoch is stopped."""
-
-    grace_period: int = Field(1, ge=1)
-    reduction_factor: float = Field(2.0, gt=1)
-    max_t: int | None = Field(None, ge=1)  # default: the trials' largest optim.epochs
-
-
-class SchedulerSpec(Spec):
-    asha: AshaSpec
-
-
-class SweepSpec(Spec):
-    """A sweep of one pipeline stage: its search space, how many samples, and how trials are ranked.
-
-    Every ``grid`` axis is crossed; each of ``num_samples`` repeats of that grid draws the other axes
-    (seeded by ``seed``, so the same spec gives the same trials and a rerun resumes them). Trials
-    are ranked on a validation metric only (``val_acc``, ``val_loss`` with ``mode: min``).
-    ``scheduler`` (``none``, ``asha`` or ``{asha: {grace_period, reduction_factor, max_t}}``) stops weak
-    trials early; ``choose`` picks the student within a budget (``kdray.sweeps.pareto.ChooseSpec``);
-    ``latency_batch`` is the batch the Pareto report times each finished trial's model on.
-    """
-
-    stage: str
-    space: dict[str, Axis] = Field(min_length=1)
-    num_samples: int = Field(1, ge=1, le=10_000)
-    metric: str = "val_acc"
-    mode: str = "max"
-    max_concurrent: int = Field(2, ge=1)
-    seed: int = 0
-    scheduler: Literal["none", "asha"] | SchedulerSpec | None = None
-    choose: ChooseSpec | None = None
-    latency_batch: int = Field(64, ge=1)
-
-    @property
-    def asha(self) -> AshaSpec | None:
-        if self.scheduler == "asha":
-            return AshaSpec()
-        return self.scheduler.asha if isinstance(self.scheduler, SchedulerSpec) else None
-
-    def options(self) -> dict[str, Any]:
-        """The keyword arguments of ``run_sweep`` this spec sets."""
-        return {
-            "max_concurrent": self.max_concurrent,
-            "metric": self.metric,
-            "mode": self.mode,
-            "scheduler": self.asha,
-            "choose": self.choose,
-            "latency_batch": self.latency_batch,
-        }
-
-    @field_validator("metric")
-    @classmethod
-    def _metric(cls, v: str) -> str:
-        if not (v.startswith("val_") or v == "selection_score"):
-            raise ValueError(f"{v!r}: trials are ranked on the validation split only; use val_acc or val_loss")
-        return v
-
-    @field_validator("mode")
-    @classmethod
-    def _mode(cls, v: str) -> str:
-        if v not in ("max", "min"):
-            raise ValueError("use max or min")
-        return v
-
-
-def parse_sweep(doc: Any, source: str = "<sweep>") -> SweepSpec:
-    """A ``sweep:`` document (or a document with a top-level ``sweep`` key), validated."""
-    if isinstance(doc, dict) and set(doc) == {"sweep"}:
-        doc = doc["sweep"]
-    try:
-        return SweepSpec.model_validate(doc)
-    except ValidationError as e:
-        raise SpecError(
-            f"{source}: sweep: {explain_validation(e, SweepSpec)}",
-            hint="A sweep names a stage and a space, e.g. {stage: student, space: {optim.lr: {loguniform: "
-            "[0.0003, 0.01]}, model.name: {grid: [mlp_32, mlp_64]}}, num_samples: 4}.",
-        ) from None
-
-
-def load_sweep(path: str) -> SweepSpec:
-    try:
-        with open(path.removeprefix("file://"), "rb") as f:
-            text = f.read()
-    except OSError as e:
-        raise SpecError(f"sweep file {path!r} cannot be read ({e.strerror})") from None
-    return parse_sweep(parse_yaml(text, path), path)
-
-
-def sample_settings(sweep: SweepSpec) -> list[dict[str, Any]]:
-    """Every trial's settings: the grid axes crossed, the sampled axes drawn, ``num_samples`` times."""
-    grid = {k: a.grid for k, a in sweep.space.items() if a.grid is not None}
-    rng = np.random.default_rng(sweep.seed)
-    out = []
-    for _ in range(sweep.num_samples):
-        for values in itertools.product(*grid.values()) if grid else [()]:
-            fixed = dict(zip(grid, values))
-            out.append({k: fixed[k] if k in fixed else a.sample(rng) for k, a in sweep.space.items()})
-    return out
+from kdray.sweeps.report import markdown, plot
+from kdray.sweeps.spec import AshaSpec
 
 
 def expand(
@@ -354,55 +190,134 @@ def run_sweep(
     Pareto table of the finished trials and, with ``choose``, the chosen student: published at
     ``<sweep>/chosen`` (a copy of its trial's artifact) and exported (``choose.export``).
     """
-    from ray import tune
-
     check_metric(metric, mode)
+    sweep = _plan(spec, stage, grid, scheduler, choose, metric, mode)  # every check before any work
+    t0 = time.perf_counter()
+    _run_shared(sweep, log)
+    results = _tune(sweep, max_concurrent, log)
+    rows = _ranked(_rows(results, sweep), metric, mode)
+    store = layout.sweep(sweep.root, spec.name, stage, sweep.key)
+    figures = pareto.trial_rows(rows, metric, batch=latency_batch, runs=latency_runs)
+    report = {
+        "pipeline": spec.name,
+        "stage": stage,
+        "metric": metric,
+        "mode": mode,
+        "grid": grid if isinstance(grid, dict) else {k: sorted({str(t[k]) for t in grid}) for k in grid[0]},
+        "trials": rows,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "max_concurrent": max_concurrent,
+        **sweep.extra,
+        "stopped": sum(r["status"] == "stopped" for r in rows),
+        "pareto": figures,
+        "latency": {"batch": latency_batch, "runs": latency_runs, "threads": 1},
+        "selection": "validation split only; the test split is not read by the sweep",
+    }
+    if choose is not None:
+        report["chosen"] = choose_student(store, report, figures, choose, sweep.key, log)
+    _publish(store, report, figures, sweep)
+    log(markdown(report))
+    return report
 
+
+@dataclass
+class _Sweep:
+    """One sweep, planned: the trials' pipeline document and spec, where they run, and its key."""
+
+    spec: PipelineSpec  # the user's pipeline
+    stage: str  # the swept stage
+    doc: dict[str, Any]  # the pipeline document with one stage per trial (what each Tune trial parses)
+    full: PipelineSpec  # the same, parsed
+    trials: list[dict[str, Any]]  # {"trial": name, "settings": {...}}
+    run: Any  # the trials' run settings (RunSpec)
+    in_trial: bool  # the loop runs inside the Tune trial (workers <= 1)
+    asha: Any  # Ray Tune's ASHAScheduler, or None
+    metric: str
+    mode: str
+    extra: dict[str, Any]  # scheduler and choose, as the report records them
+    key: str  # the sweep's key: its trials' document, metric, scheduler and choice
+    root: Storage  # the pipeline's storage root
+
+    @property
+    def names(self) -> list[str]:
+        return [t["trial"] for t in self.trials]
+
+    @property
+    def title(self) -> str:
+        return f"sweep {self.spec.name}/{self.stage}"
+
+
+def _plan(
+    spec: PipelineSpec,
+    stage: str,
+    grid: dict[str, list[Any]] | list[dict[str, Any]],
+    scheduler: AshaSpec | None,
+    choose: ChooseSpec | None,
+    metric: str,
+    mode: str,
+) -> _Sweep:
+    """The trials as pipeline stages, where they run and the sweep's key; raises before any work."""
     doc, trials = expand(spec, stage, grid)
     # Tune starts each trial in a folder of its own: a relative storage folder (file://./runs) must
     # name the same place there as here
     doc["storage"]["uri"] = Storage(spec.storage.uri).uri()
     full = parse_pipeline(copy.deepcopy(doc))
-    first = full.stage(trials[0]["trial"])
-    run = full.run_for(first)
+    run = full.run_for(full.stage(trials[0]["trial"]))
+    names = [t["trial"] for t in trials]
+    asha = _asha(scheduler, full, names, run.workers, stage, metric, mode)
     in_trial = run.workers <= 1
-    asha = _asha(scheduler, full, [t["trial"] for t in trials], run.workers, stage, metric, mode)  # checked first
-    parents = [s.name for s in spec.stages[: [s.name for s in spec.stages].index(stage)]]
-    t0 = time.perf_counter()
-    if parents:  # teachers and sources once, before any trial
-        run_pipeline(full, only=parents, log=log)
-    _prepare_trials(full, [t["trial"] for t in trials], log)  # e.g. distill's teacher cache, built once
-
-    ensure_ray(run)
     if in_trial:  # the loop runs inside the trial: give the trial the worker's CPUs
         for s in doc["stages"]:
-            if s["name"] in {t["trial"] for t in trials}:
+            if s["name"] in set(names):
                 s["run"] = {**(s.get("run") or {}), "workers": 0}
-    resources = {"cpu": run.cpus_per_worker} if in_trial else {"cpu": 0.01}
-    root = Storage(spec.storage.uri)
     extra = {
         "scheduler": scheduler.model_dump(mode="json") if scheduler else None,
         "choose": choose.model_dump(mode="json") if choose else None,
     }
-    sweep_key = spec_hash({"doc": doc, "metric": metric, **({k: v for k, v in extra.items() if v})})[:12]
-    storage_path, filesystem = layout.ray_storage(root)
-    title = f"sweep {spec.name}/{stage}"
+    key = spec_hash({"doc": doc, "metric": metric, **({k: v for k, v in extra.items() if v})})[:12]
+    return _Sweep(
+        spec, stage, doc, full, trials, run, in_trial, asha, metric, mode, extra, key, Storage(spec.storage.uri)
+    )
+
+
+def _run_shared(sweep: _Sweep, log: Callable[[str], None]) -> None:
+    """What every trial reads, once, before any trial: the parents (a teacher), then what the stage's
+    kind prepares for its trials (distill's teacher-output cache); then the Ray cluster the trials use."""
+    names = [s.name for s in sweep.spec.stages]
+    parents = names[: names.index(sweep.stage)]
+    if parents:
+        run_pipeline(sweep.full, only=parents, log=log)
+    _prepare_trials(sweep.full, sweep.names, log)
+    ensure_ray(sweep.run)
+
+
+def _tune(sweep: _Sweep, max_concurrent: int, log: Callable[[str], None]) -> Any:
+    """Every trial through Ray Tune, at most ``max_concurrent`` at once, with a progress line."""
+    from ray import tune
+
+    resources = {"cpu": sweep.run.cpus_per_worker} if sweep.in_trial else {"cpu": 0.01}
+    storage_path, filesystem = layout.ray_storage(sweep.root)
     tuner = tune.Tuner(
         tune.with_resources(_trial, resources),
-        param_space={"doc": doc, "metric": metric, "trial": tune.grid_search([t["trial"] for t in trials])},
-        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, scheduler=asha),
+        param_space={"doc": sweep.doc, "metric": sweep.metric, "trial": tune.grid_search(sweep.names)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, scheduler=sweep.asha),
         run_config=tune.RunConfig(
-            name=f"sweep-{spec.name}-{stage}-{sweep_key}",
+            name=f"sweep-{sweep.spec.name}-{sweep.stage}-{sweep.key}",
             storage_path=storage_path,
             storage_filesystem=filesystem,
             verbose=0,
-            callbacks=[_progress(len(trials), metric, mode, title, log)],
+            callbacks=[_progress(len(sweep.trials), sweep.metric, sweep.mode, sweep.title, log)],
         ),
     )
-    results = tuner.fit()
-    keys = plan(full)
+    return tuner.fit()
+
+
+def _rows(results: Any, sweep: _Sweep) -> list[dict[str, Any]]:
+    """One row per trial: its settings, figures, artifact and status (ran, cached or stopped)."""
+    keys = plan(sweep.full)
+    by_trial = {t["trial"]: t["settings"] for t in sweep.trials}
+    metric = sweep.metric
     rows = []
-    by_trial = {t["trial"]: t["settings"] for t in trials}
     for result in (results[i] for i in range(len(results))):
         if result.error is not None:
             raise result.error
@@ -410,7 +325,7 @@ def run_sweep(
         trial = (result.config or {})["trial"]
         status, uri = m.get("status"), m.get("uri")
         if status is None:  # Tune stopped it before it published: ASHA, or a cached trial replaying its epochs
-            cached = cached_outcome(full, trial, keys, log=lambda _: None)
+            cached = cached_outcome(sweep.full, trial, keys, log=lambda _: None)
             if cached is not None:
                 status, uri, m = "cached", cached.uri, cached.metrics
             else:
@@ -427,54 +342,44 @@ def run_sweep(
                 "status": status,
             }
         )
-    rows.sort(
+    return rows
+
+
+def _ranked(rows: list[dict[str, Any]], metric: str, mode: str) -> list[dict[str, Any]]:
+    """Best first on ``metric``; a stopped trial (fewer epochs, nothing published) after every finished one."""
+    rows = sorted(
+        rows,
         key=lambda r: (
-            r["status"] == "stopped",  # a stopped trial trained fewer epochs and published nothing
+            r["status"] == "stopped",
             r[metric] is None,
             -(r[metric] or 0) if mode == "max" else (r[metric] or 0),
-        )
+        ),
     )
     for i, r in enumerate(rows):
         r["rank"] = i + 1
-    store = layout.sweep(root, spec.name, stage, sweep_key)
-    figures = pareto.trial_rows(rows, metric, batch=latency_batch, runs=latency_runs)
-    report = {
-        "pipeline": spec.name,
-        "stage": stage,
-        "metric": metric,
-        "mode": mode,
-        "grid": grid if isinstance(grid, dict) else {k: sorted({str(t[k]) for t in grid}) for k in grid[0]},
-        "trials": rows,
-        "seconds": round(time.perf_counter() - t0, 2),
-        "max_concurrent": max_concurrent,
-        **extra,
-        "stopped": sum(r["status"] == "stopped" for r in rows),
-        "pareto": figures,
-        "latency": {"batch": latency_batch, "runs": latency_runs, "threads": 1},
-        "selection": "validation split only; the test split is not read by the sweep",
-    }
-    if choose is not None:
-        report["chosen"] = choose_student(store, report, figures, choose, sweep_key, log)
+    return rows
+
+
+def _publish(store: Storage, report: dict[str, Any], figures: list[dict[str, Any]], sweep: _Sweep) -> None:
+    """The report as one artifact (JSON, markdown and the figures), published whole."""
     files = {"sweep.json": json.dumps(report, indent=2).encode(), "sweep.md": markdown(report).encode()}
-    for name, png in (("sweep.png", plot(report)), ("pareto.png", pareto.plot(figures, f"{title}: Pareto front"))):
+    for name, png in (
+        ("sweep.png", plot(report)),
+        ("pareto.png", pareto.plot(figures, f"{sweep.title}: Pareto front")),
+    ):
         if png:
             files[name] = png
-    write_artifact(
-        store,
-        {
-            "kind": "sweep",
-            "pipeline": spec.name,
-            "stage": stage,
-            "key": sweep_key,
-            "metrics": {"best": rows[0] if rows else None},
-            "chosen": report.get("chosen"),
-        },
-        None,
-        files,
-    )
+    rows = report["trials"]
+    manifest = {
+        "kind": "sweep",
+        "pipeline": sweep.spec.name,
+        "stage": sweep.stage,
+        "key": sweep.key,
+        "metrics": {"best": rows[0] if rows else None},
+        "chosen": report.get("chosen"),
+    }
+    write_artifact(store, manifest, None, files)
     report["uri"] = store.uri()
-    log(markdown(report))
-    return report
 
 
 def _asha(
@@ -565,84 +470,3 @@ def _prepare_trials(spec: PipelineSpec, trial_names: list[str], log: Callable[[s
         parents = parent_artifacts(spec, s.stage, keys, s.root)
         contexts.append(StageContext(spec, s.stage, s.key, s.root, s.root, parents, log))
     kind.prepare_trials(contexts)
-
-
-def _status(r: dict[str, Any]) -> str:
-    return f"stopped early at epoch {r.get('epoch')}" if r.get("status") == "stopped" else str(r.get("status"))
-
-
-def markdown(report: dict[str, Any]) -> str:
-    keys = list(report["grid"])
-    asha = report.get("scheduler") or {}
-    lines = [
-        f"# Sweep of {report['pipeline']}/{report['stage']} ({len(report['trials'])} trials, "
-        f"{report['seconds']} s, {report['max_concurrent']} at a time)",
-        "",
-        f"Ranked by {report['metric']} ({report['mode']}) on the validation split; the test split is not read. "
-        + (
-            f"ASHA (grace period {asha['grace_period']}, reduction factor {asha['reduction_factor']:g}) stopped "
-            f"{report.get('stopped', 0)} trial(s) early: they published nothing and rank after the finished ones."
-            if asha
-            else "No early stopping."
-        ),
-        "",
-        "| rank | trial | " + " | ".join(keys) + f" | {report['metric']} | status |",
-        "|---|---|" + "---|" * len(keys) + "---|---|",
-    ]
-    for r in report["trials"]:
-        value = r[report["metric"]]
-        shown = f"{value:.4f}" if value is not None else "–"
-        lines.append(
-            f"| {r['rank']} | {r['trial']} | "
-            + " | ".join(str(r["settings"][k]) for k in keys)
-            + f" | {shown} | {_status(r)} |"
-        )
-    text = "\n".join(lines) + "\n"
-    if report.get("pareto") is not None:
-        latency = report.get("latency") or {}
-        text += "\n" + pareto.markdown(
-            report["pareto"], report["metric"], latency.get("batch", 64), latency.get("runs", 20)
-        )
-    chosen = report.get("chosen")
-    if chosen:
-        text += f"\n## Chosen student\n\nRule: {chosen['rule']}. {chosen['note'].rstrip('.')}.\n"
-        if chosen.get("uri"):
-            text += (
-                f"\nPublished at `{chosen['uri']}` (a later stage can reference it: `teacher:`, `model.weights:`).\n"
-            )
-        export = chosen.get("export") or {}
-        if export.get("error"):
-            text += f"\nExport to {export['format']} failed: {export['error']}\n"
-        elif export:
-            lat = export["latency"]
-            text += (
-                f"\nExported to {export['format']}: `{export['uri']}`; max abs difference vs PyTorch "
-                f"{export['max_abs_diff']:.2e} (tolerance {export['tolerance']:g}), argmax agreement "
-                f"{export['argmax_agreement']:.4f}; latency at batch {lat['batch']}: {lat['exported_ms']:.3f} ms "
-                f"exported, {lat['torch_ms']:.3f} ms PyTorch ({lat['threads']} threads).\n"
-            )
-    return text
-
-
-def plot(report: dict[str, Any]) -> bytes | None:
-    rows = [r for r in report["trials"] if r[report["metric"]] is not None]
-    if not rows:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = [", ".join(f"{k.split('.')[-1]}={v}" for k, v in r["settings"].items()) for r in rows]
-    fig, ax = plt.subplots(figsize=(8, 0.4 * len(rows) + 1.5))
-    ax.barh(range(len(rows))[::-1], [r[report["metric"]] for r in rows], color="tab:blue")
-    ax.set_yticks(range(len(rows))[::-1], labels)
-    values = [r[report["metric"]] for r in rows]
-    ax.set_xlim(min(values) - 0.02, max(values) + 0.01)
-    ax.set_xlabel(report["metric"])
-    ax.set_title(f"{report['pipeline']}/{report['stage']}: trials ranked")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()

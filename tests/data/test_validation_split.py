@@ -21,7 +21,8 @@ from kdray.core.errors import DataError, SpecError
 from kdray.data import datasets as kdata
 from kdray.engine.pipeline import run_pipeline
 from kdray.engine.spec import parse_pipeline
-from kdray.sweeps.sweep import check_metric, parse_grid, run_sweep
+from kdray.sweeps.spec import parse_grid
+from kdray.sweeps.sweep import check_metric, run_sweep
 
 DATA = {"name": "synthetic", "options": {"num_samples": 256, "image_size": 8, "num_classes": 4}}
 TIMING = {"samples_per_s", "epoch_seconds", "loop_started"}

@@ -8,7 +8,8 @@ from helpers import synthetic_pipeline
 from kdray.contracts.checkpoint import open_artifact
 from kdray.core.errors import SpecError
 from kdray.engine.spec import parse_pipeline
-from kdray.sweeps.sweep import expand, parse_grid, run_sweep
+from kdray.sweeps.spec import parse_grid
+from kdray.sweeps.sweep import expand, run_sweep
 
 DATA = {"name": "synthetic", "options": {"num_samples": 256, "image_size": 8, "num_classes": 4}}
 STUDENT = {

@@ -13,7 +13,8 @@ from kdray.core.errors import SpecError
 from kdray.engine.pipeline import run_pipeline
 from kdray.engine.spec import parse_pipeline
 from kdray.sweeps.pareto import ChooseSpec, choose, dominates, pareto_front
-from kdray.sweeps.sweep import AshaSpec, load_sweep, parse_sweep, run_sweep, sample_settings
+from kdray.sweeps.spec import AshaSpec, load_sweep, parse_sweep, sample_settings
+from kdray.sweeps.sweep import run_sweep
 
 STUDENT = {
     "name": "student",

@@ -13,7 +13,8 @@ from kdray.cli import app
 from kdray.contracts.checkpoint import open_artifact
 from kdray.core.errors import SpecError
 from kdray.engine.spec import parse_pipeline
-from kdray.sweeps.sweep import expand, parse_sweep, run_sweep, sample_settings
+from kdray.sweeps.spec import parse_sweep, sample_settings
+from kdray.sweeps.sweep import expand, run_sweep
 
 STUDENT = {
     "name": "student",
