@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Annotated, Any, Callable, ClassVar, Literal, get_args
+from typing import Annotated, Any, Callable, ClassVar, Literal
 
 from pydantic import (
     AfterValidator,
@@ -23,6 +23,7 @@ from pydantic import (
 
 from kdray.core.errors import KdrayError
 from kdray.core.registry import Entry, Registry, check_params, did_you_mean
+from kdray.core.spec import Spec
 from kdray.data import files  # noqa: F401  (registers the file-backed datasets: parquet, image_folder)
 from kdray.data.datasets import DATASETS
 from kdray.data.shifts import ShiftSpec
@@ -55,35 +56,6 @@ def spec_hash(obj: Any) -> str:
     if isinstance(obj, BaseModel):
         obj = obj.model_dump(mode="json")
     return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
-
-
-class Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)  # .inf, .nan: errors
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_bool_for_numbers(cls, data: Any) -> Any:
-        """``epochs: true`` is a mistake, not 1: a number field refuses a boolean."""
-        if isinstance(data, dict):
-            for name, field in cls.model_fields.items():
-                v = data.get(field.alias or name, data.get(name))
-                kinds = set(get_args(field.annotation)) | {field.annotation}
-                if isinstance(v, bool) and bool not in kinds and kinds & {int, float}:
-                    raise ValueError(f"{name}: expected a number, got {str(v).lower()}")
-        return data
-
-    @model_validator(mode="before")
-    @classmethod
-    def _on_off(cls, data: Any) -> Any:
-        """``teacher_cache: off`` as the docs write it: YAML 1.1 reads unquoted on/off as booleans, so a field
-        whose choices include "on" and "off" takes true as "on" and false as "off"."""
-        if isinstance(data, dict):
-            for name, field in cls.model_fields.items():
-                key = field.alias or name
-                v = data.get(key)
-                if isinstance(v, bool) and {"on", "off"} <= set(get_args(field.annotation)):
-                    data = {**data, key: "on" if v else "off"}
-        return data
 
 
 # --------------------------------------------------------------------------- building blocks

@@ -32,13 +32,14 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic import ConfigDict, Field, model_serializer, model_validator
 
 from kdray.core.errors import DataError
 from kdray.core.registry import did_you_mean
+from kdray.core.spec import Spec
 
 
-class _Params(BaseModel):
+class _Params(Spec):
     """A transform's parameters; a bare value (``{resize: 32}``) stands for the first parameter."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -92,7 +93,7 @@ KINDS: dict[str, type[_Params]] = {
 }
 
 
-class TransformSpec(BaseModel):
+class TransformSpec(Spec):
     """One item of ``data.transforms``: exactly one of the transforms, by name, with its parameters."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)

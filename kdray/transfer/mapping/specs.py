@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from kdray.core.registry import Registry, did_you_mean
+from kdray.core.spec import Spec
 
 Op = Literal["copy", "slice", "repeat_channels", "reinit", "skip"]
 
@@ -16,7 +17,7 @@ Op = Literal["copy", "slice", "repeat_channels", "reinit", "skip"]
 MATCH_STRATEGIES: Registry = Registry("transfer strategy", group="kdray.transfer_strategies")
 
 
-class MappingRule(BaseModel):
+class MappingRule(Spec):
     """One mapping rule: which source tensor initialises which target tensor, and how.
 
     * ``{match: name, op: copy|slice|repeat_channels}``: a target tensor takes the source tensor
@@ -86,7 +87,7 @@ class MappingRule(BaseModel):
         return self.op or "copy"
 
 
-class LayerRule(BaseModel):
+class LayerRule(Spec):
     """``{select: <module-path glob on the target>, action: copy|freeze|reinit|lr_scale}``.
 
     ``copy`` requires that every selected tensor was transferred (an error otherwise); ``freeze``
@@ -118,7 +119,7 @@ class LayerRule(BaseModel):
         return self
 
 
-class L2SPSpec(BaseModel):
+class L2SPSpec(Spec):
     """``α·Σ‖w − w_source‖²`` over transferred weights plus ``β·Σ‖w‖²`` over new ones."""
 
     model_config = ConfigDict(extra="forbid")
@@ -133,7 +134,7 @@ class L2SPSpec(BaseModel):
         return self
 
 
-class TransferSpec(BaseModel):
+class TransferSpec(Spec):
     """The ``transfer:`` block of a transfer stage (see the docstring of :mod:`kdray.transfer.mapping`)."""
 
     model_config = ConfigDict(extra="forbid")
