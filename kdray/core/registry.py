@@ -37,6 +37,7 @@ from typing import Any, Callable, ClassVar, Generic, Iterator, Mapping, TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model, field_validator, model_validator
 
 from kdray.core.errors import KdrayError, SpecError
+from kdray.core.spec import Spec
 
 T = TypeVar("T")
 
@@ -165,8 +166,14 @@ def params_model(target: Callable, skip: tuple[str, ...] = ()) -> type[BaseModel
             continue
         default = ... if p.default is inspect.Parameter.empty else p.default
         fields[p.name] = (hints.get(p.name, Any), default)
-    config = ConfigDict(extra="forbid", validate_default=True, arbitrary_types_allowed=True)
-    return create_model(f"{getattr(target, '__name__', 'target')}Params", __config__=config, **fields)
+    return create_model(f"{getattr(target, '__name__', 'target')}Params", __base__=Params, **fields)
+
+
+class Params(Spec):
+    """The parameters of a registered target (``params_model``): the rules of every spec, and any
+    annotated type (a parameter may take an object, e.g. a tensor, when called from code)."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
 
 
 def _loc(loc: tuple) -> str:
