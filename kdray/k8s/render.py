@@ -296,22 +296,9 @@ def _ray_pod(
     return {"metadata": {"labels": dict(labels)}, "spec": spec}
 
 
-def _cluster_spec(
-    *,
-    image: str,
-    workers: int,
-    use_gpu: bool,
-    cpus_per_worker: float,
-    memory_per_worker: str,
-    gpus_per_worker: int,
-    s3_secret: str,
-    s3_endpoint: str | None,
-    labels: dict,
-    service_account: str,
-    head_cpus: float,
-    head_memory: str,
-) -> dict:
-    env = _ray_env(s3_secret, s3_endpoint)
+def _cluster_spec(req: JobRequest, *, labels: dict, head_cpus: float, head_memory: str) -> dict:
+    """The RayCluster spec of a request: a head that schedules nothing and ``req.workers`` workers."""
+    env = _ray_env(req.s3_secret, req.s3_endpoint)
     head_ports = [
         {"containerPort": 6379, "name": "gcs-server"},
         {"containerPort": 8265, "name": "dashboard"},
@@ -326,31 +313,33 @@ def _cluster_spec(
             "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
             "template": _ray_pod(
                 container="ray-head",
-                image=image,
+                image=req.image,
                 env=env,
                 resources=_resources(head_cpus, head_memory),
                 memory=head_memory,
                 labels=labels,
-                service_account=service_account,
+                service_account=req.service_account,
                 ports=head_ports,
             ),
         },
         "workerGroupSpecs": [
             {
                 "groupName": "workers",
-                "replicas": workers,
-                "minReplicas": workers,
-                "maxReplicas": workers,
+                "replicas": req.workers,
+                "minReplicas": req.workers,
+                "maxReplicas": req.workers,
                 "rayStartParams": {},
                 "template": _ray_pod(
                     container="ray-worker",
-                    image=image,
+                    image=req.image,
                     env=env,
-                    resources=_resources(cpus_per_worker, memory_per_worker, gpus_per_worker if use_gpu else 0),
-                    memory=memory_per_worker,
+                    resources=_resources(
+                        req.cpus_per_worker, req.memory_per_worker, req.gpus_per_worker if req.use_gpu else 0
+                    ),
+                    memory=req.memory_per_worker,
                     labels=labels,
-                    service_account=service_account,
-                    gpu=use_gpu,
+                    service_account=req.service_account,
+                    gpu=req.use_gpu,
                 ),
             }
         ],
@@ -397,20 +386,7 @@ def render_rayjob(req: JobRequest) -> dict:
         LABEL_STAGE: _label_value(req.stage),
         LABEL_KEY: req.key[:16],
     }
-    cluster = _cluster_spec(
-        image=req.image,
-        workers=req.workers,
-        use_gpu=req.use_gpu,
-        cpus_per_worker=req.cpus_per_worker,
-        memory_per_worker=req.memory_per_worker,
-        gpus_per_worker=req.gpus_per_worker,
-        s3_secret=req.s3_secret,
-        s3_endpoint=req.s3_endpoint,
-        labels=labels,
-        service_account=req.service_account,
-        head_cpus=1,
-        head_memory="4Gi",
-    )
+    cluster = _cluster_spec(req, labels=labels, head_cpus=1, head_memory="4Gi")
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
@@ -479,20 +455,7 @@ def render_raycluster(
     )
     _memory_bytes(head_memory, "head_memory")
     labels = {LABEL_NAME: "kdray", "app.kubernetes.io/component": "ray-cluster"}
-    spec = _cluster_spec(
-        image=req.image,
-        workers=req.workers,
-        use_gpu=req.use_gpu,
-        cpus_per_worker=req.cpus_per_worker,
-        memory_per_worker=req.memory_per_worker,
-        gpus_per_worker=req.gpus_per_worker,
-        s3_secret=req.s3_secret,
-        s3_endpoint=req.s3_endpoint,
-        labels=labels,
-        service_account=req.service_account,
-        head_cpus=head_cpus,
-        head_memory=head_memory,
-    )
+    spec = _cluster_spec(req, labels=labels, head_cpus=head_cpus, head_memory=head_memory)
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayCluster",
