@@ -140,7 +140,7 @@ def run_in_child(stage: ResolvedStage, *, force: bool, log: Log) -> dict[str, An
     any other failure as a ``RuntimeError`` with the end of the child's log.
     """
     name = stage.name
-    uri = write_stage_file(stage.spec, name, stage.key, force=force)
+    uri = write_stage_file(stage, force=force)
     address = ray_address_for(stage)  # first: starting the cluster sets what the child must inherit
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if address:

@@ -35,7 +35,7 @@ from kdray.core.storage import Storage
 from kdray.core.usercode import from_user_code
 from kdray.data import lineage
 from kdray.engine import concurrency
-from kdray.engine.launchers import LAUNCHERS, artifact_store, kuberay, launcher_for, local, ray  # noqa: F401 (registers them)
+from kdray.engine.launchers import LAUNCHERS, artifact_store, kuberay, local, ray  # noqa: F401 (registers them)
 from kdray.engine.preflight import preflight
 from kdray.engine.resolved import ResolvedStage, resolve, resolve_stage
 from kdray.engine.spec import PipelineSpec
@@ -281,7 +281,7 @@ def _launch_here(
     launcher, name, store = stage.launcher, stage.name, stage.store
     via = "" if launcher == "local" else f" via the {launcher} launcher"
     log(f"[{stage.pipeline}] stage {name} ({stage.stage.kind}) -> {store.uri()}{via}")
-    art = LAUNCHERS.get(launcher)().run(stage.spec, name, stage.key, log, parents=parents, force=force)
+    art = LAUNCHERS.get(launcher)().run(stage, log, parents=parents, force=force)
     if art is None:  # a remote launcher: the artifact was published by the cluster, read it back
         art = read_artifact(store)
         if art is None:

@@ -10,6 +10,7 @@ from kdray.engine import progress
 from kdray.engine.launchers import LAUNCHERS, Log, spec_to_json
 from kdray.engine.launchers.kuberay import job_request, require_object_storage
 from kdray.engine.pipeline import plan, run_pipeline
+from kdray.engine.resolved import resolve_stage
 from kdray.engine.spec import PipelineSpec, load_pipeline, parse_pipeline
 from kdray.k8s.render import render_rayjob, to_yaml
 from kdray.k8s.validate import validate_kuberay
@@ -61,7 +62,7 @@ def render_command(spec_path: str, overrides: list[str] | tuple[str, ...] = (), 
     keys = plan(spec)
     docs = []
     for name in names:
-        doc = render_rayjob(job_request(spec, name, keys[name]))
+        doc = render_rayjob(job_request(resolve_stage(spec, name, keys)))
         validate_kuberay(doc)
         docs.append(doc)
     return to_yaml(*docs)

@@ -36,10 +36,11 @@ from kdray.contracts.checkpoint import read_artifact
 from kdray.core.errors import KdrayError, SpecError
 from kdray.core.storage import Storage
 from kdray.engine import remote as worker
-from kdray.engine.launchers import artifact_store, launcher_for, stage_file_uri, write_stage_file
+from kdray.engine.launchers import artifact_store, stage_file_uri, write_stage_file
 from kdray.engine.launchers.kuberay import KubeRayLauncher
 from kdray.engine.launchers.ray import RayJobLauncher, submission_id
 from kdray.engine.pipeline import plan, run_pipeline
+from kdray.engine.resolved import resolve, resolve_stage
 from kdray.engine.spec import load_pipeline, parse_pipeline
 from kdray.engine.submit import render_command, with_launcher
 
@@ -55,6 +56,11 @@ def closed_port() -> int:
 
 def spec_of(tmp_path: Path, **kw):
     return parse_pipeline(synthetic_pipeline(tmp_path, **kw))
+
+
+def teacher(spec, key: str | None = None):
+    """The spec's ``teacher`` stage, resolved as the plan resolves it (or under another ``key``)."""
+    return resolve_stage(spec, "teacher", {"teacher": key or plan(spec)["teacher"]})
 
 
 # --------------------------------------------------------------------------- placement and keys
@@ -76,7 +82,7 @@ def test_evaluate_runs_locally_and_launchers_do_not_change_keys(tmp_path):
     bad = f"http://127.0.0.1:{closed_port()}"
     remote = with_launcher(parse_pipeline({**doc, "run": {**doc["run"], "address": bad}}), "ray")
     assert plan(remote) == plan(local), "the launcher is placement, not part of a stage key"
-    assert [launcher_for(remote, s) for s in remote.stages] == ["ray", "local"]
+    assert [s.launcher for s in resolve(remote, plan(remote)).values()] == ["ray", "local"]
     assert remote.run_for(remote.stages[0]).seed == 3 and remote.run_for(remote.stages[0]).workers == 0
     lines: list[str] = []
     cached, evaluated = run_pipeline(remote, log=lines.append)
@@ -96,9 +102,9 @@ def test_a_plugin_launcher_can_be_named_in_a_spec(tmp_path):
 
     @LAUNCHERS.register("inline")
     class InlineLauncher:
-        def run(self, spec, stage_name, key, log, *, parents, force=False):
-            calls.append((stage_name, key))
-            assert worker.main([write_stage_file(spec, stage_name, key, force=force)]) == 0
+        def run(self, stage, log, *, parents, force=False):
+            calls.append((stage.name, stage.key))
+            assert worker.main([write_stage_file(stage, force=force)]) == 0
             return None  # like a remote launcher: the artifact is read back from storage
 
     try:
@@ -121,8 +127,8 @@ def test_worker_runs_a_stage_from_its_stage_file_and_then_finds_it_cached(tmp_pa
     monkeypatch.delenv(worker.RAY_JOB_CONFIG_ENV, raising=False)
     spec = spec_of(tmp_path, workers=0, epochs=1, launcher="ray", address="http://head.invalid:8265")
     key = plan(spec)["teacher"]
-    uri = write_stage_file(spec, "teacher", key)
-    assert uri == stage_file_uri(spec, "teacher", key) == f"file://{tmp_path}/runs/synth/teacher/{key}/stage.json"
+    uri = write_stage_file(teacher(spec))
+    assert uri == stage_file_uri(teacher(spec)) == f"file://{tmp_path}/runs/synth/teacher/{key}/stage.json"
     assert json.loads(Storage(uri.rsplit("/", 1)[0]).read_bytes("stage.json")) == {
         "spec": spec.model_dump(mode="json", exclude_unset=True),
         "stage": "teacher",
@@ -159,7 +165,7 @@ def test_worker_joins_the_cluster_it_runs_in(tmp_path, monkeypatch):
 def test_worker_refuses_a_key_from_another_kdray(tmp_path, capsys):
     spec = spec_of(tmp_path, workers=0, epochs=1)
     key = plan(spec)["teacher"]
-    uri = write_stage_file(spec, "teacher", "abcdef123456")
+    uri = write_stage_file(teacher(spec, "abcdef123456"))
     assert worker.main([uri]) == 2
     err = capsys.readouterr().err
     assert f"this kdray computes key {key} but the submitter computed abcdef123456" in err
@@ -271,10 +277,10 @@ def test_ray_launcher_picks_the_job_to_follow(tmp_path, monkeypatch, before, for
     if has_artifact:
         write_artifact(artifact_store(Storage(spec.storage.uri), "synth", "teacher", key), {"key": key})
     lines: list[str] = []
-    RayJobLauncher(poll_s=0).run(spec, "teacher", key, lines.append, force=force)
+    RayJobLauncher(poll_s=0).run(teacher(spec), lines.append, force=force)
     assert [s["submission_id"] for s in api.submitted] == ([submitted.replace("base", base)] if submitted else [])
     for sub in api.submitted:
-        assert sub["entrypoint"] == f"python -m kdray.worker {stage_file_uri(spec, 'teacher', key)}"
+        assert sub["entrypoint"] == f"python -m kdray.worker {stage_file_uri(teacher(spec))}"
     if "RUNNING" in before.values():
         assert lines[0] == f"[synth] attaching to Ray job {base}-r2 (RUNNING) at http://head:8265"
     assert json.loads(Storage(spec.storage.uri).read_bytes(f"synth/teacher/{key}/stage.json"))["force"] == force
@@ -292,7 +298,7 @@ def test_ray_launcher_streams_whole_lines_masks_secrets_and_rides_out_api_errors
     )
     monkeypatch.setattr(RayJobLauncher, "client", lambda self, url: api)
     lines: list[str] = []
-    RayJobLauncher(poll_s=0).run(spec, "teacher", plan(spec)["teacher"], lines.append)
+    RayJobLauncher(poll_s=0).run(teacher(spec), lines.append)
     states = [line for line in lines if line.startswith("[synth] Ray job ") and " after " in line]
     assert [line.split(": ")[1].split()[0] for line in states] == ["RUNNING", "SUCCEEDED"], "each state, once"
     assert [line for line in lines[1:] if line not in states] == [
@@ -314,7 +320,7 @@ def test_ray_launcher_streams_whole_lines_masks_secrets_and_rides_out_api_errors
     api = FakeJobAPI({}, flaky_polls=RayJobLauncher.max_api_errors)
     monkeypatch.setattr(RayJobLauncher, "client", lambda self, url: api)
     with pytest.raises(KdrayError, match="lost contact with the Ray job API .* run the same command again to attach"):
-        RayJobLauncher(poll_s=0).run(spec, "teacher", plan(spec)["teacher"], quiet)
+        RayJobLauncher(poll_s=0).run(teacher(spec), quiet)
     assert api.submitted[0]["runtime_env"] == {"env_vars": {"KDRAY_S3_ENDPOINT": "http://s3.example:8333"}}
 
 
@@ -536,14 +542,14 @@ def test_ray_launcher_runs_a_stage_as_a_ray_job(ray_cluster, tmp_path, monkeypat
     art = read_artifact(artifact_store(Storage(spec.storage.uri), "synth", "teacher", key))
     assert art.uri == outcome.uri and art.manifest["metrics"]["epoch"] == epochs
     info = client.get_job_info(f"{first}-r2")
-    assert info.entrypoint == f"python -m kdray.worker {stage_file_uri(spec, 'teacher', key)}"
+    assert info.entrypoint == f"python -m kdray.worker {stage_file_uri(teacher(spec))}"
     assert info.runtime_env["env_vars"]["AWS_SECRET_ACCESS_KEY"] == secret, "credentials reach the job"
     assert info.metadata["kdray.key"] == key
 
     (again,) = run_pipeline(spec, log=quiet)
     assert again.status == "cached" and again.uri == outcome.uri
     direct: list[str] = []
-    assert RayJobLauncher().run(spec, "teacher", key, direct.append) is None
+    assert RayJobLauncher().run(teacher(spec), direct.append) is None
     assert direct == [f"[synth] Ray job {first}-r2 already succeeded; nothing to do"]
     ours = sorted(j.submission_id for j in client.list_jobs() if (j.submission_id or "").startswith(first))
     assert ours == [first, f"{first}-r2"], "no duplicate submissions"
@@ -557,7 +563,7 @@ def test_a_failed_ray_job_raises_with_its_log(ray_cluster, tmp_path, monkeypatch
     spec = spec_of(tmp_path, workers=0, epochs=1, launcher="ray", address=ray_cluster)
     launcher = RayJobLauncher()
     with pytest.raises(KdrayError) as info:
-        launcher.run(spec, "teacher", "abcdef123456", quiet)  # not the key this spec computes
+        launcher.run(teacher(spec, "abcdef123456"), quiet)  # not the key this spec computes
     message = str(info.value)
     assert f"Ray job {submission_id('synth', 'teacher', 'abcdef123456')} ended FAILED" in message
     assert "but the submitter computed abcdef123456" in message, message
@@ -648,7 +654,7 @@ def test_kuberay_launcher_runs_the_stage_through_a_rayjob(kube, tmp_path):
     assert outcome.status == "ran" and outcome.uri.startswith("s3://kdray/")
 
     (post,) = [body for m, _, body in fake.requests if m == "POST"]
-    uri = stage_file_uri(spec, "teacher", key)
+    uri = stage_file_uri(teacher(spec))
     assert post["spec"]["entrypoint"] == f"python -m kdray.worker {uri}"
     assert post["metadata"]["annotations"]["kdray.io/stage-uri"] == uri
     assert post["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] == 1, "workers: 0 -> one worker pod"
@@ -664,7 +670,7 @@ def test_kuberay_launcher_runs_the_stage_through_a_rayjob(kube, tmp_path):
     posts = len([m for m, *_ in fake.requests if m == "POST"])
     (again,) = run_pipeline(spec, log=quiet)
     direct: list[str] = []
-    assert KubeRayLauncher(client).run(spec, "teacher", key, direct.append) is None
+    assert KubeRayLauncher(client).run(teacher(spec), direct.append) is None
     assert again.status == "cached" and "already succeeded and its artifact exists; nothing to do" in direct[-1]
     assert len([m for m, *_ in fake.requests if m == "POST"]) == posts, "nothing submitted twice"
 
@@ -702,7 +708,7 @@ def test_kuberay_failure_raises_with_the_job_log(kube, tmp_path):
         "2026-01-01T00:02:00Z",
     )
     with pytest.raises(KdrayError) as info:
-        KubeRayLauncher(client).run(spec, "teacher", key, quiet)
+        KubeRayLauncher(client).run(teacher(spec), quiet)
     message = str(info.value)
     assert "stage 'teacher' failed on Kubernetes" in message and "reason AppFailed" in message
     assert "error: stages[0]: something the user can fix" in message and "kubectl logs -n kdray" in message
@@ -721,7 +727,7 @@ def test_kuberay_ctrl_c_deletes_the_rayjob(kube, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        KubeRayLauncher(client).run(spec, "teacher", plan(spec)["teacher"], interrupt)
+        KubeRayLauncher(client).run(teacher(spec), interrupt)
     assert [path for m, path, _ in fake.requests if m == "DELETE"] == [
         f"/apis/ray.io/v1/namespaces/kdray/rayjobs/{next(iter(fake.jobs))}"
     ]

@@ -1,9 +1,11 @@
 """Where a stage runs: ``local`` (this process), ``ray`` (a job on a Ray cluster), ``kuberay`` (a RayJob).
 
-Every launcher has one method, ``run(spec, stage_name, key, log, *, parents=None, force=False)``,
-which returns once the stage's artifact exists (or raises ``KdrayError``)::
+Every launcher has one method, ``run(stage, log, *, parents, force=False)``, which takes the stage as
+resolved once by the plan (``kdray.engine.resolved.ResolvedStage``: its spec, key, ``run`` settings and
+artifact ``store``) and returns once the stage's artifact exists (or raises ``KdrayError``)::
 
-    LAUNCHERS.get("ray")().run(spec, "teacher", key, print)
+    stage = resolve_stage(spec, "teacher", plan(spec))  # kdray.engine.resolved, kdray.engine.pipeline
+    LAUNCHERS.get(stage.launcher)().run(stage, print, parents={})  # a stage that reads no other stage
 
 ``local`` calls the stage function in this process (embedded Ray, or ``ray.init(address=run.address)``)
 and returns the ``Artifact``. The remote launchers write ``stage.json`` (``{"spec": <pipeline spec
@@ -14,8 +16,8 @@ runs the same ``run_stage`` with the ``local`` launcher inside the cluster, so a
 makes a repeated launch a no-op, and a retried launch resumes from the stage's last Ray checkpoint
 (the Ray Train run name is deterministic).
 
-Stages that do not train (``evaluate``) always run locally (``launcher_for``): they only read
-finished artifacts and need no cluster.
+Stages that do not train (``evaluate``) always run locally (``ResolvedStage.launcher``): they only
+read finished artifacts and need no cluster.
 
 """
 
@@ -28,9 +30,9 @@ from typing import Any, Callable, Protocol
 
 from kdray.contracts.checkpoint import Artifact
 from kdray.contracts.specs import LAUNCHERS as LAUNCHERS  # the table the spec names launchers from
-from kdray.contracts.stage import kind_of
 from kdray.core import layout
 from kdray.core.storage import Storage
+from kdray.engine.resolved import ResolvedStage
 from kdray.engine.spec import PipelineSpec
 
 STAGE_FILE = layout.STAGE_FILE
@@ -54,9 +56,7 @@ Log = Callable[[str], None]
 class Launcher(Protocol):
     def run(
         self,
-        spec: PipelineSpec,
-        stage_name: str,
-        key: str,
+        stage: ResolvedStage,
         log: Log,
         *,
         parents: dict[str, Artifact],
@@ -65,18 +65,9 @@ class Launcher(Protocol):
         """Run the stage; return its artifact (local) or ``None`` once the cluster has published it."""
 
 
-def launcher_for(spec: PipelineSpec, stage: Any) -> str:
-    """The launcher a stage runs on: its ``run.launcher``, except kinds that do not train (always ``local``)."""
-    return spec.run_for(stage).launcher if kind_of(stage).trains else "local"
-
-
 def artifact_store(root: Storage, pipeline: str, stage: str, key: str) -> Storage:
     """A stage's artifact folder: ``<root>/<pipeline>/<stage>/<key>`` (``kdray.core.layout``)."""
     return layout.artifact(root, pipeline, stage, key)
-
-
-def stage_store(spec: PipelineSpec, stage_name: str, key: str) -> Storage:
-    return artifact_store(Storage(spec.storage.uri), spec.name, stage_name, key)
 
 
 def spec_to_json(spec: PipelineSpec) -> dict[str, Any]:
@@ -85,17 +76,16 @@ def spec_to_json(spec: PipelineSpec) -> dict[str, Any]:
     return spec.model_dump(mode="json", exclude_unset=True)
 
 
-def stage_file_uri(spec: PipelineSpec, stage_name: str, key: str) -> str:
+def stage_file_uri(stage: ResolvedStage) -> str:
     """Where the stage's ``stage.json`` lives: ``<storage>/<pipeline>/<stage>/<key>/stage.json``."""
-    return stage_store(spec, stage_name, key).uri(STAGE_FILE)
+    return stage.store.uri(STAGE_FILE)
 
 
-def write_stage_file(spec: PipelineSpec, stage_name: str, key: str, *, force: bool = False) -> str:
+def write_stage_file(stage: ResolvedStage, *, force: bool = False) -> str:
     """Write what ``kdray.worker`` needs to run the stage anywhere; return the file's URI."""
-    store = stage_store(spec, stage_name, key)
-    doc = {"spec": spec_to_json(spec), "stage": stage_name, "key": key, "force": force}
-    store.write_bytes(STAGE_FILE, json.dumps(doc, indent=1, sort_keys=True).encode())
-    return store.uri(STAGE_FILE)
+    doc = {"spec": spec_to_json(stage.spec), "stage": stage.name, "key": stage.key, "force": force}
+    stage.store.write_bytes(STAGE_FILE, json.dumps(doc, indent=1, sort_keys=True).encode())
+    return stage.store.uri(STAGE_FILE)
 
 
 def log_tail(text: str, lines: int = 30) -> str:

@@ -8,7 +8,6 @@ import time
 from typing import Any
 
 from kdray.contracts.checkpoint import Artifact, read_artifact
-from kdray.contracts.stage import kind_of
 from kdray.core.errors import KdrayError, SpecError
 from kdray.core.meter import article
 from kdray.core.storage import Storage
@@ -19,36 +18,36 @@ from kdray.engine.launchers import (
     Log,
     log_tail,
     stage_file_uri,
-    stage_store,
     write_stage_file,
 )
+from kdray.engine.resolved import ResolvedStage
 from kdray.engine.spec import PipelineSpec
 from kdray.k8s.client import JobFailed, KubeRayClient
 from kdray.k8s.render import JobRequest
 
 
-def job_request(spec: PipelineSpec, stage_name: str, key: str, stage_uri: str | None = None) -> JobRequest:
+def job_request(stage: ResolvedStage, stage_uri: str | None = None) -> JobRequest:
     """The ``kdray.k8s.JobRequest`` for a stage: its run settings plus image/namespace/S3 endpoint from env.
 
     ``workers: 0`` (the loop in-process) becomes one worker pod; ``KDRAY_IMAGE``, ``KDRAY_NAMESPACE``
     and ``KDRAY_S3_ENDPOINT`` override the ``kdray.k8s`` defaults (the S3 endpoint must be one the
     pods can reach, e.g. ``http://seaweedfs.kdray.svc.cluster.local:8333``).
     """
-    stage = spec.stage(stage_name)
-    if not kind_of(stage).trains:
+    if not stage.kind.trains:
+        kind = stage.stage.kind
         raise KdrayError(
-            f"stage {stage_name!r} is {article(stage.kind)} {stage.kind} stage, which always runs locally (it needs no cluster)",
+            f"stage {stage.name!r} is {article(kind)} {kind} stage, which always runs locally (it needs no cluster)",
             hint="Render or submit a train, distill, transfer or adapt stage instead.",
         )
-    run = spec.run_for(stage)
+    run = stage.run
     extra: dict[str, Any] = {
         k: os.environ[v] for k, v in (("image", "KDRAY_IMAGE"), ("namespace", "KDRAY_NAMESPACE")) if os.environ.get(v)
     }
     return JobRequest(
-        pipeline=spec.name,
-        stage=stage_name,
-        key=key,
-        stage_uri=stage_uri or stage_file_uri(spec, stage_name, key),
+        pipeline=stage.pipeline,
+        stage=stage.name,
+        key=stage.key,
+        stage_uri=stage_uri or stage_file_uri(stage),
         workers=max(1, run.workers),
         use_gpu=run.use_gpu,
         cpus_per_worker=run.cpus_per_worker,
@@ -92,31 +91,30 @@ class KubeRayLauncher:
 
     def run(
         self,
-        spec: PipelineSpec,
-        stage_name: str,
-        key: str,
+        stage: ResolvedStage,
         log: Log = print,
         *,
         parents: dict[str, Artifact] | None = None,
         force: bool = False,
     ) -> None:
-        require_object_storage(spec)
-        req = job_request(spec, stage_name, key)
+        pipeline = stage.pipeline
+        require_object_storage(stage.spec)
+        req = job_request(stage)
         if req.s3_endpoint and re.match(r"^https?://(localhost|127\.|\[::1\])", req.s3_endpoint):
             log(
-                f"[{spec.name}] warning: KDRAY_S3_ENDPOINT={req.s3_endpoint} is a loopback address, which the "
+                f"[{pipeline}] warning: KDRAY_S3_ENDPOINT={req.s3_endpoint} is a loopback address, which the "
                 "pods cannot reach; submit from inside the cluster (e.g. the Prefect worker) with the in-cluster "
                 "endpoint, or use an endpoint both sides reach."
             )
         client = self.client(req.namespace)
-        if self._completed_before(client, req.name, stage_store(spec, stage_name, key), force, log):
+        if self._completed_before(client, req.name, stage.store, force, log):
             return None
-        uri = write_stage_file(spec, stage_name, key, force=force)
+        uri = write_stage_file(stage, force=force)
         name = client.submit(req)
-        log(f"[{spec.name}] RayJob {name} in namespace {req.namespace}: {WORKER_COMMAND} {uri}")
+        log(f"[{pipeline}] RayJob {name} in namespace {req.namespace}: {WORKER_COMMAND} {uri}")
 
         # each change of state logged with the time since submission; a spinner line on a terminal
-        watch = progress.StateWatch(f"[{spec.name}] RayJob {name}", log)
+        watch = progress.StateWatch(f"[{pipeline}] RayJob {name}", log)
 
         def on_status(s: dict) -> None:
             state = s["jobDeploymentStatus"] or "Pending"
@@ -141,7 +139,7 @@ class KubeRayLauncher:
             except KdrayError as no_log:
                 text = f"  (no log: {no_log})"
             raise KdrayError(
-                f"stage {stage_name!r} failed on Kubernetes: {e}\nLast lines of the job log:\n{text}",
+                f"stage {stage.name!r} failed on Kubernetes: {e}\nLast lines of the job log:\n{text}",
                 hint=f"`kubectl logs -n {req.namespace} -l job-name={name}` has the whole log; fix the "
                 "cause and run again (the failed RayJob is replaced, and training resumes "
                 "from the last checkpoint).",

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from kdray.contracts.checkpoint import Artifact
-from kdray.contracts.stage import StageContext, kind_of, run_name
+from kdray.contracts.stage import StageContext, run_name
 from kdray.core import layout
-from kdray.core.storage import Storage
 from kdray.data import lineage
 from kdray.engine import diagnostics, progress
 from kdray.engine.driver import fit
 from kdray.engine.inference import stream_inference
-from kdray.engine.launchers import LAUNCHERS, Log, stage_store
-from kdray.engine.spec import PipelineSpec
+from kdray.engine.launchers import LAUNCHERS, Log
+from kdray.engine.resolved import ResolvedStage
 
 
 @LAUNCHERS.register("local")
@@ -20,26 +19,22 @@ class LocalLauncher:
 
     def run(
         self,
-        spec: PipelineSpec,
-        stage_name: str,
-        key: str,
+        stage: ResolvedStage,
         log: Log = print,
         *,
         parents: dict[str, Artifact],
         force: bool = False,
     ) -> Artifact:
-        stage = spec.stage(stage_name)
-        root = Storage(spec.storage.uri)
         if force:  # start over: Ray would otherwise resume the finished run from its last checkpoint
-            root.delete_dir(layout.ray_run(run_name(spec.name, stage_name, key)))
-        store = diagnostics.publish_store(stage_name, stage_store(spec, stage_name, key))
-        data = lineage.of_datasets(kind_of(stage).datasets(stage, parents))  # what it reads, as it starts
+            stage.root.delete_dir(layout.ray_run(run_name(stage.pipeline, stage.name, stage.key)))
+        store = diagnostics.publish_store(stage.name, stage.store)
+        data = lineage.of_datasets(stage.kind.datasets(stage.stage, parents))  # what it reads, as it starts
         ctx = StageContext(
-            spec,
-            stage,
-            key,
+            stage.spec,
+            stage.stage,
+            stage.key,
             store,
-            root,
+            stage.root,
             parents,
             log,
             fit,
@@ -47,4 +42,4 @@ class LocalLauncher:
             infer=stream_inference,
             data=data,
         )
-        return kind_of(stage).run(ctx)
+        return stage.kind.run(ctx)

@@ -24,11 +24,10 @@ from kdray.engine.launchers import (
     Log,
     log_tail,
     redact,
-    stage_store,
     write_stage_file,
 )
 from kdray.engine.rayauth import token_auth_if_token_available
-from kdray.engine.spec import PipelineSpec
+from kdray.engine.resolved import ResolvedStage
 
 
 def submission_id(pipeline: str, stage: str, key: str, attempt: int = 1) -> str:
@@ -96,9 +95,7 @@ class RayJobLauncher:
 
     def run(
         self,
-        spec: PipelineSpec,
-        stage_name: str,
-        key: str,
+        stage: ResolvedStage,
         log: Log = print,
         *,
         parents: dict[str, Artifact] | None = None,
@@ -106,25 +103,26 @@ class RayJobLauncher:
     ) -> None:
         from ray.job_submission import JobStatus
 
-        url = dashboard_url(spec.run_for(spec.stage(stage_name)).address)
+        pipeline, name, key = stage.pipeline, stage.name, stage.key
+        url = dashboard_url(stage.run.address)
         client = self.client(url)
-        stage_uri = write_stage_file(spec, stage_name, key, force=force)
-        attempts = self._attempts(client, submission_id(spec.name, stage_name, key))
+        stage_uri = write_stage_file(stage, force=force)
+        attempts = self._attempts(client, submission_id(pipeline, name, key))
         job, status = (attempts[-1][1].submission_id, attempts[-1][1].status) if attempts else (None, None)
         if status in (JobStatus.PENDING, JobStatus.RUNNING):
-            log(f"[{spec.name}] attaching to Ray job {job} ({status}) at {url}")
-        elif status == JobStatus.SUCCEEDED and not force and read_artifact(stage_store(spec, stage_name, key)):
-            log(f"[{spec.name}] Ray job {job} already succeeded; nothing to do")
+            log(f"[{pipeline}] attaching to Ray job {job} ({status}) at {url}")
+        elif status == JobStatus.SUCCEEDED and not force and read_artifact(stage.store):
+            log(f"[{pipeline}] Ray job {job} already succeeded; nothing to do")
             return None
         else:
             number = attempts[-1][0] + 1 if attempts else 1
             if job is not None:
-                log(f"[{spec.name}] Ray job {job} ended {status}; submitting attempt {number}")
-            job = self._submit(client, submission_id(spec.name, stage_name, key, number), stage_uri, key, log)
+                log(f"[{pipeline}] Ray job {job} ended {status}; submitting attempt {number}")
+            job = self._submit(client, submission_id(pipeline, name, key, number), stage_uri, key, log)
         try:
             if status not in (JobStatus.PENDING, JobStatus.RUNNING):
-                log(f"[{spec.name}] submitted Ray job {job} to {url}: {WORKER_COMMAND} {stage_uri}")
-            self._follow(client, str(job), log, f"[{spec.name}] Ray job {job}")
+                log(f"[{pipeline}] submitted Ray job {job} to {url}: {WORKER_COMMAND} {stage_uri}")
+            self._follow(client, str(job), log, f"[{pipeline}] Ray job {job}")
         except KeyboardInterrupt:
             self._stop(client, str(job), log)
             raise
