@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from kdray.core.storage import Storage
-
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # names only: importing the layout costs nothing (``kdray --help`` reads it)
     import pyarrow.fs as pafs
+
+    from kdray.core.storage import Storage
 
 STAGE_FILE = "stage.json"  # what ``python -m kdray.worker`` reads to run a stage anywhere
 LOGS = "logs"  # a stage's failure logs, beside its artifact
