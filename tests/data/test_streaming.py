@@ -20,6 +20,7 @@ import pytest
 import torch
 from helpers import quiet
 from helpers.datasets import TRAIN, accuracy_on_test, write_npz
+from helpers.raynodes import ray_nodes
 from helpers.s3server import SeaweedS3, weed_binary
 from pydantic import ValidationError
 from typer.testing import CliRunner
@@ -201,25 +202,12 @@ def test_ranks_on_two_nodes_stream_disjoint_rows_that_cover_the_training_split(s
     """A head with no CPUs and two nodes of 3 CPUs (real raylets): each worker (2 CPUs) lands on its
     own node, Ray Data's tasks use the CPU left on each. Every epoch the two ranks train on disjoint
     rows whose union is the whole training part of the plan (270 rows, 135 each)."""
-    import ray
-    from ray.cluster_utils import Cluster
-
     from kdray.contracts.stage import StageContext
     from kdray.core.storage import Storage
     from kdray.engine.driver import fit
     from kdray.engine.pipeline import plan
 
-    ray.shutdown()  # leave the session's local Ray; later tests start it again on demand
-    cluster = Cluster(
-        initialize_head=True,
-        connect=False,
-        head_node_args={"num_cpus": 0, "include_dashboard": False, "object_store_memory": 96 * 1024**2},
-    )
-    try:
-        for _ in range(2):
-            cluster.add_node(num_cpus=3, object_store_memory=96 * 1024**2)
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address)
+    with ray_nodes(2, cpus=3):
         data = {"name": "parquet", "path": str(shards), "stream": True}
         spec = parse_pipeline(pipeline(tmp_path, data, workers=2, epochs=2, cpus_per_worker=2))
         root = Storage(spec.storage.uri)
@@ -243,6 +231,3 @@ def test_ranks_on_two_nodes_stream_disjoint_rows_that_cover_the_training_split(s
             assert not set(a) & set(b), f"epoch {epoch}: the ranks share rows"
             assert set(a) | set(b) == expected, f"epoch {epoch}: together the ranks cover the training split"
         assert [h["epoch"] for h in result.history] == [1, 2]
-    finally:
-        ray.shutdown()
-        cluster.shutdown()

@@ -3,9 +3,9 @@ through ``tests/conftest.py``): the repository's root, the Fashion-MNIST folder 
 synthetic pipeline, and a log that prints nothing.
 
 The modules beside this one hold the larger parts: ``s3server`` (a real SeaweedFS S3 server on loopback),
-``datasets`` (small datasets written to disk), ``terminal`` (the CLI run under a pseudo-terminal) and
-``kubeapi`` (the loopback stand-in of the Kubernetes API). Fixtures live in ``tests/conftest.py``; no
-test module imports another.
+``datasets`` (small datasets written to disk), ``terminal`` (the CLI run under a pseudo-terminal),
+``kubeapi`` (the loopback stand-in of the Kubernetes API) and ``raynodes`` (a Ray cluster of several real
+nodes). Fixtures live in ``tests/conftest.py``; no test module imports another.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ import json
 
 import pytest
 from helpers import synthetic_pipeline
+from helpers.raynodes import ray_nodes
 
 from kdray.contracts.stage import StageContext
 from kdray.core.storage import Storage
@@ -43,20 +44,7 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(tmp_path, ray_local):
 def test_three_nodes_train_one_stage(tmp_path):
     """A Ray cluster of three worker nodes (plus a head with no CPUs) on this machine; every rank
     lands on a different node. ray.cluster_utils.Cluster starts real raylets."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    ray.shutdown()  # leave the session's local Ray; later tests start it again on demand
-    cluster = Cluster(
-        initialize_head=True,
-        connect=False,
-        head_node_args={"num_cpus": 0, "include_dashboard": False, "object_store_memory": 96 * 1024**2},
-    )
-    try:
-        for _ in range(3):
-            cluster.add_node(num_cpus=1, object_store_memory=96 * 1024**2)
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address)
+    with ray_nodes(3, cpus=1) as cluster:
         spec = parse_pipeline(synthetic_pipeline(tmp_path, workers=3, epochs=1, cpus_per_worker=1))
         root = Storage(spec.storage.uri)
         key = plan(spec)["teacher"]
@@ -68,6 +56,3 @@ def test_three_nodes_train_one_stage(tmp_path):
         assert len({r["node_id"] for r in ranks}) == 3, "each rank on its own node"
         assert cluster.head_node.unique_id not in {r["node_id"] for r in ranks}
         assert result.history[-1]["val_acc"] > 0.3
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
