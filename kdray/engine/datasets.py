@@ -180,10 +180,18 @@ def data_context() -> Any:
 
 
 def decoded(
-    job: Job, plan: stream.StreamPlan, lookup: Any, view: dict[str, Any], *, augment: bool = False, shuffle: bool = True
+    job: Job,
+    plan: stream.StreamPlan,
+    lookup: Any,
+    view: dict[str, Any],
+    *,
+    augment: bool = False,
+    shuffle: bool = True,
+    decode_cpus: float = DATA_TASK_CPUS,
 ) -> Any:
     """The rows of ``plan``'s shards that ``lookup`` keeps, decoded and normalised in Ray Data tasks (with
-    ``view``'s transforms), shard by shard; the shards' order reshuffled each execution unless not ``shuffle``."""
+    ``view``'s transforms), shard by shard; the shards' order reshuffled each execution unless not ``shuffle``.
+    ``decode_cpus``: each decoding task's reservation (the next map's lets Ray Data fuse decoding into it)."""
     import ray.data
     from ray.data import FileShuffleConfig
 
@@ -201,7 +209,7 @@ def decoded(
         decode_epoch if view else stream.decode_batch,  # type: ignore[arg-type]  # options through fn_kwargs
         batch_format="numpy",
         batch_size=DECODE_BATCH,
-        num_cpus=DATA_TASK_CPUS,
+        num_cpus=decode_cpus,
         fn_kwargs={
             "lookup": lookup,
             **stream.decode_options(meta),  # channels, size, mean, std; layout for array shards

@@ -34,6 +34,7 @@ from kdray.data import stream
 from kdray.data.files import import_dataset
 from kdray.engine.pipeline import run_pipeline
 from kdray.engine.spec import parse_pipeline
+from kdray.models import create_model
 
 runner = CliRunner()
 
@@ -195,6 +196,53 @@ def test_a_corrupt_image_in_a_streamed_shard_is_named(ray_local, shards, tmp_pat
         run_pipeline(parse_pipeline(doc), log=quiet)
     assert str(err.value).startswith(f"{shard} row id 204 is not a readable image"), str(err.value)
     assert "Traceback" not in str(err.value) and "UserCodeException" not in str(err.value)
+
+
+def test_batch_inference_decodes_inside_its_actors_on_cpu_and_gives_every_rows_outputs_in_order(
+    ray_local, shards, tmp_path
+):
+    """The teacher cache's batch inference (kdray.engine.inference). On CPU the decoding map is fused into
+    the inference actors (one operator in Ray Data's plan); with ``fuse_decode=False`` (the GPU layout)
+    decoding runs in tasks of its own. Both hand the sink the model's outputs for every training-shard row,
+    in row-id order; a corrupt image is a DataError naming its shard in both."""
+    from kdray.contracts.stage import StageContext
+    from kdray.core.storage import Storage
+    from kdray.engine import inference
+
+    spec = parse_pipeline(pipeline(tmp_path, {"name": "parquet", "path": str(shards), "stream": True}, workers=1))
+    root = Storage(spec.storage.uri)
+    job = StageContext(spec, spec.stages[0], "k", root.child("k"), root, {}, quiet).job()
+    torch.manual_seed(0)
+    model = create_model("cnn_small", num_classes=4, in_channels=1, image_size=8).eval()
+    raw = kdata.DATASETS.get("parquet")("train", path=str(shards))
+    with torch.no_grad():
+        expected = model(kdata.normalize(raw.x, raw)).numpy()
+
+    layouts = {}
+    for fuse in (True, False):
+        got: list[tuple[np.ndarray, np.ndarray]] = []
+        done = inference.stream_inference(
+            job, lambda: model, lambda i, o, got=got: got.append((i, o)), fuse_decode=fuse
+        )
+        ids = np.concatenate([i for i, _ in got])
+        assert done == len(ids) == len(expected) and (np.diff(ids) > 0).all(), "every row once, ids rising"
+        assert np.abs(np.concatenate([o for _, o in got]) - expected[ids]).max() < 1e-5
+        plan = stream.plan(spec.stages[0].data)
+        ds = inference.pipeline(job, plan, lambda: model, 1, inference.ACTOR_CPUS, 0.0, fuse)
+        layouts[fuse] = ds.materialize().stats()
+    assert "MapBatches(decode_batch)->MapBatches(BatchOutputs)" in layouts[True], layouts[True]
+    assert "MapBatches(decode_batch)->MapBatches(BatchOutputs)" not in layouts[False], layouts[False]
+
+    shard = shards / "train" / "part-00001.parquet"
+    table = pq.read_table(shard)
+    images = table.column("image").to_pylist()
+    images[3] = b"\x89PNG not really"
+    pq.write_table(
+        table.set_column(table.schema.get_field_index("image"), "image", pa.array(images, pa.binary())), shard
+    )
+    for fuse in (True, False):
+        with pytest.raises(DataError, match=rf"^{shard} row id \d+ is not a readable image"):
+            inference.stream_inference(job, lambda: model, lambda i, o: None, fuse_decode=fuse)
 
 
 @pytest.mark.slow
