@@ -264,15 +264,11 @@ def teacher_cache(args: argparse.Namespace, tmp: str) -> dict:
             rates[side].append(rows / (time.perf_counter() - t0))
             print(f"(c) round {r}: {side} {rates[side][-1]:,.0f} rows/s ({rows:,} rows)", flush=True)
     first = chunk_name(0)
-    plain = bytes_to_state(Storage(f"file://{tmp}/cache-plain-0").read_bytes(first), "plain")["logits"]
-    diff = max(
-        float(
-            (bytes_to_state(Storage(f"file://{tmp}/cache-{side}-0").read_bytes(first), side)["logits"] - plain)
-            .abs()
-            .max()
-        )
-        for side in ("ray_data", "ray_data_tiers")
-    )
+
+    def logits(side: str) -> torch.Tensor:  # the first chunk of round 0's cache
+        return bytes_to_state(Storage(f"file://{tmp}/cache-{side}-0").read_bytes(first), side)["logits"]
+
+    diff = max(float((logits(side) - logits("plain")).abs().max()) for side in ("ray_data", "ray_data_tiers"))
     ratios = {side: [d / p for d, p in zip(rates[side], rates["plain"])] for side in ("ray_data", "ray_data_tiers")}
     for side, values in ratios.items():
         print(f"(c) {side} / plain: {', '.join(f'{x:.2f}' for x in values)}", flush=True)

@@ -10,8 +10,8 @@ the run has GPUs, else actors of ``ACTOR_CPUS`` CPU each (one torch thread) besi
 
 Where decoding runs depends on the device. On CPU it is fused into the inference actors (the decode
 map asks for the actors' CPUs, so Ray Data runs both maps in one actor): the decoded float rows never
-cross the object store and no tier of decoding processes has to start, which took the cache from 0.76–0.82
-to 0.91–0.92 of a plain loop's rate (docs/benchmarks.md). With GPUs, decoding stays in CPU tasks of its own
+cross the object store and no tier of decoding processes has to start, which took the cache from 0.82–0.86
+to 0.95–0.97 of a plain loop's rate once Ray Data is up (0.83–0.84 on a process's first run; docs/benchmarks.md). With GPUs, decoding stays in CPU tasks of its own
 so that the GPU actors only run the model. Batches come back in shard order (``preserve_order``), so the
 sink sees row ids rise and can write each chunk as soon as it is complete: the driver holds a chunk or two,
 never the dataset.
